@@ -1,0 +1,84 @@
+"""The one consistency rule core (DESIGN.md §3, STYLE.md "One consistency core").
+
+Pure functions over an explicit clock table: a worker's clock is the number of iterations the
+shard has received from it. BSP, SSP(s) and ASP are configurations of the same read rule:
+
+- BSP reads like SSP(0) and additionally aggregates a clock's gradients before applying them;
+- SSP(s) serves a pull at clock c only when ``c - min_w(clock_w) <= s``;
+- ASP is SSP with no bound (SSP(inf)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    BSP = "bsp"
+    SSP = "ssp"
+    ASP = "asp"
+
+
+@dataclass(frozen=True, slots=True)
+class Consistency:
+    """The consistency dial: a mode and, for SSP, its staleness bound s."""
+
+    mode: Mode
+    staleness: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode is Mode.SSP and self.staleness < 0:
+            raise ValueError(f"staleness must be >= 0 for SSP, got {self.staleness}")
+        if self.mode is not Mode.SSP and self.staleness != 0:
+            raise ValueError(f"--staleness applies to --mode ssp only, not {self.mode.value}")
+
+    @property
+    def read_bound(self) -> int | None:
+        """Largest clock gap a served pull may have; None means unbounded (ASP)."""
+        if self.mode is Mode.ASP:
+            return None
+        return 0 if self.mode is Mode.BSP else self.staleness
+
+    @property
+    def aggregates(self) -> bool:
+        """BSP sums a clock's gradients of all workers and applies them once."""
+        return self.mode is Mode.BSP
+
+    def describe(self) -> str:
+        return f"ssp({self.staleness})" if self.mode is Mode.SSP else self.mode.value
+
+
+def parse_consistency(mode: str, staleness: int | None = None) -> Consistency:
+    """Read the dial from command-line values; raises ValueError with one clear sentence."""
+    try:
+        m = Mode(mode.lower())
+    except ValueError:
+        raise ValueError(f"unknown mode {mode!r}: choose bsp, ssp or asp") from None
+    if m is Mode.SSP:
+        return Consistency(m, 0 if staleness is None else staleness)
+    if staleness not in (None, 0):
+        raise ValueError(f"--staleness applies to --mode ssp only, not {m.value}")
+    return Consistency(m)
+
+
+def clock_gap(clock: int, clocks: Sequence[int]) -> int:
+    """How far a worker at `clock` is ahead of the slowest worker (DESIGN §3 `clock_gap`)."""
+    return clock - min(clocks)
+
+
+def may_read(consistency: Consistency, clock: int, clocks: Sequence[int]) -> bool:
+    """The read rule: may a pull by a worker at `clock` be served now?"""
+    bound = consistency.read_bound
+    return bound is None or clock_gap(clock, clocks) <= bound
+
+
+def blocking_workers(
+    consistency: Consistency, clock: int, clocks: Sequence[int]
+) -> tuple[int, ...]:
+    """The workers a pull at `clock` waits for: those more than the bound behind it."""
+    bound = consistency.read_bound
+    if bound is None:
+        return ()
+    return tuple(w for w, c in enumerate(clocks) if clock - c > bound)

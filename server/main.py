@@ -1,0 +1,154 @@
+"""The `tether server` process: one shard of one run (DESIGN.md §1).
+
+It reads the run's config from the store, builds its slice of the initial parameters, serves
+gRPC on the address it was given (port 0 picks a free port), registers that address and its epoch
+in the store, heartbeats, and stops gracefully on SIGTERM/SIGINT. A shard that learns from the
+store that a newer epoch replaced it stops serving and exits (fencing, DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from tether.proto import ps_pb2_grpc
+from tether.server.servicer import RawBytesServicer, ShardServicer
+from tether.server.state import ShardSpec, ShardState, split_ranges
+
+from tether.config import RunConfig
+from tether.store import Fenced, open_store
+from tether.wire import CHANNEL_OPTIONS
+
+log = logging.getLogger("tether.server")
+SERVICE_NAME = "tether.v1.ParameterServer"
+
+
+def initial_params(config: RunConfig) -> np.ndarray:
+    """The run's initial flat parameter vector, deterministic from (model, seed)."""
+    if config.model.startswith("vector"):
+        # A bare vector with no model behind it: what `tether bench pushpull` moves around.
+        return np.zeros(config.num_params, dtype=np.float32)
+    from tether.worker.models import build_model, parse_model  # JAX only when a model is used
+
+    model = build_model(parse_model(config.model), config.in_dim, config.num_classes)
+    return model.init_flat(config.seed)
+
+
+def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
+    if not 0 <= shard_id < config.shards:
+        raise ValueError(f"--shard-id {shard_id} is outside 0..{config.shards - 1} for this run")
+    offset, length = split_ranges(config.num_params, config.shards)[shard_id]
+    return ShardSpec(
+        run_id=config.run_id,
+        shard_id=shard_id,
+        offset=offset,
+        length=length,
+        num_workers=config.workers,
+        consistency=config.consistency,
+        optimizer=config.optimizer_config,
+        chunk_bytes=config.chunk_bytes,
+    )
+
+
+def create_server(
+    servicer: ShardServicer, address: str, *, max_workers: int
+) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """Build and bind (not start) a shard server; returns the bound port (grpc examples)."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shard"),
+        options=CHANNEL_OPTIONS,
+    )
+    ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
+    ps_pb2_grpc.add_RawBytesServicer_to_server(RawBytesServicer(), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port, health_servicer
+
+
+def pool_size(num_workers: int) -> int:
+    # Every worker may hold one waiting pull and one push at once, plus status/bench calls: the
+    # pool must exceed that so a waiting pull never starves the push that would release it.
+    return 2 * num_workers + 8
+
+
+@dataclass(frozen=True, slots=True)
+class ServerOptions:
+    store_uri: str
+    run_id: str
+    shard_id: int
+    listen: str = "127.0.0.1:0"
+    heartbeat_s: float = 0.5
+
+
+def serve(opts: ServerOptions) -> int:
+    store = open_store(opts.store_uri)
+    config = RunConfig.from_dict(store.get_run(opts.run_id).config)
+    spec = shard_spec(config, opts.shard_id)
+    state = ShardState(spec, initial_params(config)[spec.offset : spec.offset + spec.length])
+    servicer = ShardServicer(state, wait_timeout_s=config.wait_timeout_s)
+    server, port, health_servicer = create_server(
+        servicer, opts.listen, max_workers=pool_size(config.workers)
+    )
+    host = opts.listen.rsplit(":", 1)[0] or "127.0.0.1"
+    address = f"{host}:{port}"
+    server.start()
+    epoch = store.register(
+        opts.run_id,
+        "server",
+        opts.shard_id,
+        address=address,
+        pid=os.getpid(),
+        host=socket.gethostname(),
+    )
+    with servicer.cond:
+        state.epoch = epoch
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    print(
+        f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
+        f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    fenced = False
+    while not stop.wait(opts.heartbeat_s):
+        with servicer.cond:
+            info = {
+                "version": state.version,
+                "updates_applied": state.stats.updates_applied,
+                "clocks": state.clocks,
+                "max_clock_gap": state.stats.max_clock_gap,
+            }
+        try:
+            store.heartbeat(opts.run_id, "server", opts.shard_id, epoch, info)
+        except Fenced as e:
+            # A replacement registered a newer epoch: this shard is a zombie (DESIGN §5).
+            print(f"tether server: shard {opts.shard_id} fenced: {e}", file=sys.stderr)
+            fenced = True
+            break
+    servicer.serving = False
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    with servicer.cond:
+        servicer.cond.notify_all()
+    server.stop(grace=2.0).wait()
+    if not fenced:
+        store.set_member_state(opts.run_id, "server", opts.shard_id, epoch, "exited")
+    store.close()
+    return 1 if fenced else 0

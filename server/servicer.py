@@ -1,0 +1,213 @@
+"""gRPC adapter around the sans-I/O shard state (STYLE.md: thin servicers over typed functions).
+
+It only translates: wire messages into events for ``ShardState``, its instructions into replies,
+waits or statuses. One lock (a Condition) guards the state; no I/O happens while holding it except
+copying bytes. A waiting pull sleeps on the condition with a deadline, so pushes from other
+workers (which notify it) are never starved; the server's thread pool is sized above the number of
+workers so every worker can have a pull waiting and a push in flight at once (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from tether.proto import ps_pb2, ps_pb2_grpc
+from tether.server.state import Ack, Code, PushHeader, Reject, Serve, ShardState, Wait
+
+from tether.wire import Assembler, WireError
+
+# How often a waiting pull checks that its client is still there (a cancelled pull must not keep
+# a server thread until its deadline).
+_LIVENESS_CHECK_S = 0.5
+
+
+def _abort(context: grpc.ServicerContext, rejected: Reject) -> None:
+    """The one place an error becomes a gRPC status (STYLE.md §5)."""
+    context.abort(grpc.StatusCode[rejected.code.value], rejected.message)
+
+
+class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
+    def __init__(
+        self,
+        state: ShardState,
+        *,
+        wait_timeout_s: float,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        self.state = state
+        self.cond = threading.Condition()
+        self._wait_timeout_s = wait_timeout_s
+        self._now = now
+        self.pull_wait_s = 0.0
+        self.serving = True  # cleared when the shard learns it was replaced or is stopping
+
+    def _check_serving(self, context: grpc.ServicerContext) -> None:
+        if not self.serving:
+            _abort(context, Reject(Code.UNAVAILABLE, "shard is not serving; re-resolve it"))
+
+    # -- Pull -----------------------------------------------------------------------------
+
+    def Pull(  # noqa: N802 - gRPC method name
+        self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[ps_pb2.PullChunk]:
+        self._check_serving(context)
+        if request.observer:
+            with self.cond:
+                decision: Serve | Wait | Reject = self.state.observe()
+        else:
+            decision = self._wait_for_read(request, context)
+        if isinstance(decision, Reject):
+            _abort(context, decision)
+            return
+        assert isinstance(decision, Serve)
+        spec = self.state.spec
+        header = ps_pb2.PullHeader(
+            shard_id=spec.shard_id,
+            epoch=decision.epoch,
+            version=decision.version,
+            offset=spec.offset,
+            length=spec.length,
+            clock_gap=decision.clock_gap,
+        )
+        yield ps_pb2.PullChunk(header=header, data=decision.chunks[0])
+        for data in decision.chunks[1:]:
+            yield ps_pb2.PullChunk(data=data)
+
+    def _wait_for_read(
+        self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> Serve | Wait | Reject:
+        timeout = request.wait_timeout_ms / 1000 if request.wait_timeout_ms > 0 else None
+        timeout = timeout or self._wait_timeout_s
+        start = time.monotonic()
+        deadline = start + timeout
+        with self.cond:
+            while True:
+                decision = self.state.pull(
+                    request.run_id, request.worker_id, request.clock, self._now()
+                )
+                if not isinstance(decision, Wait):
+                    break
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    decision = self.state.pull_timed_out(
+                        request.worker_id, request.clock, time.monotonic() - start, self._now()
+                    )
+                    break
+                if not context.is_active():
+                    decision = Reject(Code.ABORTED, "the pull was cancelled by the client")
+                    break
+                self.cond.wait(min(remaining, _LIVENESS_CHECK_S))
+            self.pull_wait_s += time.monotonic() - start
+        return decision
+
+    # -- Push -----------------------------------------------------------------------------
+
+    def Push(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext
+    ) -> ps_pb2.PushReply:
+        self._check_serving(context)
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            _abort(context, Reject(Code.INVALID_ARGUMENT, "a push must start with its header"))
+        h = first.header
+        header = PushHeader(
+            run_id=h.run_id,
+            worker_id=h.worker_id,
+            clock=h.clock,
+            seq=h.seq,
+            read_version=h.read_version,
+            epoch=h.epoch,
+            length=h.length,
+        )
+        with self.cond:
+            rejected = self.state.check_push_header(header)
+        if rejected is not None:
+            _abort(context, rejected)
+        try:
+            assembler = Assembler(header.length)
+            assembler.add(first.data)
+            for msg in request_iterator:
+                if msg.HasField("header"):
+                    raise WireError("a push carries exactly one header, in its first message")
+                assembler.add(msg.data)
+            grad = assembler.result()
+        except WireError as e:
+            _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
+        with self.cond:
+            result = self.state.push(header, grad, self._now())
+            if isinstance(result, Ack) and not result.duplicate:
+                self.cond.notify_all()  # clocks moved: waiting pulls re-check the read rule
+        if isinstance(result, Reject):
+            _abort(context, result)
+        assert isinstance(result, Ack)
+        return ps_pb2.PushReply(
+            version=result.version,
+            duplicate=result.duplicate,
+            applied=result.applied,
+            epoch=result.epoch,
+        )
+
+    # -- Info -----------------------------------------------------------------------------
+
+    def Info(  # noqa: N802 - gRPC method name
+        self, request: ps_pb2.InfoRequest, context: grpc.ServicerContext
+    ) -> ps_pb2.InfoReply:
+        with self.cond:
+            return self.info_locked(request.run_id, context)
+
+    def info_locked(
+        self, run_id: str, context: grpc.ServicerContext | None = None
+    ) -> ps_pb2.InfoReply:
+        state, spec, stats = self.state, self.state.spec, self.state.stats
+        if run_id and run_id != spec.run_id and context is not None:
+            _abort(context, Reject(Code.INVALID_ARGUMENT, f"unknown run {run_id!r}"))
+        return ps_pb2.InfoReply(
+            shard_id=spec.shard_id,
+            epoch=state.epoch,
+            version=state.version,
+            offset=spec.offset,
+            length=spec.length,
+            mode=spec.consistency.mode.value,
+            staleness=spec.consistency.staleness,
+            updates_applied=stats.updates_applied,
+            pushes_accepted=stats.pushes_accepted,
+            max_clock_gap=stats.max_clock_gap,
+            clock_gap_hist=stats.clock_gap_hist,
+            staleness_hist=stats.staleness_hist,
+            workers=[
+                ps_pb2.WorkerClock(
+                    worker_id=w, clock=e.clock, last_seq=e.last_seq, last_seen=e.last_seen
+                )
+                for w, e in enumerate(state.workers)
+            ],
+            pulls_served=stats.pulls_served,
+            pull_wait_s=self.pull_wait_s,
+        )
+
+
+class RawBytesServicer(ps_pb2_grpc.RawBytesServicer):
+    """The bare transport, for the baseline of `tether bench pushpull` (DESIGN §9)."""
+
+    def __init__(self) -> None:
+        self._source_cache: dict[tuple[int, int], list[bytes]] = {}
+
+    def Sink(  # noqa: N802
+        self, request_iterator: Iterator[ps_pb2.RawChunk], context: grpc.ServicerContext
+    ) -> ps_pb2.RawAck:
+        return ps_pb2.RawAck(nbytes=sum(len(m.data) for m in request_iterator))
+
+    def Source(  # noqa: N802
+        self, request: ps_pb2.RawRequest, context: grpc.ServicerContext
+    ) -> Iterator[ps_pb2.RawChunk]:
+        if not 0 <= request.nbytes <= 1 << 30 or not 0 < request.chunk_bytes <= 4 << 20:
+            _abort(context, Reject(Code.INVALID_ARGUMENT, "nbytes or chunk_bytes out of range"))
+        key = (request.nbytes, request.chunk_bytes)
+        if key not in self._source_cache:
+            step = request.chunk_bytes
+            blob = bytes(request.nbytes)
+            self._source_cache = {key: [blob[i : i + step] for i in range(0, len(blob), step)]}
+        for data in self._source_cache[key]:
+            yield ps_pb2.RawChunk(data=data)

@@ -1,0 +1,326 @@
+"""The sans-I/O shard state machine (STYLE.md "A sans-I/O shard").
+
+Events go in (a push, a pull, a pull's deadline passing), instructions come out (acknowledge,
+serve, wait, reject). The gRPC servicer and, in the next issue, the store replication are adapters
+around it; every consistency, de-duplication, fencing and barrier decision lives here and is
+tested with no sockets and no database. ``validate()`` checks the invariants after every event.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+from tether.consistency import Consistency, blocking_workers, clock_gap, may_read
+from tether.server.optim import Optimizer, OptimizerConfig
+
+from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
+
+
+class Code(StrEnum):
+    """The small error vocabulary, mapped to gRPC status codes once, in the servicer."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"  # bad input: never retry as is
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"  # fenced, stale epoch, clock out of step
+    ABORTED = "ABORTED"  # redo pull-compute-push
+    UNAVAILABLE = "UNAVAILABLE"  # retry the same call
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"  # a wait for other workers ran out (DESIGN §3)
+
+
+# ---- instructions (what the adapter must do) ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    code: Code
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    version: int
+    epoch: int
+    applied: bool  # False: a BSP gradient held until the other workers' arrive
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Serve:
+    version: int
+    epoch: int
+    clock_gap: int
+    chunks: tuple[bytes, ...]  # the shard's slice as little-endian float32 bytes, one snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    waiting_for: tuple[int, ...]  # worker ids whose clocks hold the pull back
+
+
+# ---- events --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PushHeader:
+    run_id: str
+    worker_id: int
+    clock: int
+    seq: int
+    read_version: int
+    epoch: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSpec:
+    """What a shard is: its place in the run and the rules it serves by."""
+
+    run_id: str
+    shard_id: int
+    offset: int
+    length: int
+    num_workers: int
+    consistency: Consistency
+    optimizer: OptimizerConfig
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    clock: int = 0  # iterations received from this worker
+    last_seq: int = -1  # the de-duplication table: highest seq accepted
+    last_seen: float = 0.0  # unix time of the last push or pull, for timeout messages
+
+
+@dataclass(slots=True)
+class Stats:
+    updates_applied: int = 0
+    pushes_accepted: int = 0
+    pulls_served: int = 0
+    max_clock_gap: int = 0
+    clock_gap_hist: list[int] = field(default_factory=list)
+    staleness_hist: list[int] = field(default_factory=list)
+
+
+def _bump(hist: list[int], index: int) -> None:
+    if index >= len(hist):
+        hist.extend([0] * (index + 1 - len(hist)))
+    hist[index] += 1
+
+
+def split_ranges(total: int, parts: int) -> list[tuple[int, int]]:
+    """Balanced contiguous (offset, length) ranges of a flat vector (DESIGN §2)."""
+    if parts < 1 or total < parts:
+        raise ValueError(f"cannot split {total} parameters into {parts} shards")
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1] - bounds[i]) for i in range(parts)]
+
+
+class ShardState:
+    """One shard's parameters, optimizer state, version, epoch, clock and de-dup tables."""
+
+    def __init__(self, spec: ShardSpec, params: np.ndarray, epoch: int = 1) -> None:
+        if params.shape != (spec.length,):
+            raise ValueError(
+                f"shard {spec.shard_id} expects {spec.length} params, got {params.shape}"
+            )
+        self.spec = spec
+        self.params = np.array(params, dtype=FLOAT, copy=True)
+        self.optimizer = Optimizer(spec.optimizer, spec.length)
+        self.epoch = epoch
+        self.version = 0
+        self.workers = [WorkerEntry() for _ in range(spec.num_workers)]
+        self.pending: dict[int, np.ndarray] = {}  # BSP: worker id -> gradient of the open clock
+        self.stats = Stats()
+        self._validated_version = 0  # what validate() saw last, to prove monotonicity
+        self._validated_seqs = [-1] * spec.num_workers
+
+    # -- queries --------------------------------------------------------------------------
+
+    @property
+    def clocks(self) -> list[int]:
+        return [w.clock for w in self.workers]
+
+    def _check_member(self, run_id: str, worker_id: int) -> Reject | None:
+        if run_id != self.spec.run_id:
+            return Reject(
+                Code.INVALID_ARGUMENT,
+                f"unknown run {run_id!r}: shard {self.spec.shard_id} serves run "
+                f"{self.spec.run_id!r}",
+            )
+        if not 0 <= worker_id < self.spec.num_workers:
+            return Reject(
+                Code.INVALID_ARGUMENT,
+                f"unknown worker {worker_id}: the run has workers 0..{self.spec.num_workers - 1}",
+            )
+        return None
+
+    def check_push_header(self, h: PushHeader) -> Reject | None:
+        """Everything about a push that can be judged before its bytes arrive."""
+        if rejected := self._check_member(h.run_id, h.worker_id):
+            return rejected
+        if h.epoch != self.epoch:
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"stale epoch {h.epoch}: shard {self.spec.shard_id} is at epoch {self.epoch}; "
+                "pull again",
+            )
+        if h.length != self.spec.length:
+            return Reject(
+                Code.INVALID_ARGUMENT,
+                f"gradient has {h.length} elements but shard {self.spec.shard_id} holds "
+                f"{self.spec.length}",
+            )
+        entry = self.workers[h.worker_id]
+        if h.seq <= entry.last_seq:
+            return None  # a retry of an accepted push: acknowledged as a duplicate in push()
+        if h.clock > entry.clock:
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"clock from the future: worker {h.worker_id} pushed clock {h.clock} but the "
+                f"shard has received {entry.clock} iterations from it",
+            )
+        if h.clock < entry.clock:
+            return Reject(
+                Code.ABORTED,
+                f"worker {h.worker_id} pushed clock {h.clock} with new seq {h.seq}, but clock "
+                f"{h.clock} was already received; redo the iteration at clock {entry.clock}",
+            )
+        if not 0 <= h.read_version <= self.version:
+            return Reject(
+                Code.INVALID_ARGUMENT,
+                f"read version {h.read_version} is outside 0..{self.version} (the shard's version)",
+            )
+        return None
+
+    # -- events ---------------------------------------------------------------------------
+
+    def push(self, h: PushHeader, grad: np.ndarray, now: float) -> Ack | Reject:
+        """A worker's gradient for its clock; `grad` is consumed (used as scratch)."""
+        if rejected := self.check_push_header(h):
+            return rejected
+        entry = self.workers[h.worker_id]
+        if h.seq <= entry.last_seq:
+            return Ack(
+                self.version, self.epoch, applied=h.worker_id not in self.pending, duplicate=True
+            )
+        if grad.dtype != FLOAT or grad.shape != (self.spec.length,):
+            return Reject(Code.INVALID_ARGUMENT, "gradient is not a flat float32 vector")
+        if not _all_finite(grad):
+            return Reject(
+                Code.INVALID_ARGUMENT,
+                f"gradient from worker {h.worker_id} at clock {h.clock} contains NaN or Inf",
+            )
+        entry.last_seq = h.seq
+        entry.clock += 1
+        entry.last_seen = now
+        self.stats.pushes_accepted += 1
+        if not self.spec.consistency.aggregates:
+            _bump(self.stats.staleness_hist, self.version - h.read_version)
+            self._apply(grad)
+            return Ack(self.version, self.epoch, applied=True)
+        # BSP (DESIGN §3): hold the gradient until all W workers pushed this clock.
+        _bump(self.stats.staleness_hist, self.version - h.read_version)
+        self.pending[h.worker_id] = grad
+        if len(self.pending) < self.spec.num_workers:
+            return Ack(self.version, self.epoch, applied=False)
+        # Sum in worker-id order, then average: the order is fixed so results are bit-for-bit
+        # reproducible and independent of arrival order.
+        total = self.pending.pop(0)
+        for w in range(1, self.spec.num_workers):
+            np.add(total, self.pending.pop(w), out=total)
+        np.divide(total, np.float32(self.spec.num_workers), out=total)
+        self._apply(total)
+        return Ack(self.version, self.epoch, applied=True)
+
+    def _apply(self, grad: np.ndarray) -> None:
+        self.optimizer.apply(self.params, grad)
+        self.version += 1
+        self.stats.updates_applied += 1
+
+    def pull(self, run_id: str, worker_id: int, clock: int, now: float) -> Serve | Wait | Reject:
+        """A worker at `clock` asks for the parameters of its next iteration."""
+        if rejected := self._check_member(run_id, worker_id):
+            return rejected
+        entry = self.workers[worker_id]
+        if clock != entry.clock:
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"worker {worker_id} pulled at clock {clock} but shard {self.spec.shard_id} has "
+                f"received {entry.clock} iterations from it"
+                + (" (a clock from the future)" if clock > entry.clock else ""),
+            )
+        entry.last_seen = now
+        clocks = self.clocks
+        if not may_read(self.spec.consistency, clock, clocks):
+            return Wait(blocking_workers(self.spec.consistency, clock, clocks))
+        gap = clock_gap(clock, clocks)
+        self.stats.pulls_served += 1
+        self.stats.max_clock_gap = max(self.stats.max_clock_gap, gap)
+        _bump(self.stats.clock_gap_hist, max(gap, 0))
+        return Serve(self.version, self.epoch, gap, self.snapshot())
+
+    def observe(self) -> Serve:
+        """A read outside the clock protocol (launcher evaluation, benchmarks)."""
+        return Serve(self.version, self.epoch, 0, self.snapshot())
+
+    def pull_timed_out(self, worker_id: int, clock: int, waited_s: float, now: float) -> Reject:
+        """A pull's deadline passed: fail it with the whole picture (DESIGN §3)."""
+        blocking = blocking_workers(self.spec.consistency, clock, self.clocks)
+        detail = ", ".join(
+            f"worker {w} at clock {self.workers[w].clock} "
+            f"(last seen {_ago(self.workers[w].last_seen, now)})"
+            for w in blocking
+        )
+        return Reject(
+            Code.DEADLINE_EXCEEDED,
+            f"shard {self.spec.shard_id}: worker {worker_id} waited {waited_s:.1f}s at clock "
+            f"{clock} under {self.spec.consistency.describe()} for {detail or 'no one'}",
+        )
+
+    def snapshot(self) -> tuple[bytes, ...]:
+        """The slice as wire chunks: one copy, taken while no update can interleave."""
+        return tuple(chunk_bytes_of(self.params, self.spec.chunk_bytes))
+
+    # -- invariants (STYLE.md "Invariants are code") --------------------------------------
+
+    def validate(self) -> None:
+        """Raise AssertionError when an invariant is broken; tests call it after every event."""
+        assert self.version >= self._validated_version, "the version went back"
+        self._validated_version = self.version
+        assert self.params.dtype == FLOAT and self.params.shape == (self.spec.length,)
+        bound = self.spec.consistency.read_bound
+        if bound is not None:
+            assert self.stats.max_clock_gap <= bound, (
+                f"served clock gap {self.stats.max_clock_gap} exceeds the bound {bound}"
+            )
+        clocks = self.clocks
+        if self.spec.consistency.aggregates:
+            # Each BSP clock is applied exactly once: the version counts complete clocks, and
+            # only workers one clock ahead of it hold a pending gradient.
+            assert self.version == min(clocks), (self.version, clocks)
+            for w, c in enumerate(clocks):
+                assert c in (self.version, self.version + 1), (w, c, self.version)
+                assert (w in self.pending) == (c == self.version + 1), (w, c, self.pending.keys())
+        else:
+            assert self.version == sum(clocks), "an accepted push was not applied exactly once"
+        assert self.stats.pushes_accepted == sum(clocks)
+        seqs = [w.last_seq for w in self.workers]
+        # An accepted seq is never accepted again: the de-dup table only moves forward.
+        assert all(a >= b for a, b in zip(seqs, self._validated_seqs, strict=True)), seqs
+        self._validated_seqs = seqs
+
+
+def _all_finite(a: np.ndarray) -> bool:
+    # A finite sum proves every element finite (NaN and Inf propagate); only when the sum is not
+    # finite (Inf/NaN, or overflow of large finite values) is the full elementwise check paid.
+    with np.errstate(over="ignore", invalid="ignore"):
+        if math.isfinite(float(np.add.reduce(a, dtype=np.float64))):
+            return True
+    return bool(np.isfinite(a).all())
+
+
+def _ago(t: float, now: float) -> str:
+    return "never" if t <= 0 else f"{now - t:.1f}s ago"

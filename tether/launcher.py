@@ -1,0 +1,287 @@
+"""`tether launch`: one run on this machine, through the same entry points a scheduler would use.
+
+The launcher writes the run's config to the store, starts S `tether server` and W `tether worker`
+child processes (each in this launcher's process group, with its log in <run-dir>/logs), watches
+them, shows progress, and when the workers are done reads the final parameters from the shards,
+evaluates them, stops the shards and writes the summary (DESIGN §1, §9). If a member fails, the run
+fails with a message naming it; restarts come with replication (next issue).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from tether.config import RunConfig
+from tether.progress import ProgressView
+from tether.proto.ps_pb2 import InfoReply
+from tether.store import Member, Store, open_store
+from tether.wire import FLOAT
+from tether.worker.client import ShardClient
+
+
+class RunFailed(RuntimeError):
+    """The run could not finish; the message names the member that failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchOptions:
+    config: RunConfig
+    run_dir: Path
+    store_uri: str
+    export: Path | None = None
+    startup_timeout_s: float = 120.0
+
+
+@dataclass(slots=True)
+class Child:
+    role: str
+    member_id: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return f"{'shard' if self.role == 'server' else self.role} {self.member_id}"
+
+    def log_tail(self, lines: int = 8) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text[-lines:])
+
+
+def member_command(role: str, store_uri: str, run_id: str, member_id: int) -> list[str]:
+    """The exact command line a cluster scheduler would run for this member (DESIGN §1)."""
+    flag = "--shard-id" if role == "server" else "--worker-id"
+    return [
+        sys.executable, "-m", "tether", role,
+        "--store", store_uri, "--run", run_id, flag, str(member_id),
+    ]  # fmt: skip
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """Fill in the data set's and model's sizes (and validate both names) before the run starts."""
+    from dataclasses import replace
+
+    from tether.worker.data import load_dataset
+    from tether.worker.models import build_model, parse_model
+
+    data = load_dataset(config.dataset)
+    spec = parse_model(config.model)
+    model = build_model(spec, data.in_dim, data.num_classes, device="cpu")
+    if config.shards > model.num_params:
+        raise ValueError(f"--shards {config.shards} exceeds the {model.num_params} parameters")
+    return replace(
+        config,
+        model=spec.describe(),
+        num_params=model.num_params,
+        in_dim=data.in_dim,
+        num_classes=data.num_classes,
+    )
+
+
+def fetch_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, list[InfoReply]]:
+    """Read the whole flat vector and each shard's statistics, outside the clock protocol."""
+    flat = np.empty(config.num_params, dtype=FLOAT)
+    infos = []
+    for m in sorted(shards, key=lambda m: m.member_id):
+        client = ShardClient(m.address, config.run_id, chunk_bytes=config.chunk_bytes)
+        try:
+            info = client.info()
+            client.pull_into(
+                flat[info.offset : info.offset + info.length], observer=True, timeout_s=60
+            )
+            infos.append(info)
+        finally:
+            client.close()
+    return flat, infos
+
+
+def params_sha256(flat: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(flat, dtype=FLOAT).tobytes()).hexdigest()
+
+
+class Launcher:
+    def __init__(self, opts: LaunchOptions, err: TextIO = sys.stderr) -> None:
+        self.opts = opts
+        self.config = opts.config
+        self.err = err
+        self.children: list[Child] = []
+        self.store: Store | None = None
+        self.epoch = 0  # the launcher's own membership epoch
+
+    def say(self, text: str) -> None:
+        print(text, file=self.err, flush=True)
+
+    def _spawn(self, role: str, member_id: int) -> Child:
+        logs = self.opts.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        log_path = logs / f"{role}-{member_id}.log"
+        cmd = member_command(role, self.opts.store_uri, self.config.run_id, member_id)
+        with open(log_path, "ab") as log:
+            # stdin closed; children share the launcher's process group so one signal to the
+            # group (Ctrl-C, a test's teardown) reaches all of them.
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        child = Child(role, member_id, proc, log_path)
+        self.children.append(child)
+        return child
+
+    def _check_children(self, roles: tuple[str, ...]) -> None:
+        for child in self.children:
+            rc = child.proc.poll()
+            if rc is None or child.role not in roles:
+                continue
+            if child.role == "server" or rc != 0:
+                raise RunFailed(
+                    f"{child.name} (pid {child.proc.pid}) exited with code {rc}; "
+                    f"last lines of {child.log_path}:\n{child.log_tail()}"
+                )
+
+    def _wait_for(self, what: str, ready: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + self.opts.startup_timeout_s
+        while not ready():
+            self._check_children(("server", "worker"))
+            if time.monotonic() > deadline:
+                raise RunFailed(f"{what} did not happen within {self.opts.startup_timeout_s:.0f}s")
+            time.sleep(0.05)
+
+    def start_shards(self) -> list[Member]:
+        """Create the run in the store, start its shards and wait until all registered."""
+        cfg = self.config
+        self.opts.run_dir.mkdir(parents=True, exist_ok=True)
+        store = self.store = open_store(self.opts.store_uri)
+        store.create_run(cfg.run_id, cfg.to_dict())
+        self.epoch = store.register(
+            cfg.run_id, "launcher", 0, address="", pid=os.getpid(), host=socket.gethostname()
+        )
+        for i in range(cfg.shards):
+            self._spawn("server", i)
+        self._wait_for(
+            f"all {cfg.shards} shards registering",
+            lambda: len(store.members(cfg.run_id, "server")) == cfg.shards,
+        )
+        return store.members(cfg.run_id, "server")
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        t_start = time.monotonic()
+        self.say(
+            f"tether: run {cfg.run_id} — {cfg.consistency.describe()}, {cfg.shards} shards, "
+            f"{cfg.workers} workers, {cfg.model} on {cfg.dataset}, {cfg.steps} steps, "
+            f"{cfg.optimizer} lr={cfg.lr}, seed {cfg.seed}\n"
+            f"tether: run dir {self.opts.run_dir}, store {self.opts.store_uri}"
+        )
+        try:
+            self.start_shards()
+            store = self.store
+            assert store is not None
+            for w in range(cfg.workers):
+                self._spawn("worker", w)
+            t_train = time.monotonic()
+            workers = [c for c in self.children if c.role == "worker"]
+            last_beat = 0.0
+            with ProgressView(cfg, self.err) as view:
+                while True:
+                    self._check_children(("server", "worker"))
+                    view.update(store.members(cfg.run_id, "worker"))
+                    if all(c.proc.poll() == 0 for c in workers):
+                        break
+                    if time.monotonic() - last_beat > 1.0:
+                        last_beat = time.monotonic()
+                        store.heartbeat(cfg.run_id, "launcher", 0, self.epoch, {"phase": "train"})
+                    time.sleep(0.25)
+                view.update(store.members(cfg.run_id, "worker"))
+            train_s = time.monotonic() - t_train
+            summary = self._finish(store, t_start, train_s)
+        except BaseException:
+            self.stop_children()
+            raise
+        self.stop_children()
+        store.set_member_state(cfg.run_id, "launcher", 0, self.epoch, "exited")
+        store.finish_run(cfg.run_id, summary)
+        (self.opts.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        store.close()
+        return summary
+
+    def _finish(self, store: Store, t_start: float, train_s: float) -> dict[str, Any]:
+        from tether.worker.data import load_dataset
+        from tether.worker.models import build_model, parse_model
+
+        cfg = self.config
+        shards = store.members(cfg.run_id, "server")
+        flat, infos = fetch_params(cfg, shards)
+        data = load_dataset(cfg.dataset)
+        model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
+        final_loss, _ = model.evaluate(flat, data.x_train, data.y_train)
+        _, test_accuracy = model.evaluate(flat, data.x_test, data.y_test)
+        if self.opts.export is not None:
+            self.opts.export.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(self.opts.export, params=flat)
+        samples = cfg.workers * cfg.steps * cfg.batch_size
+        return {
+            "run_id": cfg.run_id,
+            "run_dir": str(self.opts.run_dir),
+            "store": self.opts.store_uri,
+            "mode": cfg.mode,
+            "staleness": cfg.staleness,
+            "shards": cfg.shards,
+            "workers": cfg.workers,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "model": cfg.model,
+            "dataset": cfg.dataset,
+            "num_params": cfg.num_params,
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "seed": cfg.seed,
+            "final_loss": float(final_loss),
+            "test_accuracy": float(test_accuracy),
+            "updates_applied": min(i.updates_applied for i in infos),
+            "pushes_accepted": sum(i.pushes_accepted for i in infos),
+            "max_clock_gap": max(i.max_clock_gap for i in infos),
+            "clock_gap_hist": _sum_hists([list(i.clock_gap_hist) for i in infos]),
+            "version_staleness_hist": _sum_hists([list(i.staleness_hist) for i in infos]),
+            "pull_wait_s": sum(i.pull_wait_s for i in infos),
+            "wall_s": time.monotonic() - t_start,
+            "train_s": train_s,
+            "samples_per_s": samples / train_s,
+            "params_sha256": params_sha256(flat),
+            "restarts": {"server": 0, "worker": 0},
+            "recovery_s": [],
+            "export": str(self.opts.export) if self.opts.export else None,
+        }
+
+    def stop_children(self, grace_s: float = 5.0) -> None:
+        """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
+        for child in self.children:
+            if child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for child in self.children:
+            try:
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+
+
+def _sum_hists(hists: list[list[int]]) -> list[int]:
+    out = [0] * max((len(h) for h in hists), default=0)
+    for h in hists:
+        for i, v in enumerate(h):
+            out[i] += v
+    return out

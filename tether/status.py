@@ -1,0 +1,109 @@
+"""`tether status`: who is in a run, whether they are alive, and whether it finished (DESIGN §9).
+
+Status is a read of the store only; it never talks to the members, so it works while a run goes
+on, after it ended, and when members are dead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from tether.store import Member, default_store_uri, open_store
+
+# A member whose last heartbeat is older than this is reported as not alive.
+HEARTBEAT_LEASE_S = 5.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def member_alive(m: Member, now: float, host: str) -> bool:
+    if m.state != "running" or now - m.heartbeat > HEARTBEAT_LEASE_S:
+        return False
+    return m.host != host or _pid_alive(m.pid)  # the pid can only be checked on its own host
+
+
+def run_status(
+    *, run_dir: Path | None, store_uri: str | None, run_id: str | None
+) -> dict[str, Any]:
+    if store_uri is None:
+        if run_dir is None:
+            raise ValueError("give --run-dir DIR, or --store URI and --run ID")
+        db = run_dir / "tether.db"
+        if not db.exists():
+            raise ValueError(f"no Tether run in {run_dir} (no {db.name} there)")
+        store_uri = default_store_uri(run_dir)
+    store = open_store(store_uri)
+    try:
+        if run_id is None:
+            runs = store.list_runs()
+            if not runs:
+                raise ValueError(f"the store {store_uri} holds no runs")
+            record = runs[0]
+        else:
+            record = store.get_run(run_id)
+        members = store.members(record.run_id)
+    finally:
+        store.close()
+    now, host = time.time(), socket.gethostname()
+    cfg = record.config
+    return {
+        "run_id": record.run_id,
+        "store": store_uri,
+        "finished": record.finished,
+        "mode": cfg.get("mode"),
+        "staleness": cfg.get("staleness"),
+        "shards": cfg.get("shards"),
+        "workers": cfg.get("workers"),
+        "steps": cfg.get("steps"),
+        "members": [
+            {
+                "role": m.role,
+                "id": m.member_id,
+                "pid": m.pid,
+                "host": m.host,
+                "address": m.address,
+                "epoch": m.epoch,
+                "state": m.state,
+                "alive": member_alive(m, now, host),
+                "heartbeat_age_s": round(now - m.heartbeat, 3),
+                "clock": m.info.get("clock"),
+                "version": m.info.get("version"),
+            }
+            for m in members
+        ],
+        "summary": record.summary,
+    }
+
+
+def print_status(status: dict[str, Any]) -> None:
+    state = "finished" if status["finished"] else "not finished"
+    print(
+        f"run {status['run_id']} ({status['mode']}, {status['shards']} shards, "
+        f"{status['workers']} workers, {status['steps']} steps): {state}"
+    )
+    print(
+        f"{'role':<9}{'id':>3} {'pid':>8} {'epoch':>6} {'alive':>6} {'clock':>6} "
+        f"{'version':>8}  address"
+    )
+    for m in status["members"]:
+        print(
+            f"{m['role']:<9}{m['id']:>3} {m['pid']:>8} {m['epoch']:>6} "
+            f"{'yes' if m['alive'] else 'no':>6} {_dash(m['clock']):>6} "
+            f"{_dash(m['version']):>8}  {m['address'] or '-'}"
+        )
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)

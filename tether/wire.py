@@ -1,0 +1,68 @@
+"""Raw-bytes tensor streaming shared by shards and clients (DESIGN.md §2).
+
+Tensors travel as little-endian float32 bytes in chunks of 1-4 MiB; the receiver copies them once
+into a preallocated buffer and views it with ``np.frombuffer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+FLOAT = np.dtype("<f4")
+DEFAULT_CHUNK_BYTES = 2 << 20
+# A chunk is at most 4 MiB plus a small header, so 8 MiB leaves headroom while still refusing a
+# hostile multi-hundred-megabyte message before it is buffered (RESOURCE_EXHAUSTED).
+MAX_MESSAGE_BYTES = 8 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class WireError(ValueError):
+    """A stream that does not carry exactly the bytes its header declared."""
+
+
+def chunk_bytes_of(array: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
+    """Split a flat float32 array into wire chunks (one copy, as protobuf needs bytes)."""
+    flat = np.ascontiguousarray(array, dtype=FLOAT)
+    step = max(1, chunk_bytes // FLOAT.itemsize)
+    return [flat[i : i + step].tobytes() for i in range(0, flat.size, step)] or [b""]
+
+
+class Assembler:
+    """Collects the chunks of one tensor into a preallocated, writable float32 buffer."""
+
+    __slots__ = ("_buf", "_filled")
+
+    def __init__(self, length: int, out: np.ndarray | None = None) -> None:
+        if length < 0:
+            raise WireError(f"negative tensor length {length}")
+        if out is None:
+            out = np.empty(length, dtype=FLOAT)
+        elif out.dtype != FLOAT or out.shape != (length,) or not out.flags.c_contiguous:
+            raise WireError("output buffer does not match the declared tensor")
+        self._buf = out.view(np.uint8)
+        self._filled = 0
+
+    def add(self, data: bytes) -> None:
+        end = self._filled + len(data)
+        if end > self._buf.size:
+            raise WireError(
+                f"stream carries more than the declared {self._buf.size} bytes ({end} bytes so far)"
+            )
+        self._buf[self._filled : end] = np.frombuffer(data, dtype=np.uint8)
+        self._filled = end
+
+    def add_all(self, chunks: Iterable[bytes]) -> None:
+        for data in chunks:
+            self.add(data)
+
+    def result(self) -> np.ndarray:
+        if self._filled != self._buf.size:
+            raise WireError(
+                f"truncated stream: {self._filled} of the declared {self._buf.size} bytes arrived"
+            )
+        return self._buf.view(FLOAT)

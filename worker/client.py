@@ -1,0 +1,135 @@
+"""Client side of the shard protocol: pull and push flat float32 slices over gRPC.
+
+Used by workers, the launcher (final parameters) and `tether bench`. Calls that fail with
+UNAVAILABLE are retried with bounded, jittered exponential backoff (STYLE.md §6); pushes are
+idempotent because they carry `(worker_id, seq)` and the shard de-duplicates (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+import numpy as np
+from tether.proto import ps_pb2, ps_pb2_grpc
+
+from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, chunk_bytes_of
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 6
+    initial_s: float = 0.05
+    max_s: float = 1.0
+
+
+def with_retry(call: Callable[[], T], policy: RetryPolicy, rng: random.Random) -> T:
+    """Run `call`, retrying only UNAVAILABLE, with full-jitter exponential backoff."""
+    for attempt in range(policy.attempts):
+        try:
+            return call()
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == policy.attempts - 1:
+                raise
+            backoff = min(policy.max_s, policy.initial_s * 2**attempt)
+            time.sleep(rng.uniform(0, backoff))
+    raise AssertionError("unreachable")
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    epoch: int
+    version: int
+    offset: int
+    clock_gap: int
+
+
+class ShardClient:
+    """One channel to one shard."""
+
+    def __init__(self, address: str, run_id: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.address = address
+        self.run_id = run_id
+        self.chunk_bytes = chunk_bytes
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def pull_into(
+        self,
+        out: np.ndarray,
+        *,
+        worker_id: int = 0,
+        clock: int = 0,
+        observer: bool = False,
+        wait_timeout_s: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> Pulled:
+        """Stream the shard's slice into `out` (a float32 view of its range); one copy."""
+        request = ps_pb2.PullRequest(
+            run_id=self.run_id,
+            worker_id=worker_id,
+            clock=clock,
+            observer=observer,
+            wait_timeout_ms=int(wait_timeout_s * 1000),
+        )
+        stream = self.stub.Pull(request, timeout=timeout_s)
+        first = next(stream)
+        h = first.header
+        if h.length != out.size:
+            stream.cancel()
+            raise ValueError(
+                f"shard at {self.address} serves {h.length} parameters, expected {out.size}"
+            )
+        assembler = Assembler(h.length, out)
+        assembler.add(first.data)
+        for msg in stream:
+            assembler.add(msg.data)
+        assembler.result()
+        return Pulled(h.epoch, h.version, h.offset, h.clock_gap)
+
+    def pull(self, length: int, **kwargs) -> tuple[np.ndarray, Pulled]:  # type: ignore[no-untyped-def]
+        out = np.empty(length, dtype=FLOAT)
+        return out, self.pull_into(out, **kwargs)
+
+    def push(
+        self,
+        grad: np.ndarray,
+        *,
+        worker_id: int,
+        clock: int,
+        seq: int,
+        read_version: int,
+        epoch: int,
+        loss: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> ps_pb2.PushReply:
+        header = ps_pb2.PushHeader(
+            run_id=self.run_id,
+            worker_id=worker_id,
+            clock=clock,
+            seq=seq,
+            read_version=read_version,
+            epoch=epoch,
+            length=grad.size,
+            loss=loss,
+        )
+        chunks = chunk_bytes_of(grad, self.chunk_bytes)
+
+        def messages() -> Iterator[ps_pb2.PushChunk]:
+            yield ps_pb2.PushChunk(header=header, data=chunks[0])
+            for data in chunks[1:]:
+                yield ps_pb2.PushChunk(data=data)
+
+        return self.stub.Push(messages(), timeout=timeout_s)
+
+    def info(self, timeout_s: float | None = 10.0) -> ps_pb2.InfoReply:
+        return self.stub.Info(ps_pb2.InfoRequest(run_id=self.run_id), timeout=timeout_s)
