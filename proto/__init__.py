@@ -1,1 +1,1 @@
-"""Tether."""
+"""Protobuf and gRPC modules generated from ps.proto by scripts/gen_proto.py."""

@@ -1,0 +1,1 @@
+"""Parameter-server shard: sans-I/O state machine, optimizer, gRPC servicer, process."""

@@ -1,0 +1,1 @@
+"""JAX worker: models, data, shard client and the pull-compute-push loop."""
