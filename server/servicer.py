@@ -42,6 +42,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self._wait_timeout_s = wait_timeout_s
         self._now = now
         self.pull_wait_s = 0.0
+        self.waiting = 0  # pulls currently waiting for slower workers
         self.serving = True  # cleared when the shard learns it was replaced or is stopping
 
     def _check_serving(self, context: grpc.ServicerContext) -> None:
@@ -99,7 +100,9 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                 if not context.is_active():
                     decision = Reject(Code.ABORTED, "the pull was cancelled by the client")
                     break
+                self.waiting += 1
                 self.cond.wait(min(remaining, _LIVENESS_CHECK_S))
+                self.waiting -= 1
             self.pull_wait_s += time.monotonic() - start
         return decision
 

@@ -82,7 +82,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
 
     data = load_dataset(config.dataset)
     spec = parse_model(config.model)
-    model = build_model(spec, data.in_dim, data.num_classes, device="cpu")
+    model = build_model(spec, data.in_dim, data.num_classes, device=config.device)
     if config.shards > model.num_params:
         raise ValueError(f"--shards {config.shards} exceeds the {model.num_params} parameters")
     return replace(

@@ -1,0 +1,117 @@
+"""Shared fixtures: in-process shards on port 0 and multi-process runs with cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import RUN
+from tether.consistency import Consistency, Mode
+from tether.server.main import create_server, pool_size
+from tether.server.optim import OptimizerConfig
+from tether.server.servicer import ShardServicer
+from tether.server.state import ShardSpec, ShardState
+from tether.worker.client import ShardClient
+
+
+@dataclass
+class LiveShard:
+    state: ShardState
+    servicer: ShardServicer
+    address: str
+    clients: list[ShardClient]
+
+    def client(self) -> ShardClient:
+        c = ShardClient(self.address, RUN, chunk_bytes=self.state.spec.chunk_bytes)
+        self.clients.append(c)
+        return c
+
+
+@pytest.fixture
+def live_shard() -> Iterator[Callable[..., LiveShard]]:
+    servers = []
+    shards: list[LiveShard] = []
+
+    def start(
+        mode: Mode = Mode.SSP,
+        staleness: int = 0,
+        workers: int = 2,
+        n: int = 1000,
+        wait_timeout_s: float = 10.0,
+        chunk_bytes: int = 1 << 12,
+    ) -> LiveShard:
+        consistency = Consistency(mode, staleness if mode is Mode.SSP else 0)
+        spec = ShardSpec(
+            RUN, 0, 0, n, workers, consistency, OptimizerConfig("sgd", lr=0.1), chunk_bytes
+        )
+        state = ShardState(spec, np.linspace(-1, 1, n, dtype=np.float32))
+        servicer = ShardServicer(state, wait_timeout_s=wait_timeout_s)
+        server, port, _ = create_server(
+            servicer, "127.0.0.1:0", max_workers=pool_size(workers)
+        )
+        server.start()
+        servers.append(server)
+        shard = LiveShard(state, servicer, f"127.0.0.1:{port}", [])
+        shards.append(shard)
+        return shard
+
+    yield start
+    for shard in shards:
+        for c in shard.clients:
+            c.close()
+    for server in servers:
+        server.stop(grace=0).wait()
+
+
+@dataclass
+class Proc:
+    proc: subprocess.Popen[str]
+
+    def finish(self, timeout_s: float = 170.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout_s)
+        return self.proc.returncode, out, err
+
+    def json(self, timeout_s: float = 170.0) -> dict:
+        rc, out, err = self.finish(timeout_s)
+        assert rc == 0, f"exit {rc}\n{err[-3000:]}"
+        return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
+    """Run `tether ...` in its own process group; teardown kills and reaps the whole group."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def run(*args: str) -> Proc:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether", *args],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        return Proc(proc)
+
+    yield run
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe:
+                pipe.close()
