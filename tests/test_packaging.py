@@ -1,0 +1,80 @@
+"""Packaging: generated code is current, and both install kinds import under `tether.*`."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ["tether", "tether.proto", "tether.server", "tether.worker", "tether.consistency",
+            "tether.chaos", "tether.store"]  # fmt: skip
+
+
+def test_generated_protobuf_code_is_up_to_date():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gen_proto.py"), "--check"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_stale_generated_code_is_detected(tmp_path):
+    # Run the checker on a copy of the repository whose .proto gained a field.
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO / "proto", copy / "proto")
+    shutil.copytree(REPO / "scripts", copy / "scripts")
+    proto = copy / "proto" / "ps.proto"
+    proto.write_text(
+        proto.read_text().replace("bool observer = 5;", "bool observer = 5;\n  int32 x = 6;")
+    )
+    proc = subprocess.run(
+        [sys.executable, str(copy / "scripts" / "gen_proto.py"), "--check"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1 and "stale generated code: ps_pb2.py" in proc.stdout
+
+
+def _import_locations(extra_path: list[str]) -> dict[str, str]:
+    code = (
+        "import importlib, json, sys\n"
+        f"print(json.dumps({{n: importlib.import_module(n).__file__ for n in {PACKAGES!r}}}))"
+    )
+    env_path = ":".join(extra_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, cwd="/",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    return json.loads(proc.stdout)
+
+
+def test_the_development_install_imports_every_package_from_the_repository():
+    locations = _import_locations([])
+    assert locations["tether.server"] == str(REPO / "server" / "__init__.py")
+    assert locations["tether.proto"] == str(REPO / "proto" / "__init__.py")
+    assert locations["tether.store"] == str(REPO / "tether" / "store" / "__init__.py")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_regular_install_imports_every_package_from_site_packages(tmp_path):
+    target = tmp_path / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+         "--no-cache-dir", "--quiet", "--target", str(target), str(REPO)],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    locations = _import_locations([str(target)])
+    for name in PACKAGES:
+        assert locations[name].startswith(str(target)), (name, locations[name])
+    # No bare top-level `server`, `worker`, `proto`... packages leak into site-packages.
+    top = {p.name for p in target.iterdir() if p.is_dir() and not p.name.endswith(".dist-info")}
+    assert top - {"bin"} == {"tether"}
+    assert (target / "tether" / "proto" / "ps.proto").exists()
