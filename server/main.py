@@ -24,6 +24,7 @@ from tether.proto import ps_pb2_grpc
 from tether.server.servicer import RawBytesServicer, ShardServicer
 from tether.server.state import ShardSpec, ShardState, split_ranges
 
+from tether.alloc import tune_allocator
 from tether.config import RunConfig
 from tether.store import Fenced, open_store
 from tether.wire import CHANNEL_OPTIONS
@@ -93,6 +94,7 @@ class ServerOptions:
 
 
 def serve(opts: ServerOptions) -> int:
+    tune_allocator()
     store = open_store(opts.store_uri)
     config = RunConfig.from_dict(store.get_run(opts.run_id).config)
     spec = shard_spec(config, opts.shard_id)

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from tether.alloc import tune_allocator
 from tether.config import RunConfig, new_run_id
 from tether.launcher import Launcher, LaunchOptions
 from tether.proto import ps_pb2, ps_pb2_grpc
@@ -65,6 +66,7 @@ def _median_time(fn: Callable[[], None], repeats: int, warmup: int) -> float:
 
 
 def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, Any]:
+    tune_allocator()  # the same tuning the shard and worker processes run with
     n = int(opts.size_mb * (1 << 20)) // FLOAT.itemsize
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
         config = RunConfig(

@@ -24,6 +24,7 @@ from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
 from tether.worker.data import batch_indices, load_dataset, partition
 from tether.worker.models import build_model, parse_model
 
+from tether.alloc import tune_allocator
 from tether.config import RunConfig
 from tether.store import Member, Store, open_store
 from tether.wire import FLOAT
@@ -182,6 +183,7 @@ class Worker:
 
 
 def run_worker(opts: WorkerOptions) -> int:
+    tune_allocator()
     store = open_store(opts.store_uri)
     config = RunConfig.from_dict(store.get_run(opts.run_id).config)
     worker = Worker(opts, store, config)  # ValueError: bad id/device -> exit 2 at the edge
