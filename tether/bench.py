@@ -39,7 +39,7 @@ from tether.worker.client import ShardClient
 class BenchOptions:
     size_mb: float = 16.0
     shards: int = 1
-    repeats: int = 10
+    repeats: int = 20
     optimizer: str = "sgd"
     warmup: int = 2
 
@@ -54,15 +54,22 @@ def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes * 8 / 1e9 / seconds
 
 
-def _median_time(fn: Callable[[], None], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _interleaved_medians(
+    fns: dict[str, Callable[[], None]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median time of each function over rounds that run every function once, in turn.
+
+    Interleaving makes a drift of the machine's speed (other load on a shared host) hit the
+    measurement and its baseline alike, so their ratio stays meaningful.
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, Any]:
@@ -149,10 +156,16 @@ def _measure(
 
     print(f"tether bench: {nbytes / 2**20:.1f} MiB over {len(clients)} shard(s)", file=err)
     try:
-        t_push = _median_time(push, opts.repeats, opts.warmup)
-        t_raw_push = _median_time(lambda: each(raw_push_one), opts.repeats, opts.warmup)
-        t_pull = _median_time(pull, opts.repeats, opts.warmup)
-        t_raw_pull = _median_time(lambda: each(raw_pull_one), opts.repeats, opts.warmup)
+        t = _interleaved_medians(
+            {
+                "push": push,
+                "raw_push": lambda: each(raw_push_one),
+                "pull": pull,
+                "raw_pull": lambda: each(raw_pull_one),
+            },
+            opts.repeats,
+            opts.warmup,
+        )
     finally:
         pool.shutdown()
         for c in clients:
@@ -163,10 +176,10 @@ def _measure(
         "optimizer": opts.optimizer,
         "repeats": opts.repeats,
         "chunk_bytes": chunk,
-        "push_gbps": _gbps(nbytes, t_push),
-        "pull_gbps": _gbps(nbytes, t_pull),
-        "raw_push_gbps": _gbps(nbytes, t_raw_push),
-        "raw_pull_gbps": _gbps(nbytes, t_raw_pull),
+        "push_gbps": _gbps(nbytes, t["push"]),
+        "pull_gbps": _gbps(nbytes, t["pull"]),
+        "raw_push_gbps": _gbps(nbytes, t["raw_push"]),
+        "raw_pull_gbps": _gbps(nbytes, t["raw_pull"]),
     }
     result["push_ratio"] = result["push_gbps"] / result["raw_push_gbps"]
     result["pull_ratio"] = result["pull_gbps"] / result["raw_pull_gbps"]

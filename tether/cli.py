@@ -138,7 +138,7 @@ def build_parser() -> Parser:
     )
     pushpull.add_argument("--size-mb", type=float, default=16.0, help="vector size in MiB (16)")
     pushpull.add_argument("--shards", type=int, default=1, help="shards to spread it over (1)")
-    pushpull.add_argument("--repeats", type=int, default=10, help="timed rounds (10)")
+    pushpull.add_argument("--repeats", type=int, default=20, help="timed rounds (20)")
     pushpull.add_argument(
         "--optimizer",
         choices=("sgd", "momentum", "adam"),
