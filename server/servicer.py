@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import grpc
 from tether.proto import ps_pb2, ps_pb2_grpc
@@ -24,9 +25,10 @@ from tether.wire import Assembler, WireError
 _LIVENESS_CHECK_S = 0.5
 
 
-def _abort(context: grpc.ServicerContext, rejected: Reject) -> None:
+def _abort(context: grpc.ServicerContext, rejected: Reject) -> NoReturn:
     """The one place an error becomes a gRPC status (STYLE.md §5)."""
     context.abort(grpc.StatusCode[rejected.code.value], rejected.message)
+    raise AssertionError("grpc's abort raises")  # for type checkers: abort never returns
 
 
 class ShardServicer(ps_pb2_grpc.ParameterServerServicer):

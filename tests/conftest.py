@@ -54,9 +54,7 @@ def live_shard() -> Iterator[Callable[..., LiveShard]]:
         )
         state = ShardState(spec, np.linspace(-1, 1, n, dtype=np.float32))
         servicer = ShardServicer(state, wait_timeout_s=wait_timeout_s)
-        server, port, _ = create_server(
-            servicer, "127.0.0.1:0", max_workers=pool_size(workers)
-        )
+        server, port, _ = create_server(servicer, "127.0.0.1:0", max_workers=pool_size(workers))
         server.start()
         servers.append(server)
         shard = LiveShard(state, servicer, f"127.0.0.1:{port}", [])
@@ -106,6 +104,9 @@ def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         return Proc(proc)
 
     yield run
+    # Leak check: a command that ended by itself must have reaped every process it started
+    # (they share its process group). Then kill whatever is left, e.g. of a failed test.
+    leaked = {p.pid: processes_in_groups({p.pid}) for p in procs if p.poll() is not None}
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -115,3 +116,21 @@ def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
         for pipe in (proc.stdout, proc.stderr):
             if pipe:
                 pipe.close()
+    assert not any(leaked.values()), f"processes left behind by finished commands: {leaked}"
+
+
+def processes_in_groups(groups: set[int]) -> list[int]:
+    """PIDs of live (non-zombie) processes whose process group is in `groups` (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state, ppid, pgrp, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] != "Z" and int(fields[2]) in groups:
+            found.append(int(entry.name))
+    return found

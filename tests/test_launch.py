@@ -49,6 +49,9 @@ def test_default_launch_trains_digits_and_reports_the_contract(tether_cli, tmp_p
     roles = sorted((m["role"], m["id"]) for m in status["members"])
     assert roles == [("launcher", 0), ("server", 0), ("server", 1), ("worker", 0), ("worker", 1)]
     assert all(m["epoch"] == 1 and not m["alive"] for m in status["members"])
+    # Shards were stopped gracefully (SIGTERM), workers finished all their steps.
+    assert all(m["state"] == "exited" for m in status["members"]), status["members"]
+    assert all(m["clock"] == 200 for m in status["members"] if m["role"] == "worker")
     assert all(not pid_alive(m["pid"]) for m in status["members"] if m["role"] != "launcher")
     assert status["summary"]["params_sha256"] == summary["params_sha256"]
 
@@ -90,9 +93,7 @@ def single_process_training(seed: int, steps: int, workers: int, batch: int, lr:
     return params
 
 
-def test_bsp_is_independent_of_shard_count_and_equals_single_process_training(
-    tether_cli, tmp_path
-):
+def test_bsp_is_independent_of_shard_count_and_equals_single_process_training(tether_cli, tmp_path):
     common = ["--json", "--steps", "40", "--optimizer", "sgd", "--lr", "0.1", "--seed", "7"]
     procs = {}
     for shards in (1, 2, 3):
@@ -116,9 +117,7 @@ def test_bsp_is_independent_of_shard_count_and_equals_single_process_training(
 
 def test_a_failed_worker_fails_the_run_with_a_message_naming_it(tether_cli, tmp_path):
     run_dir = tmp_path / "run"
-    launch = tether_cli(
-        "launch", "--steps", "100000", "--mode", "asp", "--run-dir", str(run_dir)
-    )
+    launch = tether_cli("launch", "--steps", "100000", "--mode", "asp", "--run-dir", str(run_dir))
 
     def worker_pids() -> dict[int, int]:
         if not (run_dir / "tether.db").exists():
@@ -201,3 +200,14 @@ def test_exported_parameters_match_the_reported_hash(tether_cli, tmp_path):
     assert params.dtype == np.float32 and params.size == 64 * 10 + 10
     assert hashlib.sha256(params.tobytes()).hexdigest() == summary["params_sha256"]
     assert Path(summary["run_dir"], "summary.json").exists()
+
+
+def test_a_model_of_a_million_parameters_streams_in_chunks(tether_cli, tmp_path):
+    summary = tether_cli(
+        "launch", "--json", "--dataset", "synthetic:256", "--model", "mlp:2048x512",
+        "--steps", "3", "--mode", "asp", "--run-dir", str(tmp_path / "r"),
+    ).json()  # fmt: skip
+    assert summary["num_params"] == 256 * 2048 + 2048 + 2048 * 512 + 512 + 512 * 10 + 10
+    assert summary["num_params"] * 4 / 2 > 2 * 2**20  # each shard's slice spans several chunks
+    assert summary["updates_applied"] == 2 * 3
+    assert np.isfinite(summary["final_loss"])

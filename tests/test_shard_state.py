@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from tether.consistency import Consistency, Mode
 from tether.server.optim import OptimizerConfig
 from tether.server.state import (

@@ -170,7 +170,7 @@ def _measure(
         pool.shutdown()
         for c in clients:
             c.close()
-    result = {
+    result: dict[str, Any] = {
         "size_mb": nbytes / 2**20,
         "shards": len(clients),
         "optimizer": opts.optimizer,
