@@ -174,3 +174,25 @@ def test_observer_pull_reads_without_joining_the_clock_protocol(live_shard):
     assert params.tobytes() == shard.state.params.tobytes()
     info = client.info()
     assert info.pulls_served == 0 and [w.clock for w in info.workers] == [0, 0]
+
+
+@pytest.mark.parametrize("s", [1, 2])
+def test_ssp_worker_blocks_s_plus_one_ahead_and_resumes_when_the_straggler_catches_up(
+    live_shard, s
+):
+    shard = live_shard(Mode.SSP, staleness=s, workers=2)
+    fast, slow = shard.client(), shard.client()
+    g = grad(1000)
+    for clock in range(s + 1):
+        _, pulled = fast.pull(1000, worker_id=0, clock=clock)
+        assert pulled.clock_gap == clock
+        fast.push(g, worker_id=0, clock=clock, seq=clock, read_version=pulled.version, epoch=1)
+    with ThreadPoolExecutor(1) as pool:
+        blocked = pool.submit(fast.pull, 1000, worker_id=0, clock=s + 1)
+        wait_until(lambda: shard.servicer.waiting == 1, what="the fast worker to block")
+        assert not blocked.done()
+        _, pulled = slow.pull(1000, worker_id=1, clock=0)  # the straggler is never blocked
+        slow.push(g, worker_id=1, clock=0, seq=0, read_version=pulled.version, epoch=1)
+        _, resumed = blocked.result(timeout=10)
+    assert resumed.clock_gap == s and resumed.version == s + 2
+    assert fast.info().max_clock_gap == s

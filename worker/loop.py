@@ -186,6 +186,11 @@ def run_worker(opts: WorkerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
     config = RunConfig.from_dict(store.get_run(opts.run_id).config)
+    if config.device == "gpu":
+        # GPU scatter-adds may use atomics whose order varies; BSP promises bit-for-bit results.
+        # Read by XLA when the backend starts, which is after import and before the first use.
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
     worker = Worker(opts, store, config)  # ValueError: bad id/device -> exit 2 at the edge
     worker.epoch = store.register(
         opts.run_id,
