@@ -61,6 +61,7 @@ def _optax_tx(name: str, lr: float, momentum: float, b1: float, b2: float, eps: 
 def bench_one(name: str, n: int, repeats: int, seed: int) -> dict[str, float]:
     import jax
     import optax
+
     from tether.server.optim import Optimizer, OptimizerConfig
 
     config = OptimizerConfig(name=name)  # type: ignore[arg-type]

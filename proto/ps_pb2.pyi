@@ -103,7 +103,7 @@ class WorkerClock(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., last_seq: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "mode", "staleness", "updates_applied", "pushes_accepted", "max_clock_gap", "clock_gap_hist", "staleness_hist", "workers", "pulls_served", "pull_wait_s")
+    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "mode", "staleness", "updates_applied", "pushes_accepted", "max_clock_gap", "clock_gap_hist", "staleness_hist", "workers", "pulls_served", "pull_wait_s", "replication", "durable_version", "replications", "replication_lag_max_s", "replication_lag_mean_s", "restored_version")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +119,12 @@ class InfoReply(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     PULLS_SERVED_FIELD_NUMBER: _ClassVar[int]
     PULL_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLICATIONS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_LAG_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_LAG_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     version: int
@@ -134,7 +140,13 @@ class InfoReply(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerClock]
     pulls_served: int
     pull_wait_s: float
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., max_clock_gap: _Optional[int] = ..., clock_gap_hist: _Optional[_Iterable[int]] = ..., staleness_hist: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., pulls_served: _Optional[int] = ..., pull_wait_s: _Optional[float] = ...) -> None: ...
+    replication: str
+    durable_version: int
+    replications: int
+    replication_lag_max_s: float
+    replication_lag_mean_s: float
+    restored_version: int
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., max_clock_gap: _Optional[int] = ..., clock_gap_hist: _Optional[_Iterable[int]] = ..., staleness_hist: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., pulls_served: _Optional[int] = ..., pull_wait_s: _Optional[float] = ..., replication: _Optional[str] = ..., durable_version: _Optional[int] = ..., replications: _Optional[int] = ..., replication_lag_max_s: _Optional[float] = ..., replication_lag_mean_s: _Optional[float] = ..., restored_version: _Optional[int] = ...) -> None: ...
 
 class RawChunk(_message.Message):
     __slots__ = ("data",)

@@ -14,19 +14,21 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from tether.proto import ps_pb2_grpc
-from tether.server.servicer import RawBytesServicer, ShardServicer
-from tether.server.state import ShardSpec, ShardState, split_ranges
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.store import Fenced, open_store
+from tether.proto import ps_pb2_grpc
+from tether.server.replication import Replicator
+from tether.server.servicer import RawBytesServicer, ShardServicer
+from tether.server.state import ReplicationPolicy, ShardSpec, ShardState, split_ranges
+from tether.store import Fenced, Store, open_store
 from tether.wire import CHANNEL_OPTIONS
 
 log = logging.getLogger("tether.server")
@@ -57,25 +59,37 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
         consistency=config.consistency,
         optimizer=config.optimizer_config,
         chunk_bytes=config.chunk_bytes,
+        replication=ReplicationPolicy(
+            mode=config.replication,  # type: ignore[arg-type]
+            every_updates=config.replicate_every,
+            interval_s=config.replicate_interval_ms / 1000,
+        ),
     )
 
 
-def create_server(
-    servicer: ShardServicer, address: str, *, max_workers: int
-) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """Build and bind (not start) a shard server; returns the bound port (grpc examples)."""
+def create_server(address: str, *, max_workers: int) -> tuple[grpc.Server, int]:
+    """Build and bind (not start) a server; returns the bound port (grpc examples).
+
+    Binding first lets a shard publish its address while it is still loading its state: a
+    worker that connects early is refused and retries.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shard"),
         options=CHANNEL_OPTIONS,
     )
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+def add_services(server: grpc.Server, servicer: ShardServicer) -> health.HealthServicer:
+    """Register the shard, raw-bytes and health services (before the server starts)."""
     ps_pb2_grpc.add_ParameterServerServicer_to_server(servicer, server)
     ps_pb2_grpc.add_RawBytesServicer_to_server(RawBytesServicer(), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port, health_servicer
+    return health_servicer
 
 
 def pool_size(num_workers: int) -> int:
@@ -93,46 +107,74 @@ class ServerOptions:
     heartbeat_s: float = 0.5
 
 
+def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
+    """Claim the shard for `epoch`, then start from its replicated state if there is one.
+
+    Claiming first fences every older epoch: once the claim is made, a paused or partitioned
+    predecessor can no longer write, so the state loaded next is the last one (DESIGN §5).
+    """
+    store.claim_shard(config.run_id, spec.shard_id, epoch)
+    snapshot = store.load_shard_state(config.run_id, spec.shard_id)
+    if snapshot is None:
+        params = initial_params(config)[spec.offset : spec.offset + spec.length]
+        return ShardState(spec, params, epoch=epoch)
+    return ShardState.from_replica(spec, epoch, snapshot.meta, snapshot.arrays)
+
+
 def serve(opts: ServerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
     config = RunConfig.from_dict(store.get_run(opts.run_id).config)
     spec = shard_spec(config, opts.shard_id)
-    state = ShardState(spec, initial_params(config)[spec.offset : spec.offset + spec.length])
-    servicer = ShardServicer(state, wait_timeout_s=config.wait_timeout_s)
-    server, port, health_servicer = create_server(
-        servicer, opts.listen, max_workers=pool_size(config.workers)
-    )
+    server, port = create_server(opts.listen, max_workers=pool_size(config.workers))
     host = opts.listen.rsplit(":", 1)[0] or "127.0.0.1"
     address = f"{host}:{port}"
-    server.start()
     epoch = store.register(
-        opts.run_id,
-        "server",
-        opts.shard_id,
-        address=address,
-        pid=os.getpid(),
+        opts.run_id, "server", opts.shard_id, address=address, pid=os.getpid(),
         host=socket.gethostname(),
-    )
-    with servicer.cond:
-        state.epoch = epoch
+    )  # fmt: skip
+    state = load_or_init(store, config, spec, epoch)
+    restored = state.version if state.revision > 0 else -1
+    servicer = ShardServicer(state, wait_timeout_s=config.wait_timeout_s)
+    servicer.restored_version = restored
+    health_servicer = add_services(server, servicer)
+    server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    serving_since = time.time()
+
+    stop = threading.Event()
+    fenced: list[Fenced] = []
+    failed: list[BaseException] = []
+
+    def on_failure(e: BaseException) -> None:
+        if isinstance(e, Fenced):
+            fenced.append(e)
+        else:
+            failed.append(e)
+        stop.set()
+
+    replicator = None
+    if spec.replication.mode != "off":
+        replicator = Replicator(servicer, store, on_failure=on_failure, seed=config.seed)
+        replicator.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
-        f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}",
+        f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
+        f"replication {spec.replication.mode}"
+        + (f", restored version {restored}" if restored >= 0 else ", fresh state"),
         file=sys.stderr,
         flush=True,
     )
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    fenced = False
-    while not stop.wait(opts.heartbeat_s):
+    while True:
         with servicer.cond:
             info = {
+                "serving_since": serving_since,
                 "version": state.version,
+                "durable_version": state.durable_version,
+                "restored_version": restored,
                 "updates_applied": state.stats.updates_applied,
                 "clocks": state.clocks,
                 "max_clock_gap": state.stats.max_clock_gap,
@@ -141,16 +183,22 @@ def serve(opts: ServerOptions) -> int:
             store.heartbeat(opts.run_id, "server", opts.shard_id, epoch, info)
         except Fenced as e:
             # A replacement registered a newer epoch: this shard is a zombie (DESIGN §5).
-            print(f"tether server: shard {opts.shard_id} fenced: {e}", file=sys.stderr)
-            fenced = True
+            fenced.append(e)
             break
-    servicer.serving = False
+        if stop.wait(opts.heartbeat_s):
+            break
+    servicer.stop_serving(fenced=bool(fenced))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    with servicer.cond:
-        servicer.cond.notify_all()
+    if replicator is not None:
+        replicator.stop()  # flushes the last changes on a graceful stop; a zombie writes nothing
     server.stop(grace=2.0).wait()
-    if not fenced:
+    if fenced:
+        print(f"tether server: shard {opts.shard_id} fenced: {fenced[0]}", file=sys.stderr)
+    elif failed:
+        print(f"tether server: shard {opts.shard_id} failed: {failed[0]!r}", file=sys.stderr)
+        store.set_member_state(opts.run_id, "server", opts.shard_id, epoch, "failed")
+    else:
         store.set_member_state(opts.run_id, "server", opts.shard_id, epoch, "exited")
     store.close()
-    return 1 if fenced else 0
+    return 1 if fenced or failed else 0

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from typing import NoReturn
 
 import grpc
+
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.server.state import Ack, Code, PushHeader, Reject, Serve, ShardState, Wait
-
 from tether.wire import Assembler, WireError
 
 # How often a waiting pull checks that its client is still there (a cancelled pull must not keep
@@ -45,11 +45,31 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self._now = now
         self.pull_wait_s = 0.0
         self.waiting = 0  # pulls currently waiting for slower workers
-        self.serving = True  # cleared when the shard learns it was replaced or is stopping
+        self.serving = True  # cleared when the shard is stopping
+        self.fenced = False  # set when the store says a newer epoch replaced this shard
+        self.restored_version = -1  # the replicated version this shard started from
+
+    def _not_serving(self) -> Reject | None:
+        if self.fenced:
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"shard {self.state.spec.shard_id} at epoch {self.state.epoch} was replaced by a "
+                "newer epoch; re-resolve it from the store",
+            )
+        if not self.serving:
+            return Reject(Code.UNAVAILABLE, "shard is stopping; re-resolve it from the store")
+        return None
 
     def _check_serving(self, context: grpc.ServicerContext) -> None:
-        if not self.serving:
-            _abort(context, Reject(Code.UNAVAILABLE, "shard is not serving; re-resolve it"))
+        if rejected := self._not_serving():
+            _abort(context, rejected)
+
+    def stop_serving(self, *, fenced: bool) -> None:
+        """Fail every waiting call and refuse new ones (stop, or a zombie learning its fate)."""
+        with self.cond:
+            self.serving = False
+            self.fenced = self.fenced or fenced
+            self.cond.notify_all()
 
     # -- Pull -----------------------------------------------------------------------------
 
@@ -88,6 +108,9 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         deadline = start + timeout
         with self.cond:
             while True:
+                if rejected := self._not_serving():
+                    decision = rejected
+                    break
                 decision = self.state.pull(
                     request.run_id, request.worker_id, request.clock, self._now()
                 )
@@ -145,6 +168,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             result = self.state.push(header, grad, self._now())
             if isinstance(result, Ack) and not result.duplicate:
                 self.cond.notify_all()  # clocks moved: waiting pulls re-check the read rule
+            if isinstance(result, Ack) and result.durable_needed > self.state.durable_version:
+                result = self._wait_durable(header, result)
         if isinstance(result, Reject):
             _abort(context, result)
         assert isinstance(result, Ack)
@@ -154,6 +179,25 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             applied=result.applied,
             epoch=result.epoch,
         )
+
+    def _wait_durable(self, header: PushHeader, ack: Ack) -> Ack | Reject:
+        """Sync replication: hold the acknowledgement until its version is durable (DESIGN §5).
+
+        Called with the lock held; the replication adapter notifies the condition.
+        """
+        start = time.monotonic()
+        deadline = start + self._wait_timeout_s
+        while self.state.durable_version < ack.durable_needed:
+            if rejected := self._not_serving():
+                return rejected
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.state.push_timed_out(
+                    header.worker_id, header.clock, time.monotonic() - start
+                )
+            self.cond.wait(min(remaining, _LIVENESS_CHECK_S))
+        # BSP: by now the clock is applied; report the version the worker will read next.
+        return Ack(self.state.version, self.state.epoch, applied=True, duplicate=ack.duplicate)
 
     # -- Info -----------------------------------------------------------------------------
 
@@ -190,6 +234,12 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             ],
             pulls_served=stats.pulls_served,
             pull_wait_s=self.pull_wait_s,
+            replication=spec.replication.mode,
+            durable_version=state.durable_version,
+            replications=stats.replications,
+            replication_lag_max_s=stats.replication_lag_max_s,
+            replication_lag_mean_s=stats.replication_lag_sum_s / max(stats.replications, 1),
+            restored_version=self.restored_version,
         )
 
 

@@ -8,14 +8,16 @@ tested with no sockets and no database. ``validate()`` checks the invariants aft
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, Literal
 
 import numpy as np
+
 from tether.consistency import Consistency, blocking_workers, clock_gap, may_read
 from tether.server.optim import Optimizer, OptimizerConfig
-
 from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
 
 
@@ -44,6 +46,9 @@ class Ack:
     epoch: int
     applied: bool  # False: a BSP gradient held until the other workers' arrive
     duplicate: bool = False
+    # With sync replication the acknowledgement may only leave once this shard version is
+    # durable in the store (DESIGN §5); 0 = nothing to wait for.
+    durable_needed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +78,26 @@ class PushHeader:
     length: int
 
 
+ReplicationMode = Literal["off", "sync", "async"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationPolicy:
+    """How shard state reaches the store (DESIGN §5)."""
+
+    mode: ReplicationMode = "off"
+    every_updates: int = 50  # async: replicate at least every k applied updates...
+    interval_s: float = 0.1  # ...and at most t seconds after any change
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "sync", "async"):
+            raise ValueError(f"--replication must be sync or async, got {self.mode!r}")
+        if self.every_updates < 1:
+            raise ValueError(f"--replicate-every must be >= 1, got {self.every_updates}")
+        if not 0 < self.interval_s <= 3600:
+            raise ValueError(f"--replicate-interval-ms must be > 0, got {self.interval_s * 1e3}")
+
+
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
     """What a shard is: its place in the run and the rules it serves by."""
@@ -85,6 +110,7 @@ class ShardSpec:
     consistency: Consistency
     optimizer: OptimizerConfig
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    replication: ReplicationPolicy = ReplicationPolicy()
 
 
 @dataclass(slots=True)
@@ -102,6 +128,9 @@ class Stats:
     max_clock_gap: int = 0
     clock_gap_hist: list[int] = field(default_factory=list)
     staleness_hist: list[int] = field(default_factory=list)
+    replications: int = 0
+    replication_lag_max_s: float = 0.0  # first unreplicated change -> durable
+    replication_lag_sum_s: float = 0.0
 
 
 def _bump(hist: list[int], index: int) -> None:
@@ -133,7 +162,18 @@ class ShardState:
         self.version = 0
         self.workers = [WorkerEntry() for _ in range(spec.num_workers)]
         self.pending: dict[int, np.ndarray] = {}  # BSP: worker id -> gradient of the open clock
+        # BSP keeps the parameters of the previous version: a worker restarted between its pushes
+        # to two shards must recompute its gradient from the same parameters (DESIGN §5).
+        self.prev_params = self.params.copy() if spec.consistency.aggregates else None
         self.stats = Stats()
+        # Replication bookkeeping: `revision` counts accepted changes, the durable_* fields what
+        # the store holds (the replication adapter reports it through replicated()).
+        self.revision = 0
+        self.durable_revision = 0
+        self.durable_version = 0
+        self.dirty_since: float | None = None  # time of the first change not yet durable
+        self.last_replicated_at = 0.0
+        self.updates_at_replication = 0
         self._validated_version = 0  # what validate() saw last, to prove monotonicity
         self._validated_seqs = [-1] * spec.num_workers
 
@@ -202,9 +242,16 @@ class ShardState:
         if rejected := self.check_push_header(h):
             return rejected
         entry = self.workers[h.worker_id]
+        bsp = self.spec.consistency.aggregates
         if h.seq <= entry.last_seq:
+            # A retry: acknowledged once what it was part of is durable (BSP: its clock).
+            needed = h.clock + 1 if bsp else self.version
             return Ack(
-                self.version, self.epoch, applied=h.worker_id not in self.pending, duplicate=True
+                self.version,
+                self.epoch,
+                applied=h.worker_id not in self.pending,
+                duplicate=True,
+                durable_needed=self._durable_needed(needed),
             )
         if grad.dtype != FLOAT or grad.shape != (self.spec.length,):
             return Reject(Code.INVALID_ARGUMENT, "gradient is not a flat float32 vector")
@@ -217,15 +264,22 @@ class ShardState:
         entry.clock += 1
         entry.last_seen = now
         self.stats.pushes_accepted += 1
-        if not self.spec.consistency.aggregates:
-            _bump(self.stats.staleness_hist, self.version - h.read_version)
-            self._apply(grad)
-            return Ack(self.version, self.epoch, applied=True)
-        # BSP (DESIGN §3): hold the gradient until all W workers pushed this clock.
+        self.revision += 1
+        if self.dirty_since is None:
+            self.dirty_since = now
         _bump(self.stats.staleness_hist, self.version - h.read_version)
+        if not bsp:
+            self._apply(grad)
+            return Ack(
+                self.version, self.epoch, applied=True,
+                durable_needed=self._durable_needed(self.version),
+            )  # fmt: skip
+        # BSP (DESIGN §3): hold the gradient until all W workers pushed this clock. With sync
+        # replication the push is acknowledged once its clock is applied and durable.
         self.pending[h.worker_id] = grad
+        needed = self._durable_needed(h.clock + 1)
         if len(self.pending) < self.spec.num_workers:
-            return Ack(self.version, self.epoch, applied=False)
+            return Ack(self.version, self.epoch, applied=False, durable_needed=needed)
         # Sum in worker-id order, then average: the order is fixed so results are bit-for-bit
         # reproducible and independent of arrival order.
         total = self.pending.pop(0)
@@ -233,9 +287,14 @@ class ShardState:
             np.add(total, self.pending.pop(w), out=total)
         np.divide(total, np.float32(self.spec.num_workers), out=total)
         self._apply(total)
-        return Ack(self.version, self.epoch, applied=True)
+        return Ack(self.version, self.epoch, applied=True, durable_needed=needed)
+
+    def _durable_needed(self, version: int) -> int:
+        return version if self.spec.replication.mode == "sync" else 0
 
     def _apply(self, grad: np.ndarray) -> None:
+        if self.prev_params is not None:
+            np.copyto(self.prev_params, self.params)
         self.optimizer.apply(self.params, grad)
         self.version += 1
         self.stats.updates_applied += 1
@@ -245,26 +304,37 @@ class ShardState:
         if rejected := self._check_member(run_id, worker_id):
             return rejected
         entry = self.workers[worker_id]
-        if clock != entry.clock:
+        if clock < 0 or clock > entry.clock:
             return Reject(
                 Code.FAILED_PRECONDITION,
                 f"worker {worker_id} pulled at clock {clock} but shard {self.spec.shard_id} has "
-                f"received {entry.clock} iterations from it"
-                + (" (a clock from the future)" if clock > entry.clock else ""),
+                f"received {entry.clock} iterations from it (a clock from the future)",
             )
+        # clock < entry.clock: a restarted worker redoing an iteration some shard already has
+        # (its pushes there are duplicates); it reads like any other pull.
         entry.last_seen = now
         clocks = self.clocks
         if not may_read(self.spec.consistency, clock, clocks):
             return Wait(blocking_workers(self.spec.consistency, clock, clocks))
+        version, params = self.version, self.params
+        if self.prev_params is not None and clock == self.version - 1:
+            # BSP: clock `clock` was applied meanwhile; serve the parameters it was computed from.
+            version, params = clock, self.prev_params
+        elif self.prev_params is not None and clock != self.version:
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"worker {worker_id} pulled at clock {clock} but shard {self.spec.shard_id} is at "
+                f"BSP version {self.version}",
+            )
         gap = clock_gap(clock, clocks)
         self.stats.pulls_served += 1
         self.stats.max_clock_gap = max(self.stats.max_clock_gap, gap)
         _bump(self.stats.clock_gap_hist, max(gap, 0))
-        return Serve(self.version, self.epoch, gap, self.snapshot())
+        return Serve(version, self.epoch, gap, self._chunks(params))
 
     def observe(self) -> Serve:
         """A read outside the clock protocol (launcher evaluation, benchmarks)."""
-        return Serve(self.version, self.epoch, 0, self.snapshot())
+        return Serve(self.version, self.epoch, 0, self._chunks(self.params))
 
     def pull_timed_out(self, worker_id: int, clock: int, waited_s: float, now: float) -> Reject:
         """A pull's deadline passed: fail it with the whole picture (DESIGN §3)."""
@@ -280,9 +350,107 @@ class ShardState:
             f"{clock} under {self.spec.consistency.describe()} for {detail or 'no one'}",
         )
 
-    def snapshot(self) -> tuple[bytes, ...]:
+    def _chunks(self, params: np.ndarray) -> tuple[bytes, ...]:
         """The slice as wire chunks: one copy, taken while no update can interleave."""
-        return tuple(chunk_bytes_of(self.params, self.spec.chunk_bytes))
+        return tuple(chunk_bytes_of(params, self.spec.chunk_bytes))
+
+    # -- replication (DESIGN §5) ----------------------------------------------------------
+
+    def replication_due(self, now: float) -> bool:
+        """Should the adapter write the state to the store now?"""
+        if self.revision == self.durable_revision:
+            return False
+        policy = self.spec.replication
+        if policy.mode == "sync":
+            return True
+        if policy.mode == "async":
+            behind = self.stats.updates_applied - self.updates_at_replication
+            started = self.dirty_since if self.dirty_since is not None else now
+            return behind >= policy.every_updates or now - started >= policy.interval_s
+        return False
+
+    def replication_wait_s(self, now: float) -> float | None:
+        """How long until an async replication falls due by time (None: nothing pending)."""
+        if self.revision == self.durable_revision or self.dirty_since is None:
+            return None
+        return max(0.0, self.dirty_since + self.spec.replication.interval_s - now)
+
+    def to_replica(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Everything a replacement needs, copied: (JSON metadata, named flat arrays)."""
+        arrays = {"params": self.params.copy()}
+        if self.prev_params is not None:
+            arrays["prev_params"] = self.prev_params.copy()
+        scalars = {}
+        for name, value in self.optimizer.state_arrays().items():
+            if value.ndim == 0:
+                scalars[name] = int(value)
+            else:
+                arrays[f"opt.{name}"] = value.copy()
+        for w, g in self.pending.items():
+            arrays[f"pending.{w}"] = g.copy()
+        meta = {
+            "version": self.version,
+            "revision": self.revision,
+            "clocks": self.clocks,
+            "last_seq": [w.last_seq for w in self.workers],
+            "pending": sorted(self.pending),
+            "optimizer_scalars": scalars,
+            "stats": dataclasses.asdict(self.stats),
+        }
+        return meta, arrays
+
+    @classmethod
+    def from_replica(
+        cls, spec: ShardSpec, epoch: int, meta: dict[str, Any], arrays: dict[str, np.ndarray]
+    ) -> ShardState:
+        """Rebuild a shard from its replicated state (the inverse of to_replica)."""
+        state = cls(spec, arrays["params"], epoch=epoch)
+        if len(meta["clocks"]) != spec.num_workers:
+            raise ValueError("replicated state has a different number of workers")
+        state.version = state.durable_version = meta["version"]
+        state.revision = state.durable_revision = meta["revision"]
+        for entry, clock, seq in zip(state.workers, meta["clocks"], meta["last_seq"], strict=True):
+            entry.clock, entry.last_seq = clock, seq
+        opt = {k[len("opt.") :]: v for k, v in arrays.items() if k.startswith("opt.")}
+        opt.update({k: np.array(v, dtype=np.int64) for k, v in meta["optimizer_scalars"].items()})
+        state.optimizer.load_state_arrays(opt)
+        if state.prev_params is not None:
+            state.prev_params = np.array(arrays["prev_params"], dtype=FLOAT, copy=True)
+        state.pending = {w: np.array(arrays[f"pending.{w}"], copy=True) for w in meta["pending"]}
+        state.stats = Stats(**meta["stats"])
+        state.updates_at_replication = state.stats.updates_applied
+        state._validated_version = state.version
+        state._validated_seqs = [w.last_seq for w in state.workers]
+        return state
+
+    def replicated(self, revision: int, version: int, now: float) -> None:
+        """The adapter made the state at (revision, version) durable."""
+        if revision <= self.durable_revision:
+            return
+        self.durable_revision, self.durable_version = revision, version
+        self.updates_at_replication = self.stats.updates_applied
+        self.stats.replications += 1
+        if self.dirty_since is not None:
+            lag = now - self.dirty_since
+            self.stats.replication_lag_max_s = max(self.stats.replication_lag_max_s, lag)
+            self.stats.replication_lag_sum_s += lag
+        # Changes after the snapshot are still pending: they are at most `now` old.
+        self.dirty_since = None if revision == self.revision else now
+        self.last_replicated_at = now
+
+    def push_timed_out(self, worker_id: int, clock: int, waited_s: float) -> Reject:
+        """A sync acknowledgement could not be given before its deadline (DESIGN §3, §5)."""
+        missing = [w for w, e in enumerate(self.workers) if e.clock <= clock]
+        why = (
+            f"clock {clock} still misses workers {missing}"
+            if missing and self.spec.consistency.aggregates
+            else f"version {self.version} is not durable yet (durable: {self.durable_version})"
+        )
+        return Reject(
+            Code.DEADLINE_EXCEEDED,
+            f"shard {self.spec.shard_id}: the push of worker {worker_id} at clock {clock} waited "
+            f"{waited_s:.1f}s: {why}",
+        )
 
     # -- invariants (STYLE.md "Invariants are code") --------------------------------------
 
@@ -307,6 +475,7 @@ class ShardState:
         else:
             assert self.version == sum(clocks), "an accepted push was not applied exactly once"
         assert self.stats.pushes_accepted == sum(clocks)
+        assert self.durable_version <= self.version and self.durable_revision <= self.revision
         seqs = [w.last_seq for w in self.workers]
         # An accepted seq is never accepted again: the de-dup table only moves forward.
         assert all(a >= b for a, b in zip(seqs, self._validated_seqs, strict=True)), seqs

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from helpers import RUN
 from tether.consistency import Consistency, Mode
-from tether.server.main import create_server, pool_size
+from tether.server.main import add_services, create_server, pool_size
 from tether.server.optim import OptimizerConfig
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
@@ -54,7 +55,8 @@ def live_shard() -> Iterator[Callable[..., LiveShard]]:
         )
         state = ShardState(spec, np.linspace(-1, 1, n, dtype=np.float32))
         servicer = ShardServicer(state, wait_timeout_s=wait_timeout_s)
-        server, port, _ = create_server(servicer, "127.0.0.1:0", max_workers=pool_size(workers))
+        server, port = create_server("127.0.0.1:0", max_workers=pool_size(workers))
+        add_services(server, servicer)
         server.start()
         servers.append(server)
         shard = LiveShard(state, servicer, f"127.0.0.1:{port}", [])

@@ -6,6 +6,7 @@ import random
 
 import grpc
 import pytest
+
 from tether.worker.client import RetryPolicy, with_retry
 
 

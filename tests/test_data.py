@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from tether.worker.data import Dataset, batch_indices, load_dataset, partition
 
 

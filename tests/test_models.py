@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
+
 from tether.worker.data import Dataset, batch_indices, load_dataset, partition
 from tether.worker.models import Model, ModelSpec, build_model, parse_model
 

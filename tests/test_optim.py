@@ -17,6 +17,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tether.server import optim
 from tether.server.optim import (
     CHUNK,

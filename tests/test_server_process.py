@@ -5,14 +5,15 @@ from __future__ import annotations
 import signal
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import wait_until
-from tether.worker.client import ShardClient
 
+from helpers import wait_until
 from tether.config import RunConfig
 from tether.launcher import resolve_config
 from tether.store import default_store_uri, open_store
+from tether.worker.client import ShardClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -81,3 +82,49 @@ def test_bad_server_arguments_exit_2_with_one_sentence(tether_cli, run_in_store,
     base = ["server", "--store", uri, "--run", config.run_id]
     rc, _, err = tether_cli(*base, *args).finish(60)
     assert rc == 2 and words in err and "Traceback" not in err
+
+
+def test_a_paused_shard_that_was_replaced_is_fenced_when_it_resumes(tether_cli, tmp_path):
+    """SIGSTOP a shard, start its replacement, SIGCONT the old one (DESIGN §5, zombies)."""
+    uri = default_store_uri(tmp_path / "run")
+    config = resolve_config(
+        RunConfig(run_id="zombie", shards=1, workers=1, mode="asp", replication="sync")
+    )
+    store = open_store(uri)
+    store.create_run(config.run_id, config.to_dict())
+    args = ("server", "--store", uri, "--run", config.run_id, "--shard-id", "0")
+
+    def serving(pid: int):
+        m = store.member(config.run_id, "server", 0)
+        return m if m is not None and m.pid == pid and "serving_since" in m.info else None
+
+    old = tether_cli(*args)
+    wait_until(lambda: serving(old.proc.pid), 60, "the first shard to serve")
+    old_address = serving(old.proc.pid).address
+    client = ShardClient(old_address, config.run_id)
+    grad = np.full(config.num_params, 0.5, dtype=np.float32)
+    ack = client.push(grad, worker_id=0, clock=0, seq=0, read_version=0, epoch=1)
+    assert ack.applied and ack.version == 1  # sync: durable in the store before this ack
+
+    old.proc.send_signal(signal.SIGSTOP)
+    new = tether_cli(*args)
+    wait_until(lambda: serving(new.proc.pid), 60, "the replacement to serve")
+    replacement = serving(new.proc.pid)
+    assert replacement.epoch == 2
+    new_client = ShardClient(replacement.address, config.run_id)
+    info = new_client.info()
+    assert info.version == 1 and info.restored_version == 1  # the acknowledged push survived
+
+    old.proc.send_signal(signal.SIGCONT)
+    with pytest.raises(grpc.RpcError) as err:
+        client.push(grad, worker_id=0, clock=1, seq=1, read_version=1, epoch=1, timeout_s=30)
+    assert err.value.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE)
+    rc, _, stderr = old.finish(60)
+    assert rc == 1 and "fenced" in stderr
+    assert new_client.info().version == 1  # the zombie's push was applied nowhere
+    assert store.load_shard_state(config.run_id, 0).version == 1
+    client.close()
+    new_client.close()
+    new.proc.send_signal(signal.SIGTERM)
+    assert new.finish(60)[0] == 0
+    store.close()

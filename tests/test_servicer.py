@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+
 from helpers import RUN, wait_until
 from tether.consistency import Mode
 from tether.proto import ps_pb2
-
 from tether.wire import MAX_MESSAGE_BYTES
 
 pytestmark = pytest.mark.timeout(60)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from tether.consistency import Consistency, Mode
 from tether.server.optim import OptimizerConfig
 from tether.server.state import (

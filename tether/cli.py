@@ -106,6 +106,34 @@ def build_parser() -> Parser:
         default=60.0,
         help="deadline in seconds of any wait for slower workers (60)",
     )
+    launch.add_argument(
+        "--replication",
+        choices=("sync", "async", "off"),
+        default=None,
+        help="shard state to the store: sync (acknowledge only durable updates; default for "
+        "bsp), async (in the background; default for ssp/asp), off (no recovery)",
+    )
+    launch.add_argument(
+        "--replicate-every",
+        type=int,
+        default=50,
+        metavar="K",
+        help="async: replicate at least every K applied updates (50)",
+    )
+    launch.add_argument(
+        "--replicate-interval-ms",
+        type=float,
+        default=100.0,
+        metavar="T",
+        help="async: replicate at most T ms after a change (100)",
+    )
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="restarts per member before the run fails (3)",
+    )
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     server = sub.add_parser("server", help="run one parameter-server shard of a run")
@@ -203,6 +231,10 @@ def _launch(args: argparse.Namespace) -> int:
         device=args.device,
         stragglers=stragglers,
         wait_timeout_s=args.wait_timeout,
+        replication=args.replication or ("sync" if args.mode == "bsp" else "async"),
+        replicate_every=args.replicate_every,
+        replicate_interval_ms=args.replicate_interval_ms,
+        max_restarts=args.max_restarts,
     )
     if args.mode != "ssp" and args.staleness not in (None, 0):
         raise UsageError(f"--staleness applies to --mode ssp only, not {args.mode}")

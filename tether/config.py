@@ -55,6 +55,12 @@ class RunConfig:
     stragglers: dict[int, int] = field(default_factory=dict)  # worker id -> ms per step
     wait_timeout_s: float = 60.0  # deadline of every wait for other workers (DESIGN §3)
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    # Replication and recovery (DESIGN §5): sync acknowledges only durable state; async writes
+    # in the background at least every `replicate_every` updates or `replicate_interval_ms`.
+    replication: str = "off"
+    replicate_every: int = 50
+    replicate_interval_ms: float = 100.0
+    max_restarts: int = 3
     # Resolved from the model and data set when the run is created.
     num_params: int = 0
     in_dim: int = 0
@@ -73,6 +79,16 @@ class RunConfig:
                 f"--wait-timeout must be > 0 seconds, got {self.wait_timeout_s}",
             ),
             (1 << 10 <= self.chunk_bytes <= 4 << 20, "chunk size must be 1 KiB to 4 MiB"),
+            (
+                self.replication in ("off", "sync", "async"),
+                f"--replication must be sync, async or off, got {self.replication!r}",
+            ),
+            (self.replicate_every >= 1, "--replicate-every must be >= 1"),
+            (
+                math.isfinite(self.replicate_interval_ms) and self.replicate_interval_ms > 0,
+                "--replicate-interval-ms must be > 0",
+            ),
+            (self.max_restarts >= 0, f"--max-restarts must be >= 0, got {self.max_restarts}"),
         ]
         for ok, message in checks:
             if not ok:

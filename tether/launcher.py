@@ -28,6 +28,7 @@ from tether.config import RunConfig
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
 from tether.store import Member, Store, open_store
+from tether.supervisor import GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
 from tether.worker.client import ShardClient
 
@@ -123,6 +124,7 @@ class Launcher:
         self.children: list[Child] = []
         self.store: Store | None = None
         self.epoch = 0  # the launcher's own membership epoch
+        self.supervisor = Supervisor(opts.config.max_restarts)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -192,19 +194,8 @@ class Launcher:
             for w in range(cfg.workers):
                 self._spawn("worker", w)
             t_train = time.monotonic()
-            workers = [c for c in self.children if c.role == "worker"]
-            last_beat = 0.0
             with ProgressView(cfg, self.err) as view:
-                while True:
-                    self._check_children(("server", "worker"))
-                    view.update(store.members(cfg.run_id, "worker"))
-                    if all(c.proc.poll() == 0 for c in workers):
-                        break
-                    if time.monotonic() - last_beat > 1.0:
-                        last_beat = time.monotonic()
-                        store.heartbeat(cfg.run_id, "launcher", 0, self.epoch, {"phase": "train"})
-                    time.sleep(0.25)
-                view.update(store.members(cfg.run_id, "worker"))
+                self._watch(store, view)
             train_s = time.monotonic() - t_train
             summary = self._finish(store, t_start, train_s)
         except BaseException:
@@ -217,6 +208,58 @@ class Launcher:
         store.close()
         return summary
 
+    def _watch(self, store: Store, view: ProgressView) -> None:
+        """Until every worker finished: restart dead members, time recoveries, show progress."""
+        cfg = self.config
+        done: set[int] = set()
+        last_beat = last_view = 0.0
+        while len(done) < cfg.workers:
+            for child in list(self.children):
+                rc = child.proc.poll()
+                if rc is None or child.member_id in done and child.role == "worker":
+                    continue
+                if child.role == "worker" and rc == 0:
+                    done.add(child.member_id)
+                    continue
+                self._restart(store, child, rc)
+            members = store.members(cfg.run_id)
+            for m in members:
+                if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
+                    self.say(
+                        f"tether: {member_name(rec.role, rec.member_id)} serving again at epoch "
+                        f"{m.epoch}, {rec.recovery_s:.2f}s after its exit was seen"
+                    )
+            now = time.monotonic()
+            if now - last_view > 0.25:
+                last_view = now
+                view.update([m for m in members if m.role == "worker"])
+            if now - last_beat > 1.0:
+                last_beat = now
+                store.heartbeat(
+                    cfg.run_id, "launcher", 0, self.epoch,
+                    {"phase": "train", "restarts": self.supervisor.counts()},
+                )  # fmt: skip
+            time.sleep(0.02)
+        view.update(store.members(cfg.run_id, "worker"))
+
+    def _restart(self, store: Store, child: Child, rc: int) -> None:
+        cfg = self.config
+        member = store.member(cfg.run_id, child.role, child.member_id)  # type: ignore[arg-type]
+        epoch = member.epoch if member is not None else 0
+        decision = self.supervisor.member_exited(
+            child.role, child.member_id, rc, time.time(), epoch
+        )
+        if isinstance(decision, GiveUp):
+            raise RunFailed(
+                f"{decision.message}; last lines of {child.log_path}:\n{child.log_tail()}"
+            )
+        self.children.remove(child)
+        self.say(
+            f"tether: {child.name} (pid {child.proc.pid}) exited with code {rc}; restarting "
+            f"({decision.attempt}/{cfg.max_restarts})"
+        )
+        self._spawn(child.role, child.member_id)
+
     def _finish(self, store: Store, t_start: float, train_s: float) -> dict[str, Any]:
         from tether.worker.data import load_dataset
         from tether.worker.models import build_model, parse_model
@@ -224,6 +267,7 @@ class Launcher:
         cfg = self.config
         shards = store.members(cfg.run_id, "server")
         flat, infos = fetch_params(cfg, shards)
+        recoveries = self.supervisor.recoveries
         data = load_dataset(cfg.dataset)
         model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
         final_loss, _ = model.evaluate(flat, data.x_train, data.y_train)
@@ -260,8 +304,21 @@ class Launcher:
             "train_s": train_s,
             "samples_per_s": samples / train_s,
             "params_sha256": params_sha256(flat),
-            "restarts": {"server": 0, "worker": 0},
-            "recovery_s": [],
+            "replication": cfg.replication,
+            "restarts": self.supervisor.counts(),
+            "recovery_s": [r.recovery_s for r in recoveries if r.recovery_s is not None],
+            "recoveries": [
+                {
+                    "role": r.role,
+                    "id": r.member_id,
+                    "exit_code": r.exit_code,
+                    "recovery_s": r.recovery_s,
+                }
+                for r in recoveries
+            ],  # fmt: skip
+            "lost_updates": lost_updates(store.members(cfg.run_id, "worker")),
+            "durable_versions": [i.durable_version for i in infos],
+            "replication_lag_max_s": max(i.replication_lag_max_s for i in infos),
             "export": str(self.opts.export) if self.opts.export else None,
         }
 
@@ -277,6 +334,19 @@ class Launcher:
             except subprocess.TimeoutExpired:
                 child.proc.kill()
                 child.proc.wait()
+
+
+def lost_updates(workers: list[Member]) -> int:
+    """Acknowledged updates that recoveries lost, from the workers' ack ledgers (DESIGN §5).
+
+    Each worker reports, per shard recovery (shard:epoch), how far the restored version fell
+    behind the highest version it had been acknowledged; the largest report per recovery counts.
+    """
+    worst: dict[str, int] = {}
+    for m in workers:
+        for key, n in (m.info.get("lost_updates") or {}).items():
+            worst[key] = max(worst.get(key, 0), int(n))
+    return sum(worst.values())
 
 
 def _sum_hists(hists: list[list[int]]) -> list[int]:

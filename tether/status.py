@@ -75,6 +75,7 @@ def run_status(
                 "host": m.host,
                 "address": m.address,
                 "epoch": m.epoch,
+                "restarts": m.epoch - 1,  # every replacement registers the next epoch
                 "state": m.state,
                 "alive": member_alive(m, now, host),
                 "heartbeat_age_s": round(now - m.heartbeat, 3),

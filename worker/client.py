@@ -15,8 +15,8 @@ from typing import TypeVar
 
 import grpc
 import numpy as np
-from tether.proto import ps_pb2, ps_pb2_grpc
 
+from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, chunk_bytes_of
 
 T = TypeVar("T")

@@ -20,18 +20,31 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
-from tether.worker.data import batch_indices, load_dataset, partition
-from tether.worker.models import build_model, parse_model
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
 from tether.store import Member, Store, open_store
 from tether.wire import FLOAT
+from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
+from tether.worker.data import batch_indices, load_dataset, partition
+from tether.worker.models import build_model, parse_model
 
 
 class WorkerFailed(RuntimeError):
     """The run cannot go on from this worker; the message names the cause."""
+
+
+class StaleShard(RuntimeError):
+    """A reply came from an older epoch than the store names: a fenced shard (zombie)."""
+
+
+MAX_RESOLVES_WITHOUT_PROGRESS = 20
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.RpcError):
+        return f"{e.code().name}: {e.details()}"
+    return str(e)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,19 +55,36 @@ class WorkerOptions:
     heartbeat_s: float = 0.5
 
 
-def wait_for_shards(store: Store, config: RunConfig, timeout_s: float) -> list[Member]:
-    """The shards' members, once all of them have registered an address (bounded wait)."""
+# Codes after which the shard may have been replaced: look its address up again and redo the
+# iteration (pushes are idempotent by (worker_id, seq), DESIGN §5).
+RESOLVE_CODES = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ABORTED,
+)
+
+
+def wait_for_shards(
+    store: Store, config: RunConfig, timeout_s: float, min_epochs: dict[int, int] | None = None
+) -> list[Member]:
+    """The shards' members once all are registered and serving, at epochs >= `min_epochs`."""
     deadline = time.monotonic() + timeout_s
+    floor = min_epochs or {}
     while True:
-        shards = [m for m in store.members(config.run_id, "server") if m.state == "running"]
+        shards = [
+            m
+            for m in store.members(config.run_id, "server")
+            if m.state == "running" and m.epoch >= floor.get(m.member_id, 0)
+        ]
         if len(shards) == config.shards:
             return sorted(shards, key=lambda m: m.member_id)
         if time.monotonic() >= deadline:
             have = sorted(m.member_id for m in shards)
             raise WorkerFailed(
-                f"only shards {have} of {config.shards} registered within {timeout_s:.0f}s"
+                f"worker could not reach all {config.shards} shards within {timeout_s:.0f}s: "
+                f"only shards {have} are registered and running"
             )
-        time.sleep(0.1)
+        time.sleep(0.02)
 
 
 class Worker:
@@ -82,29 +112,56 @@ class Worker:
         self.rng = random.Random(config.seed * 1_000_003 + self.wid)  # retry jitter only
         self.stop = threading.Event()
         self.clients: list[ShardClient] = []
-        self.policy = RetryPolicy()
+        self.epochs: list[int] = []  # each shard's epoch as last resolved from the store
+        # Transient UNAVAILABLE is retried briefly; longer outages go through re-resolution.
+        self.policy = RetryPolicy(attempts=3, initial_s=0.02, max_s=0.1)
+        self.acked_versions: list[int] = []  # per shard: highest version a push was acked at
+        self.lost_updates: dict[str, int] = {}  # "shard:epoch" -> acknowledged updates lost
+        self.reconnects = 0
         self.epoch = 0  # this worker's membership epoch, set when it registers
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
 
     def connect(self) -> None:
-        shards = wait_for_shards(self.store, self.config, self.config.wait_timeout_s)
-        self.clients = [
-            ShardClient(m.address, self.config.run_id, chunk_bytes=self.config.chunk_bytes)
-            for m in shards
-        ]
-        infos = [with_retry(c.info, RetryPolicy(), self.rng) for c in self.clients]
+        """Resolve every shard from the store and read this worker's clock back from them.
+
+        The clock is the smallest any shard holds: iterations some shards already have are
+        redone, and their pushes there are acknowledged as duplicates (DESIGN §5).
+        """
+        floor = dict(enumerate(self.epochs))
+        deadline = time.monotonic() + self.config.wait_timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            shards = wait_for_shards(self.store, self.config, max(remaining, 0.0), floor)
+            for c in self.clients:
+                c.close()
+            self.clients = [
+                ShardClient(m.address, self.config.run_id, chunk_bytes=self.config.chunk_bytes)
+                for m in shards
+            ]
+            try:
+                infos = [with_retry(c.info, self.policy, self.rng) for c in self.clients]
+                break
+            except grpc.RpcError as e:
+                if e.code() not in RESOLVE_CODES or time.monotonic() > deadline:
+                    raise
         self.ranges = [(i.offset, i.length) for i in infos]
-        clocks = {i.workers[self.wid].clock for i in infos}
-        if len(clocks) != 1:
-            raise WorkerFailed(f"worker {self.wid}: shards disagree on its clock: {sorted(clocks)}")
-        self.clock = clocks.pop()
+        if not self.acked_versions:
+            self.acked_versions = [-1] * len(infos)
+        for i, (m, info) in enumerate(zip(shards, infos, strict=True)):
+            if self.epochs and m.epoch > self.epochs[i] and self.acked_versions[i] > info.version:
+                # The replacement restored an older state than this worker saw acknowledged.
+                key = f"{i}:{info.epoch}"
+                lost = self.acked_versions[i] - info.version
+                self.lost_updates[key] = max(self.lost_updates.get(key, 0), lost)
+        self.epochs = [m.epoch for m in shards]
+        self.clock = min(i.workers[self.wid].clock for i in infos)
 
     def _pull_all(self, clock: int) -> list[Pulled]:
         """Pull every shard's slice into its view of `self.flat`, in parallel."""
 
         def pull(i: int) -> Pulled:
-            return with_retry(
+            got = with_retry(
                 lambda: self.clients[i].pull_into(
                     self.views[i],
                     worker_id=self.wid,
@@ -114,6 +171,10 @@ class Worker:
                 self.policy,
                 self.rng,
             )
+            if got.epoch < self.epochs[i]:
+                # A zombie answered: its parameters are stale and must not be used (DESIGN §5).
+                raise StaleShard(f"shard {i} answered at epoch {got.epoch} < {self.epochs[i]}")
+            return got
 
         return list(self.pool.map(pull, range(len(self.clients))))
 
@@ -122,7 +183,7 @@ class Worker:
 
         def push(i: int) -> None:
             o, n = self.ranges[i]
-            with_retry(
+            reply = with_retry(
                 lambda: self.clients[i].push(
                     grad[o : o + n],
                     worker_id=self.wid,
@@ -135,6 +196,7 @@ class Worker:
                 self.policy,
                 self.rng,
             )
+            self.acked_versions[i] = max(self.acked_versions[i], reply.version)
 
         list(self.pool.map(push, range(len(self.clients))))
 
@@ -145,17 +207,33 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="io")
         x, y = self.dataset.x_train, self.dataset.y_train
         samples, wait_s, last_beat, t0 = 0, 0.0, 0.0, time.monotonic()
+        failures_in_a_row = 0
         try:
             while self.clock < config.steps and not self.stop.is_set():
                 clock = self.clock
                 t_pull = time.monotonic()
-                pulled = self._pull_all(clock)
-                wait_s += time.monotonic() - t_pull
-                idx = batch_indices(self.part, config.batch_size, config.seed, self.wid, clock)
-                loss, grad = self.model.loss_and_grad(self.flat, x[idx], y[idx])
-                if self.delay_s:
-                    time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
-                self._push_all(grad, clock, pulled, loss)
+                try:
+                    pulled = self._pull_all(clock)
+                    wait_s += time.monotonic() - t_pull
+                    idx = batch_indices(self.part, config.batch_size, config.seed, self.wid, clock)
+                    loss, grad = self.model.loss_and_grad(self.flat, x[idx], y[idx])
+                    if self.delay_s:
+                        time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
+                    self._push_all(grad, clock, pulled, loss)
+                except (grpc.RpcError, StaleShard) as e:
+                    code = e.code() if isinstance(e, grpc.RpcError) else None
+                    if isinstance(e, grpc.RpcError) and code not in RESOLVE_CODES:
+                        raise
+                    failures_in_a_row += 1
+                    if failures_in_a_row > MAX_RESOLVES_WITHOUT_PROGRESS:
+                        raise WorkerFailed(
+                            f"worker {self.wid} made no progress at clock {clock} after "
+                            f"{failures_in_a_row - 1} re-resolutions; last error: {_describe(e)}"
+                        ) from e
+                    self.reconnects += 1
+                    self.connect()  # a shard may have been replaced: resolve, re-read the clock
+                    continue
+                failures_in_a_row = 0
                 self.clock = clock + 1
                 samples += len(idx)
                 now = time.monotonic()
@@ -178,6 +256,8 @@ class Worker:
                 "loss": loss,
                 "samples_per_s": samples_per_s,
                 "wait_s": wait_s,
+                "reconnects": self.reconnects,
+                "lost_updates": self.lost_updates,
             },
         )
 
@@ -210,6 +290,11 @@ def run_worker(opts: WorkerOptions) -> int:
     )
     try:
         worker.connect()
+        # "Serving again" for a restarted worker: its clock is read back from the shards.
+        store.heartbeat(
+            opts.run_id, "worker", opts.worker_id, worker.epoch,
+            {"clock": worker.clock, "resumed_at": time.time()},
+        )  # fmt: skip
         worker.run()
     except grpc.RpcError as e:
         store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "failed")

@@ -30,6 +30,7 @@ from tether.store.base import (
     StoreUnavailable,
     UnknownRun,
 )
+from tether.store.snapshots import ShardSnapshot
 from tether.store.sqlite import SQLiteStore
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "RunExists",
     "RunRecord",
     "SQLiteStore",
+    "ShardSnapshot",
     "Store",
     "StoreError",
     "StoreUnavailable",

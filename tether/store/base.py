@@ -20,7 +20,10 @@ Contracts every backend keeps (the shared test suite checks them against each ba
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
+
+if TYPE_CHECKING:
+    from tether.store.snapshots import ShardSnapshot
 
 Role = Literal["server", "worker", "launcher"]
 ROLES: tuple[Role, ...] = ("server", "worker", "launcher")
@@ -163,6 +166,32 @@ class Store(Protocol):
 
     def finish_run(self, run_id: str, summary: dict[str, Any]) -> None:
         """Mark the run finished and store its summary (a second call replaces the summary)."""
+        ...
+
+    # -- replicated shard state (DESIGN §5) ----------------------------------------------------
+
+    def claim_shard(self, run_id: str, shard_id: int, epoch: int) -> None:
+        """Take ownership of the shard's state for ``epoch`` before loading it.
+
+        Atomically sets the owner epoch if the stored one is not newer, else raises
+        :class:`Fenced`. After the claim every save by an older epoch fails.
+        """
+        ...
+
+    def save_shard_state(self, snap: ShardSnapshot) -> None:
+        """Durably write a complete state, then switch the head to it atomically.
+
+        Only if the head's owner epoch is ``snap.epoch`` (else :class:`Fenced`, nothing
+        changes) and the version does not go back (else :class:`StoreError`).
+        """
+        ...
+
+    def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
+        """The latest complete state (never a torn one), or None if none was saved."""
+        ...
+
+    def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
+        """Per shard: owner_epoch, epoch, version, saved_at of the replicated state."""
         ...
 
     def close(self) -> None:

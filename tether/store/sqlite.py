@@ -40,8 +40,15 @@ from tether.store.base import (
     check_role,
     check_state,
 )
+from tether.store.snapshots import (
+    DEFAULT_STATE_CHUNK_BYTES,
+    ShardSnapshot,
+    assemble,
+    chunks_of,
+    manifest_of,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
 # _MIGRATIONS[v] (the statements that take version v to v+1), so the next issue can add tables
@@ -70,7 +77,34 @@ _SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (run_id, role, member_id)
     )""",
 )
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+# Version 2: replicated shard state (DESIGN §5), a head per shard and the chunks it points at.
+_SHARD_STATE_TABLES: tuple[str, ...] = (
+    """CREATE TABLE shard_heads (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        shard_id INTEGER NOT NULL,
+        owner_epoch INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        prev_epoch INTEGER NOT NULL,
+        prev_version INTEGER NOT NULL,
+        manifest TEXT,
+        meta TEXT,
+        saved_at REAL NOT NULL,
+        PRIMARY KEY (run_id, shard_id)
+    )""",
+    """CREATE TABLE shard_chunks (
+        run_id TEXT NOT NULL,
+        shard_id INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, shard_id, epoch, version, name, idx)
+    )""",
+)
+_SCHEMA = _SCHEMA + _SHARD_STATE_TABLES
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SHARD_STATE_TABLES}
 
 _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
@@ -125,7 +159,9 @@ class SQLiteStore:
         *,
         busy_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
+        state_chunk_bytes: int = DEFAULT_STATE_CHUNK_BYTES,
     ) -> None:
+        self.state_chunk_bytes = state_chunk_bytes
         self.path = Path(path).expanduser().resolve()
         # Absolute path after "sqlite:///", so the URI opens the same file from any cwd.
         self.uri = f"sqlite:///{self.path}"
@@ -380,6 +416,108 @@ class SQLiteStore:
                 (run_id, role, member_id),
             ).fetchone()
         return None if row is None else _member(row)
+
+    # -- replicated shard state (DESIGN §5) -----------------------------------------------------
+
+    def claim_shard(self, run_id: str, shard_id: int, epoch: int) -> None:
+        with self._tx(write=True) as conn:
+            self._require_run(conn, run_id)
+            row = conn.execute(
+                "SELECT owner_epoch FROM shard_heads WHERE run_id = ? AND shard_id = ?",
+                (run_id, shard_id),
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO shard_heads (run_id, shard_id, owner_epoch, epoch, version, "
+                    "prev_epoch, prev_version, manifest, meta, saved_at) "
+                    "VALUES (?, ?, ?, 0, -1, 0, -1, NULL, NULL, ?)",
+                    (run_id, shard_id, epoch, self._clock()),
+                )
+            elif row[0] > epoch:
+                raise Fenced(run_id, "server", shard_id, epoch, row[0])
+            else:
+                conn.execute(
+                    "UPDATE shard_heads SET owner_epoch = ? WHERE run_id = ? AND shard_id = ?",
+                    (epoch, run_id, shard_id),
+                )
+
+    def save_shard_state(self, snap: ShardSnapshot) -> None:
+        key = (snap.run_id, snap.shard_id)
+        manifest = json.dumps(manifest_of(snap.arrays))
+        meta = _dumps(snap.meta, "state meta")
+        # One transaction: chunks, then the head switch; a crash before COMMIT leaves the
+        # previous head and its chunks untouched.
+        with self._tx(write=True) as conn:
+            row = conn.execute(
+                "SELECT owner_epoch, epoch, version FROM shard_heads "
+                "WHERE run_id = ? AND shard_id = ?",
+                key,
+            ).fetchone()
+            if row is None or row[0] != snap.epoch:
+                self._require_run(conn, snap.run_id)
+                raise Fenced(snap.run_id, "server", snap.shard_id, snap.epoch, row and row[0])
+            owner, head_epoch, head_version = row
+            if snap.version < head_version:
+                raise StoreError(
+                    f"shard {snap.shard_id} state would go back from version {head_version} "
+                    f"to {snap.version}"
+                )
+            conn.executemany(
+                "INSERT OR REPLACE INTO shard_chunks "
+                "(run_id, shard_id, epoch, version, name, idx, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    (*key, snap.epoch, snap.version, name, idx, data)
+                    for name, idx, data in chunks_of(snap.arrays, self.state_chunk_bytes)
+                ),
+            )
+            same = (head_epoch, head_version) == (snap.epoch, snap.version)
+            prev = (head_epoch, head_version) if not same else (-1, -2)
+            conn.execute(
+                "UPDATE shard_heads SET epoch = ?, version = ?, prev_epoch = ?, "
+                "prev_version = ?, manifest = ?, meta = ?, saved_at = ? "
+                "WHERE run_id = ? AND shard_id = ?",
+                (snap.epoch, snap.version, *prev, manifest, meta, self._clock(), *key),
+            )
+            # Keep the new state and the one before it (a reader may still follow the old head).
+            conn.execute(
+                "DELETE FROM shard_chunks WHERE run_id = ? AND shard_id = ? AND NOT "
+                "((epoch = ? AND version = ?) OR (epoch = ? AND version = ?))",
+                (*key, snap.epoch, snap.version, *prev),
+            )
+
+    def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
+        with self._tx(write=False) as conn:  # one consistent read snapshot (WAL)
+            self._require_run(conn, run_id)
+            row = conn.execute(
+                "SELECT epoch, version, manifest, meta FROM shard_heads "
+                "WHERE run_id = ? AND shard_id = ?",
+                (run_id, shard_id),
+            ).fetchone()
+            if row is None or row[2] is None:
+                return None
+            epoch, version, manifest, meta = row
+            chunks: dict[str, list[bytes]] = {}
+            for name, data in conn.execute(
+                "SELECT name, data FROM shard_chunks WHERE run_id = ? AND shard_id = ? "
+                "AND epoch = ? AND version = ? ORDER BY name, idx",
+                (run_id, shard_id, epoch, version),
+            ):
+                chunks.setdefault(name, []).append(data)
+        arrays = assemble(json.loads(manifest), chunks, f"shard {shard_id} of run {run_id!r}")
+        return ShardSnapshot(run_id, shard_id, epoch, version, json.loads(meta), arrays)
+
+    def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
+        with self._tx(write=False) as conn:
+            self._require_run(conn, run_id)
+            rows = conn.execute(
+                "SELECT shard_id, owner_epoch, epoch, version, saved_at FROM shard_heads "
+                "WHERE run_id = ? ORDER BY shard_id",
+                (run_id,),
+            ).fetchall()
+        return {
+            r[0]: {"owner_epoch": r[1], "epoch": r[2], "version": r[3], "saved_at": r[4]}
+            for r in rows
+        }
 
     def close(self) -> None:
         with self._lock:

@@ -1,0 +1,84 @@
+"""Time from a shard's SIGKILL to the replacement serving again, over several kills.
+
+One real `tether launch` run on the SQLite store; shard 0 is killed every `--every` clocks of
+progress (read from the store) and the launcher's measured `recovery_s` values are summarised.
+
+    python benchmarks/recovery.py [--kills 5] [--mode bsp] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tether.store import open_store
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kills", type=int, default=5)
+    p.add_argument("--every", type=int, default=60, help="clocks of progress between kills")
+    p.add_argument("--mode", default="bsp", choices=("bsp", "ssp", "asp"))
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    steps = args.every * (args.kills + 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "tether", "launch", "--json", "--mode", args.mode,
+               "--steps", str(steps), "--max-restarts", str(args.kills), "--run-dir",
+               str(run_dir)]  # fmt: skip
+        if args.mode == "ssp":
+            cmd += ["--staleness", "2"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            db = run_dir / "tether.db"
+            while not db.exists():
+                time.sleep(0.05)
+            store = open_store(f"sqlite:///{db}")
+            for k in range(args.kills):
+                target = args.every * (k + 1)
+                while True:
+                    runs = store.list_runs()
+                    workers = store.members(runs[0].run_id, "worker") if runs else []
+                    clocks = [m.info.get("clock", 0) for m in workers]
+                    if len(clocks) >= 2 and min(clocks) >= target:
+                        break
+                    time.sleep(0.02)
+                shard = store.member(runs[0].run_id, "server", 0)
+                assert shard is not None
+                os.kill(shard.pid, signal.SIGKILL)
+                print(f"killed shard 0 (epoch {shard.epoch}) at clock {target}", file=sys.stderr)
+            store.close()
+            out, _ = proc.communicate(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    summary = json.loads(out.strip().splitlines()[-1])
+    rec = summary["recovery_s"]
+    result = {
+        "mode": args.mode,
+        "kills": args.kills,
+        "recovery_s": rec,
+        "median_s": statistics.median(rec),
+        "max_s": max(rec),
+        "lost_updates": summary["lost_updates"],
+        "test_accuracy": summary["test_accuracy"],
+    }
+    print(f"recovery: median {result['median_s']:.3f}s, max {result['max_s']:.3f}s over "
+          f"{len(rec)} kills", file=sys.stderr)  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Restart decisions of the launcher, as a small state machine with no I/O (DESIGN §5).
+
+The launcher reports what it observes — a child exited, a member's record in the store — and
+gets back what to do: restart the member, or fail the run naming it. Recoveries are timed from
+the moment the death was seen to the moment the replacement says it is serving again (a shard:
+state loaded and gRPC up; a worker: clock read back from the shards).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from tether.store import Member
+
+READY_FIELD = {"server": "serving_since", "worker": "resumed_at"}
+
+
+@dataclass(slots=True)
+class Recovery:
+    role: str
+    member_id: int
+    exit_code: int
+    detected_at: float
+    old_epoch: int
+    recovery_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Restart:
+    attempt: int  # 1 for the first restart of this member
+
+
+@dataclass(frozen=True, slots=True)
+class GiveUp:
+    message: str
+
+
+def member_name(role: str, member_id: int) -> str:
+    return f"{'shard' if role == 'server' else role} {member_id}"
+
+
+class Supervisor:
+    def __init__(self, max_restarts: int) -> None:
+        self.max_restarts = max_restarts
+        self.restarts: Counter[tuple[str, int]] = Counter()
+        self.pending: dict[tuple[str, int], Recovery] = {}
+        self.recoveries: list[Recovery] = []
+
+    def member_exited(
+        self, role: str, member_id: int, exit_code: int, now: float, epoch: int
+    ) -> Restart | GiveUp:
+        key = (role, member_id)
+        if self.restarts[key] >= self.max_restarts:
+            return GiveUp(
+                f"{member_name(role, member_id)} exited with code {exit_code} after "
+                f"{self.restarts[key]} restarts (--max-restarts {self.max_restarts})"
+            )
+        self.restarts[key] += 1
+        recovery = Recovery(role, member_id, exit_code, now, epoch)
+        self.pending[key] = recovery
+        self.recoveries.append(recovery)
+        return Restart(self.restarts[key])
+
+    def observed(self, member: Member) -> Recovery | None:
+        """A member's store record; returns the recovery it completes, if any."""
+        recovery = self.pending.get((member.role, member.member_id))
+        if recovery is None or member.epoch <= recovery.old_epoch:
+            return None
+        ready_at = member.info.get(READY_FIELD[member.role])
+        if ready_at is None:
+            return None
+        recovery.recovery_s = max(0.0, float(ready_at) - recovery.detected_at)
+        del self.pending[(member.role, member.member_id)]
+        return recovery
+
+    def counts(self) -> dict[str, int]:
+        out = {"server": 0, "worker": 0}
+        for (role, _), n in self.restarts.items():
+            out[role] += n
+        return out
