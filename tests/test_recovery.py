@@ -143,3 +143,23 @@ def test_the_run_fails_naming_the_member_after_max_restarts(tether_cli, tmp_path
     rc, _, err = launch.finish(120)
     assert rc == 1
     assert "shard 1 exited with code -9 after 0 restarts (--max-restarts 0)" in err
+
+
+def test_status_shows_epochs_and_restarts_while_the_run_goes_on(tether_cli, tmp_path, watch):
+    run_dir = tmp_path / "run"
+    launch = tether_cli("launch", "--steps", "100000", "--mode", "asp", "--run-dir", str(run_dir))
+    w = watch(run_dir)
+    w.kill_at(20, "server", 1)
+    wait_until(
+        lambda: (
+            (m := w.member("server", 1)) is not None and m.epoch == 2 and "serving_since" in m.info
+        ),
+        60,
+        "the replacement of shard 1 to serve",
+    )
+    status = tether_cli("status", "--json", "--run-dir", str(run_dir)).json()
+    assert not status["finished"]
+    shards = {m["id"]: m for m in status["members"] if m["role"] == "server"}
+    assert (shards[1]["epoch"], shards[1]["restarts"], shards[1]["alive"]) == (2, 1, True)
+    assert (shards[0]["epoch"], shards[0]["restarts"]) == (1, 0)
+    assert launch.proc.poll() is None  # still training

@@ -19,11 +19,11 @@ Contracts every backend keeps (the shared test suite checks them against each ba
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Literal, Protocol, Self, runtime_checkable
 
-if TYPE_CHECKING:
-    from tether.store.snapshots import ShardSnapshot
+import numpy as np
 
 Role = Literal["server", "worker", "launcher"]
 ROLES: tuple[Role, ...] = ("server", "worker", "launcher")
