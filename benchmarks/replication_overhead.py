@@ -22,8 +22,10 @@ def launch(mode: str, replication: str, steps: int, extra: list[str], run_dir: s
            str(steps), "--replication", replication, "--run-dir", run_dir, *extra]  # fmt: skip
     if mode == "ssp":
         cmd += ["--staleness", "2"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:

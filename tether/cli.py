@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 def _launch(args: argparse.Namespace) -> int:
     from tether.config import RunConfig, new_run_id, parse_straggler
     from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
-    from tether.store import default_store_uri
+    from tether.store import StoreError, default_store_uri
 
     lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 0.1)
     stragglers = dict(parse_straggler(s) for s in args.straggler)
@@ -246,6 +247,15 @@ def _launch(args: argparse.Namespace) -> int:
         summary = Launcher(opts).run()
     except RunFailed as e:
         print(f"tether launch: run {config.run_id} failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, UsageError, ValueError, StoreError):
+        raise
+    except Exception as e:  # an internal error: one line here, the traceback in the run dir
+        log = run_dir / "logs" / "launcher.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        print(f"tether launch: run {config.run_id} failed: {e!r} (traceback in {log})",
+              file=sys.stderr)  # fmt: skip
         return EXIT_FAILED
     if args.json:
         emit_json(summary)

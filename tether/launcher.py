@@ -9,9 +9,11 @@ fails with a message naming it; restarts come with replication (next issue).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -30,7 +32,7 @@ from tether.proto.ps_pb2 import InfoReply
 from tether.store import Member, Store, open_store
 from tether.supervisor import GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
-from tether.worker.client import ShardClient
+from tether.worker.client import RetryPolicy, ShardClient, with_retry
 
 
 class RunFailed(RuntimeError):
@@ -101,10 +103,14 @@ def fetch_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, l
     infos = []
     for m in sorted(shards, key=lambda m: m.member_id):
         client = ShardClient(m.address, config.run_id, chunk_bytes=config.chunk_bytes)
+        rng = random.Random(m.member_id)
         try:
-            info = client.info()
-            client.pull_into(
-                flat[info.offset : info.offset + info.length], observer=True, timeout_s=60
+            info = with_retry(client.info, RetryPolicy(), rng)
+            view = flat[info.offset : info.offset + info.length]
+            with_retry(
+                functools.partial(client.pull_into, view, observer=True, timeout_s=60),
+                RetryPolicy(),
+                rng,
             )
             infos.append(info)
         finally:
