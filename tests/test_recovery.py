@@ -117,6 +117,8 @@ def test_bsp_sync_with_kills_ends_bit_identical_to_the_fault_free_run(tether_cli
     faulty = launch.json()
     assert faulty["restarts"] == {"server": 2, "worker": 2}
     assert faulty["lost_updates"] == 0 and faulty["updates_applied"] == 200
+    # The audit: every shard accepted each worker's push of each clock exactly once.
+    assert faulty["pushes_accepted"] == 2 * 2 * 200 == clean["pushes_accepted"]
     assert faulty["params_sha256"] == clean["params_sha256"]
 
 

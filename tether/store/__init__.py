@@ -9,13 +9,17 @@ Store URIs follow SQLAlchemy's convention for SQLite:
 - ``sqlite:////abs/path/tether.db`` -- four slashes: an absolute path.
 
 ``store.uri`` is always the absolute form, so it opens the same file from any directory.
-``mongodb://...`` is reserved for the MongoDB backend (not available yet).
+
+MongoDB URIs (``mongodb://h1,h2,h3/DBNAME?replicaSet=rs0`` or ``mongodb+srv://...``) open a
+:class:`tether.store.mongo.MongoStore`; write concern, read concern, read preference and timeouts
+are taken from the URI's query string, with safe defaults (see :mod:`tether.store.mongo`).
+``tether mongo up`` starts a local three-member replica set and prints its URI.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from tether.store.base import (
     MEMBER_STATES,
@@ -25,19 +29,24 @@ from tether.store.base import (
     Role,
     RunExists,
     RunRecord,
+    ShardSnapshot,
     Store,
     StoreError,
     StoreUnavailable,
     UnknownRun,
+    redact_uri,
 )
-from tether.store.snapshots import ShardSnapshot
 from tether.store.sqlite import SQLiteStore
+
+if TYPE_CHECKING:
+    from tether.store.mongo import MongoStore
 
 __all__ = [
     "MEMBER_STATES",
     "ROLES",
     "Fenced",
     "Member",
+    "MongoStore",
     "Role",
     "RunExists",
     "RunRecord",
@@ -58,17 +67,22 @@ _ACCEPTED = (
 )
 
 
-def _redact(uri: str) -> str:
-    """Hide credentials (``scheme://user:password@host``) before a URI goes into a message."""
-    return re.sub(r"://[^/@]*@", "://***@", uri)
+def __getattr__(name: str) -> Any:
+    # pymongo is imported only by processes that use a MongoDB store.
+    if name == "MongoStore":
+        from tether.store.mongo import MongoStore
+
+        return MongoStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_store(uri: str) -> Store:
     """Open the store named by ``uri`` (see the module docstring for the accepted forms).
 
-    A SQLite file, its parent folders and its schema are created if absent. Raises ValueError
-    for a URI that names no supported backend, and :class:`StoreError` for a MongoDB URI until
-    that backend exists.
+    A SQLite file, its parent folders and its schema are created if absent; a MongoDB store
+    connects and creates its indexes. Raises ValueError for a URI that names no supported backend
+    (or a MongoDB URI with w=0), :class:`StoreUnavailable` if the store cannot be reached, and
+    :class:`StoreError` for a URI pymongo rejects.
     """
     if not isinstance(uri, str):
         raise TypeError(f"store URI must be a string; got {type(uri).__name__}")
@@ -86,11 +100,10 @@ def open_store(uri: str) -> Store:
     if scheme == "sqlite":
         raise ValueError(f"store URI {uri!r} needs three slashes after 'sqlite:'; {_ACCEPTED}")
     if scheme in ("mongodb", "mongodb+srv"):
-        raise StoreError(
-            f"the MongoDB backend is not available yet ({_redact(uri)}); "
-            "use a sqlite:///PATH store for now"
-        )
-    raise ValueError(f"store URI {_redact(uri)!r} is not supported; {_ACCEPTED}")
+        from tether.store.mongo import MongoStore
+
+        return MongoStore(uri)
+    raise ValueError(f"store URI {redact_uri(uri)!r} is not supported; {_ACCEPTED}")
 
 
 def default_store_uri(run_dir: str | Path) -> str:

@@ -15,10 +15,27 @@ Contracts every backend keeps (the shared test suite checks them against each ba
   backend at write time, so a reader compares them with the same clock.
 - JSON fields (config, info, summary) round-trip through JSON: keys come back as strings, tuples
   as lists.
+
+Replicated shard state (DESIGN §5) is a small *head* record per ``(run, shard)`` plus the chunks of
+the complete states it points at:
+
+- ``claim_shard(run, shard, e)`` sets the head's owner epoch to ``e`` if the stored one is ``<= e``
+  (equal: an idempotent retry of the same claim) and raises :class:`Fenced` otherwise. A
+  replacement shard claims *before* it loads, so once it has loaded, no older epoch can write.
+- ``save_shard_state(snap)`` writes the chunks first, then switches the head in one atomic write
+  conditional on ``owner_epoch == snap.epoch`` (else :class:`Fenced`, head untouched) and
+  ``snap.version >= head version`` (else :class:`StoreError`: a state never goes back; an equal
+  version rewrites, e.g. the same optimizer step with more pending gradients). Chunks are written
+  under a fresh save id, never over the ones the head points at, so a failure at any point leaves
+  the previous state complete and loadable. After the switch the chunks of every state but the
+  new one and the previous one are deleted (a reader still following the previous head is not
+  torn); chunks orphaned by a failed save go with them.
+- ``load_shard_state`` returns the state the head points at, complete, or raises; never a mix.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, runtime_checkable
@@ -107,6 +124,128 @@ class RunRecord:
     summary: dict[str, Any] | None  # the run summary written at the end
 
 
+# -- replicated shard state: the snapshot and its stored layout (DESIGN §5) ----------------------
+
+DEFAULT_STATE_CHUNK_BYTES = 4 << 20
+# MongoDB rejects documents over 16 MiB; a chunk plus its few key fields must stay well under it.
+MAX_STATE_CHUNK_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSnapshot:
+    """One complete replicated state of a shard, as saved and loaded (DESIGN §5)."""
+
+    run_id: str
+    shard_id: int
+    epoch: int  # the writer's epoch
+    version: int  # shard version (optimizer steps applied) this state is at
+    meta: dict[str, Any]  # small JSON: clock table, de-dup table, stats, optimizer scalars...
+    arrays: dict[str, np.ndarray]  # name -> 1-D array (params, optimizer state, pending grads)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+class TornState(StoreError):
+    """The chunks read do not make up the state the head described (the head moved under a
+    reader, or the store lost data). Backends retry the load on it; callers see it only when a
+    retry does not help."""
+
+
+def version_regression(snap: ShardSnapshot, head_version: int) -> StoreError:
+    """The error of a save whose version is below the head's (a state never goes back)."""
+    return StoreError(
+        f"shard {snap.shard_id} of run {snap.run_id!r}: the state would go back from version "
+        f"{head_version} to {snap.version} (epoch {snap.epoch}); a saved state never goes back"
+    )
+
+
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise TypeError(f"chunk_bytes must be an int; got {chunk_bytes!r}")
+    if not 1 <= chunk_bytes <= MAX_STATE_CHUNK_BYTES:
+        raise ValueError(
+            f"chunk_bytes must be 1 to {MAX_STATE_CHUNK_BYTES} (MongoDB's documents are at most "
+            f"16 MiB); got {chunk_bytes}"
+        )
+    return chunk_bytes
+
+
+def state_layout(snap: ShardSnapshot, chunk_bytes: int) -> dict[str, Any]:
+    """Check ``snap`` and describe how its arrays are stored: the head's manifest (JSON).
+
+    ``{"chunk_bytes": n, "arrays": [{"name", "dtype", "size"}, ...]}``; array ``name`` is cut
+    into ``ceil(nbytes / n)`` chunks, chunk ``i`` holding bytes ``[i*n, (i+1)*n)``.
+    """
+    if not isinstance(snap, ShardSnapshot):
+        raise TypeError(f"expected a ShardSnapshot; got {type(snap).__name__}")
+    if not isinstance(snap.run_id, str) or not snap.run_id:
+        raise ValueError(f"run_id must be a non-empty string; got {snap.run_id!r}")
+    check_member_id(snap.shard_id)
+    for field in ("epoch", "version"):
+        value = getattr(snap, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"snapshot {field} must be a non-negative int; got {value!r}")
+    if not isinstance(snap.meta, dict):
+        raise TypeError(f"snapshot meta must be a dict; got {type(snap.meta).__name__}")
+    entries = []
+    for name, a in snap.arrays.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"state array names must be non-empty strings; got {name!r}")
+        if not isinstance(a, np.ndarray) or a.ndim != 1:
+            shape = getattr(a, "shape", type(a).__name__)
+            raise ValueError(f"state array {name!r} must be a 1-D numpy array; got {shape}")
+        if a.dtype.hasobject or a.dtype.fields is not None:
+            raise ValueError(f"state array {name!r} has dtype {a.dtype}, which is not plain data")
+        entries.append({"name": name, "dtype": a.dtype.str, "size": int(a.size)})
+    return {"chunk_bytes": chunk_bytes, "arrays": entries}
+
+
+def state_chunks(snap: ShardSnapshot, chunk_bytes: int) -> Iterator[tuple[str, int, memoryview]]:
+    """``(array name, chunk index, bytes)`` of every chunk, as views of the arrays (no copy for
+    C-contiguous arrays). An empty array has no chunks."""
+    for name, a in snap.arrays.items():
+        raw = np.ascontiguousarray(a).view(np.uint8).data  # any byte order, no copy
+        for idx, start in enumerate(range(0, len(raw), chunk_bytes)):
+            yield name, idx, raw[start : start + chunk_bytes]
+
+
+def assemble_state(
+    layout: dict[str, Any], chunks: Iterable[tuple[str, int, bytes]], what: str
+) -> dict[str, np.ndarray]:
+    """Rebuild the arrays of ``layout`` from its chunks, in any order, into preallocated arrays.
+
+    Raises :class:`TornState` unless every chunk is there exactly once with the expected size.
+    """
+    chunk_bytes = int(layout["chunk_bytes"])
+    arrays: dict[str, np.ndarray] = {}
+    views: dict[str, memoryview] = {}
+    missing: dict[str, set[int]] = {}
+    for entry in layout["arrays"]:
+        out = np.empty(int(entry["size"]), dtype=np.dtype(entry["dtype"]))
+        arrays[entry["name"]] = out
+        views[entry["name"]] = out.view(np.uint8).data
+        missing[entry["name"]] = set(range(-(-out.nbytes // chunk_bytes)))
+    for name, idx, data in chunks:
+        todo = missing.get(name)
+        if todo is None or idx not in todo:
+            raise TornState(f"{what}: unexpected or repeated chunk {idx} of array {name!r}")
+        view = views[name]
+        start = idx * chunk_bytes
+        expected = min(chunk_bytes, len(view) - start)
+        if len(data) != expected:
+            raise TornState(
+                f"{what}: chunk {idx} of array {name!r} has {len(data)} bytes, not {expected}"
+            )
+        view[start : start + expected] = data
+        todo.discard(idx)
+    gaps = {name: len(todo) for name, todo in missing.items() if todo}
+    if gaps:
+        raise TornState(f"{what}: chunks missing (array: count) {gaps}")
+    return arrays
+
+
 @runtime_checkable
 class Store(Protocol):
     """Runs and membership. Every method may also raise :class:`StoreUnavailable`."""
@@ -168,13 +307,15 @@ class Store(Protocol):
         """Mark the run finished and store its summary (a second call replaces the summary)."""
         ...
 
-    # -- replicated shard state (DESIGN §5) ----------------------------------------------------
+    # -- replicated shard state (DESIGN §5; see the module docstring) ---------------------------
 
     def claim_shard(self, run_id: str, shard_id: int, epoch: int) -> None:
-        """Take ownership of the shard's state for ``epoch`` before loading it.
+        """Take ownership of the shard's state for ``epoch``; call it before loading.
 
-        Atomically sets the owner epoch if the stored one is not newer, else raises
-        :class:`Fenced`. After the claim every save by an older epoch fails.
+        Atomically sets the head's owner epoch to ``epoch`` if the stored one is ``<= epoch``
+        (creating the head if there is none), else raises :class:`Fenced` naming the owner.
+        From then on every save by an older epoch raises :class:`Fenced`. Raises
+        :class:`UnknownRun`.
         """
         ...
 
@@ -182,16 +323,23 @@ class Store(Protocol):
         """Durably write a complete state, then switch the head to it atomically.
 
         Only if the head's owner epoch is ``snap.epoch`` (else :class:`Fenced`, nothing
-        changes) and the version does not go back (else :class:`StoreError`).
+        changes) and ``snap.version`` is not below the head's version (else
+        :class:`StoreError`; equal rewrites). After :class:`StoreUnavailable` the save may or
+        may not have happened; retrying the same snapshot is safe.
         """
         ...
 
     def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
-        """The latest complete state (never a torn one), or None if none was saved."""
+        """The latest complete state (never a torn one), or None if none was ever saved.
+
+        The arrays are new, writable, C-contiguous arrays. Raises :class:`UnknownRun`, and
+        :class:`StoreError` if the stored state stays incomplete after a few re-reads.
+        """
         ...
 
     def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
-        """Per shard: owner_epoch, epoch, version, saved_at of the replicated state."""
+        """Per claimed shard: ``owner_epoch``, and of the saved state ``epoch``, ``version``,
+        ``saved_at`` (unix s) and ``nbytes`` -- None for the four until a state is saved."""
         ...
 
     def close(self) -> None:
@@ -220,3 +368,8 @@ def check_state(state: str) -> str:
     if state not in MEMBER_STATES:
         raise ValueError(f"member state must be one of {', '.join(MEMBER_STATES)}; got {state!r}")
     return state
+
+
+def redact_uri(uri: str) -> str:
+    """Hide credentials (``scheme://user:password@host``) before a URI goes into a message."""
+    return re.sub(r"://[^/@]*@", "://***@", uri)

@@ -28,24 +28,24 @@ from pathlib import Path
 from typing import Any, Self
 
 from tether.store.base import (
+    DEFAULT_STATE_CHUNK_BYTES,
     Fenced,
     Member,
     Role,
     RunExists,
     RunRecord,
+    ShardSnapshot,
     StoreError,
     StoreUnavailable,
     UnknownRun,
+    assemble_state,
+    check_chunk_bytes,
     check_member_id,
     check_role,
     check_state,
-)
-from tether.store.snapshots import (
-    DEFAULT_STATE_CHUNK_BYTES,
-    ShardSnapshot,
-    assemble,
-    chunks_of,
-    manifest_of,
+    state_chunks,
+    state_layout,
+    version_regression,
 )
 
 SCHEMA_VERSION = 2
@@ -77,30 +77,31 @@ _SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (run_id, role, member_id)
     )""",
 )
-# Version 2: replicated shard state (DESIGN §5), a head per shard and the chunks it points at.
+# Version 2: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
+# points at. Chunks are keyed by a per-shard save id, so a new state never overwrites the one the
+# head points at. Head columns other than owner_epoch are NULL until a state is saved.
 _SHARD_STATE_TABLES: tuple[str, ...] = (
     """CREATE TABLE shard_heads (
         run_id TEXT NOT NULL REFERENCES runs(run_id),
         shard_id INTEGER NOT NULL,
         owner_epoch INTEGER NOT NULL,
-        epoch INTEGER NOT NULL,
-        version INTEGER NOT NULL,
-        prev_epoch INTEGER NOT NULL,
-        prev_version INTEGER NOT NULL,
-        manifest TEXT,
+        epoch INTEGER,
+        version INTEGER,
+        save_id INTEGER,
+        layout TEXT,
         meta TEXT,
-        saved_at REAL NOT NULL,
+        nbytes INTEGER,
+        saved_at REAL,
         PRIMARY KEY (run_id, shard_id)
     )""",
     """CREATE TABLE shard_chunks (
         run_id TEXT NOT NULL,
         shard_id INTEGER NOT NULL,
-        epoch INTEGER NOT NULL,
-        version INTEGER NOT NULL,
+        save_id INTEGER NOT NULL,
         name TEXT NOT NULL,
         idx INTEGER NOT NULL,
         data BLOB NOT NULL,
-        PRIMARY KEY (run_id, shard_id, epoch, version, name, idx)
+        PRIMARY KEY (run_id, shard_id, save_id, name, idx)
     )""",
 )
 _SCHEMA = _SCHEMA + _SHARD_STATE_TABLES
@@ -150,7 +151,8 @@ class SQLiteStore:
 
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
     thread and its request threads use the same store). ``clock`` gives the times written to the
-    store (tests pass a fake one). See the module docstring for fork safety.
+    store (tests pass a fake one). Shard state is stored in BLOB chunks of at most
+    ``chunk_bytes``. See the module docstring for fork safety.
     """
 
     def __init__(
@@ -159,9 +161,9 @@ class SQLiteStore:
         *,
         busy_timeout_s: float = 10.0,
         clock: Callable[[], float] = time.time,
-        state_chunk_bytes: int = DEFAULT_STATE_CHUNK_BYTES,
+        chunk_bytes: int = DEFAULT_STATE_CHUNK_BYTES,
     ) -> None:
-        self.state_chunk_bytes = state_chunk_bytes
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes)
         self.path = Path(path).expanduser().resolve()
         # Absolute path after "sqlite:///", so the URI opens the same file from any cwd.
         self.uri = f"sqlite:///{self.path}"
@@ -418,106 +420,105 @@ class SQLiteStore:
         return None if row is None else _member(row)
 
     # -- replicated shard state (DESIGN §5) -----------------------------------------------------
+    #
+    # SQLite has real transactions, so a save is one BEGIN IMMEDIATE transaction: the fencing and
+    # version checks first (a zombie writes nothing), then the chunks, the head switch and the
+    # garbage collection. A crash or error before COMMIT rolls all of it back, so there are never
+    # orphan chunks, and a reader's BEGIN sees one committed state (WAL snapshot isolation).
 
     def claim_shard(self, run_id: str, shard_id: int, epoch: int) -> None:
+        check_member_id(shard_id)
         with self._tx(write=True) as conn:
             self._require_run(conn, run_id)
             row = conn.execute(
                 "SELECT owner_epoch FROM shard_heads WHERE run_id = ? AND shard_id = ?",
                 (run_id, shard_id),
             ).fetchone()
-            if row is None:
-                conn.execute(
-                    "INSERT INTO shard_heads (run_id, shard_id, owner_epoch, epoch, version, "
-                    "prev_epoch, prev_version, manifest, meta, saved_at) "
-                    "VALUES (?, ?, ?, 0, -1, 0, -1, NULL, NULL, ?)",
-                    (run_id, shard_id, epoch, self._clock()),
-                )
-            elif row[0] > epoch:
+            if row is not None and row[0] > epoch:
                 raise Fenced(run_id, "server", shard_id, epoch, row[0])
-            else:
-                conn.execute(
-                    "UPDATE shard_heads SET owner_epoch = ? WHERE run_id = ? AND shard_id = ?",
-                    (epoch, run_id, shard_id),
-                )
+            conn.execute(
+                "INSERT INTO shard_heads (run_id, shard_id, owner_epoch) VALUES (?, ?, ?) "
+                "ON CONFLICT (run_id, shard_id) DO UPDATE SET owner_epoch = excluded.owner_epoch",
+                (run_id, shard_id, epoch),
+            )
 
     def save_shard_state(self, snap: ShardSnapshot) -> None:
+        layout = state_layout(snap, self.chunk_bytes)
+        meta = _dumps(snap.meta, "shard state meta")
         key = (snap.run_id, snap.shard_id)
-        manifest = json.dumps(manifest_of(snap.arrays))
-        meta = _dumps(snap.meta, "state meta")
-        # One transaction: chunks, then the head switch; a crash before COMMIT leaves the
-        # previous head and its chunks untouched.
         with self._tx(write=True) as conn:
             row = conn.execute(
-                "SELECT owner_epoch, epoch, version FROM shard_heads "
+                "SELECT owner_epoch, version, save_id FROM shard_heads "
                 "WHERE run_id = ? AND shard_id = ?",
                 key,
             ).fetchone()
-            if row is None or row[0] != snap.epoch:
+            if row is None:
                 self._require_run(conn, snap.run_id)
+            if row is None or row[0] != snap.epoch:
                 raise Fenced(snap.run_id, "server", snap.shard_id, snap.epoch, row and row[0])
-            owner, head_epoch, head_version = row
-            if snap.version < head_version:
-                raise StoreError(
-                    f"shard {snap.shard_id} state would go back from version {head_version} "
-                    f"to {snap.version}"
-                )
+            _owner, head_version, old_save = row
+            if head_version is not None and snap.version < head_version:
+                raise version_regression(snap, head_version)
+            save_id = (old_save or 0) + 1
             conn.executemany(
-                "INSERT OR REPLACE INTO shard_chunks "
-                "(run_id, shard_id, epoch, version, name, idx, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO shard_chunks (run_id, shard_id, save_id, name, idx, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 (
-                    (*key, snap.epoch, snap.version, name, idx, data)
-                    for name, idx, data in chunks_of(snap.arrays, self.state_chunk_bytes)
+                    (*key, save_id, name, idx, data)
+                    for name, idx, data in state_chunks(snap, self.chunk_bytes)
                 ),
             )
-            same = (head_epoch, head_version) == (snap.epoch, snap.version)
-            prev = (head_epoch, head_version) if not same else (-1, -2)
             conn.execute(
-                "UPDATE shard_heads SET epoch = ?, version = ?, prev_epoch = ?, "
-                "prev_version = ?, manifest = ?, meta = ?, saved_at = ? "
-                "WHERE run_id = ? AND shard_id = ?",
-                (snap.epoch, snap.version, *prev, manifest, meta, self._clock(), *key),
+                "UPDATE shard_heads SET epoch = ?, version = ?, save_id = ?, layout = ?, "
+                "meta = ?, nbytes = ?, saved_at = ? WHERE run_id = ? AND shard_id = ?",
+                (
+                    snap.epoch,
+                    snap.version,
+                    save_id,
+                    json.dumps(layout),
+                    meta,
+                    snap.nbytes,
+                    self._clock(),
+                    *key,
+                ),
             )
-            # Keep the new state and the one before it (a reader may still follow the old head).
+            # Keep the new state and the previous one (DESIGN §5: a reader of the old head).
             conn.execute(
-                "DELETE FROM shard_chunks WHERE run_id = ? AND shard_id = ? AND NOT "
-                "((epoch = ? AND version = ?) OR (epoch = ? AND version = ?))",
-                (*key, snap.epoch, snap.version, *prev),
+                "DELETE FROM shard_chunks WHERE run_id = ? AND shard_id = ? "
+                "AND save_id != ? AND save_id != ?",
+                (*key, save_id, -1 if old_save is None else old_save),
             )
 
     def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
         with self._tx(write=False) as conn:  # one consistent read snapshot (WAL)
-            self._require_run(conn, run_id)
             row = conn.execute(
-                "SELECT epoch, version, manifest, meta FROM shard_heads "
+                "SELECT epoch, version, save_id, layout, meta FROM shard_heads "
                 "WHERE run_id = ? AND shard_id = ?",
                 (run_id, shard_id),
             ).fetchone()
             if row is None or row[2] is None:
+                self._require_run(conn, run_id)
                 return None
-            epoch, version, manifest, meta = row
-            chunks: dict[str, list[bytes]] = {}
-            for name, data in conn.execute(
-                "SELECT name, data FROM shard_chunks WHERE run_id = ? AND shard_id = ? "
-                "AND epoch = ? AND version = ? ORDER BY name, idx",
-                (run_id, shard_id, epoch, version),
-            ):
-                chunks.setdefault(name, []).append(data)
-        arrays = assemble(json.loads(manifest), chunks, f"shard {shard_id} of run {run_id!r}")
+            epoch, version, save_id, layout, meta = row
+            chunks = conn.execute(
+                "SELECT name, idx, data FROM shard_chunks "
+                "WHERE run_id = ? AND shard_id = ? AND save_id = ?",
+                (run_id, shard_id, save_id),
+            )
+            what = f"store {self.uri}: state of shard {shard_id} of run {run_id!r}"
+            arrays = assemble_state(json.loads(layout), chunks, what)
         return ShardSnapshot(run_id, shard_id, epoch, version, json.loads(meta), arrays)
 
     def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
         with self._tx(write=False) as conn:
             self._require_run(conn, run_id)
             rows = conn.execute(
-                "SELECT shard_id, owner_epoch, epoch, version, saved_at FROM shard_heads "
+                "SELECT shard_id, owner_epoch, epoch, version, saved_at, nbytes FROM shard_heads "
                 "WHERE run_id = ? ORDER BY shard_id",
                 (run_id,),
             ).fetchall()
-        return {
-            r[0]: {"owner_epoch": r[1], "epoch": r[2], "version": r[3], "saved_at": r[4]}
-            for r in rows
-        }
+        keys = ("owner_epoch", "epoch", "version", "saved_at", "nbytes")
+        return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
 
     def close(self) -> None:
         with self._lock:
