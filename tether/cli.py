@@ -160,6 +160,10 @@ def build_parser() -> Parser:
     _add_store_run(status, required=False)
     status.add_argument("--json", action="store_true", help="print status as JSON")
 
+    from tether.mongo_up import add_parser as add_mongo_parser
+
+    add_mongo_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
     pushpull = bench_sub.add_parser(
@@ -197,6 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "mongo":
+            from tether.mongo_up import run as mongo_run
+
+            return mongo_run(args)
     except (UsageError, ValueError, StoreError) as e:
         print(f"tether {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
