@@ -126,6 +126,10 @@ def serve(opts: ServerOptions) -> int:
     store = open_store(opts.store_uri)
     config = RunConfig.from_dict(store.get_run(opts.run_id).config)
     spec = shard_spec(config, opts.shard_id)
+    # Signals first: a stop requested while the state is still loading is honoured, not fatal.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     server, port = create_server(opts.listen, max_workers=pool_size(config.workers))
     host = opts.listen.rsplit(":", 1)[0] or "127.0.0.1"
     address = f"{host}:{port}"
@@ -143,7 +147,6 @@ def serve(opts: ServerOptions) -> int:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     serving_since = time.time()
 
-    stop = threading.Event()
     fenced: list[Fenced] = []
     failed: list[BaseException] = []
 
@@ -158,8 +161,6 @@ def serve(opts: ServerOptions) -> int:
     if spec.replication.mode != "off":
         replicator = Replicator(servicer, store, on_failure=on_failure, seed=config.seed)
         replicator.start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "

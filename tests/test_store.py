@@ -1,9 +1,11 @@
 """The store contract (DESIGN §1, §5, §6), run against every backend.
 
-Backend-generic tests take ``store_factory``; each backend is one entry of ``BACKENDS``. Only
-SQLite exists today; the MongoDB issue adds a mongomock entry and a real-replica-set entry (skipped
-with a reason when no ``mongod``/``TETHER_TEST_MONGODB_URI`` is available). Tests that need a
-second OS process open the store by URI (``Backend.uri``); a backend without one skips them.
+Backend-generic tests take ``store_factory`` (or ``backend``); each backend is one entry of
+``BACKENDS``: SQLite, MongoDB through mongomock (its failure handling is tested with the fault seam
+in test_store_mongo.py), and a real MongoDB replica set -- started for the session when ``mongod``
+is on PATH, or named by ``TETHER_TEST_MONGODB_URI`` -- which is skipped with a reason otherwise,
+never faked. Tests that need a second OS process open the store by URI (``Backend.uri``); a
+backend without one skips them.
 """
 
 from __future__ import annotations
@@ -13,25 +15,44 @@ import os
 import pickle
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import mongomock
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used through BACKENDS)
+    drop_database,
+    fresh_database_name,
+    mongodb_uri,
+    with_database,
+)
 
+import tether.store.sqlite as sqlite_backend
 from tether.store import (
     Fenced,
+    MongoStore,
     RunExists,
+    ShardSnapshot,
     SQLiteStore,
     Store,
     StoreError,
+    StoreUnavailable,
     UnknownRun,
     default_store_uri,
     open_store,
 )
+from tether.store.base import TornState, assemble_state, state_chunks, state_layout
+from tether.store.faults import FaultPlan
 from tether.store.sqlite import SCHEMA_VERSION
 
 RUN = "run-1"
+SMALL_CHUNK = 64 << 10  # tests force many chunks per state
 
 
 class FakeClock:
@@ -48,33 +69,106 @@ class FakeClock:
         return self.now
 
 
+Clock = Callable[[], float]
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
-    # open(tmp_path, clock) -> a new handle on the test's one store; two calls give two handles
-    # (connections) on the same data, like two processes.
-    open: Callable[[Path, Callable[[], float] | None], Store]
+    # open(clock, chunk_bytes) -> a new handle on the test's one store; two calls give two
+    # handles (connections) on the same data, like two processes.
+    open: Callable[[Clock | None, int], Store]
     # a URI that another OS process can open, or None
-    uri: Callable[[Path], str | None]
+    uri: str | None
+    # how many shard-state chunks (rows, documents) the store holds
+    chunk_count: Callable[[], int]
+    # make the next save fail (StoreUnavailable) after it wrote some of its chunks
+    break_next_save: Callable[[pytest.MonkeyPatch], None]
+    cleanup: Callable[[], None] = lambda: None
 
 
-def _sqlite_open(tmp_path: Path, clock: Callable[[], float] | None) -> Store:
+def _sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     path = tmp_path / "store" / "tether.db"
-    return SQLiteStore(path) if clock is None else SQLiteStore(path, clock=clock)
+
+    def open_(clock: Clock | None, chunk_bytes: int) -> Store:
+        return SQLiteStore(path, clock=clock or time.time, chunk_bytes=chunk_bytes)
+
+    def chunk_count() -> int:
+        conn = sqlite3.connect(path)
+        try:
+            return int(conn.execute("SELECT count(*) FROM shard_chunks").fetchone()[0])
+        finally:
+            conn.close()
+
+    def break_next_save(monkeypatch: pytest.MonkeyPatch) -> None:
+        real = sqlite_backend.state_chunks
+
+        def failing(snap: ShardSnapshot, chunk_bytes: int) -> Iterator[Any]:
+            monkeypatch.setattr(sqlite_backend, "state_chunks", real)  # once
+            for n, chunk in enumerate(real(snap, chunk_bytes)):
+                if n == 3:
+                    raise sqlite3.OperationalError("disk I/O error (injected)")
+                yield chunk
+
+        monkeypatch.setattr(sqlite_backend, "state_chunks", failing)
+
+    return Backend(
+        "sqlite", open_, default_store_uri(tmp_path / "store"), chunk_count, break_next_save
+    )
 
 
-BACKENDS = {
-    "sqlite": Backend(
-        "sqlite", _sqlite_open, lambda tmp_path: default_store_uri(tmp_path / "store")
-    ),
+def _mongo_backend(
+    name: str, uri: str, client_factory: Callable[[], Any] | None, counter: Callable[[], Any]
+) -> Backend:
+    faults = FaultPlan()  # shared by the handles; armed by break_next_save
+
+    def open_(clock: Clock | None, chunk_bytes: int) -> Store:
+        return MongoStore(
+            uri,
+            client_factory=client_factory,
+            faults=faults,
+            chunk_bytes=chunk_bytes,
+            clock=clock or time.time,
+        )
+
+    def break_next_save(_monkeypatch: pytest.MonkeyPatch) -> None:
+        faults.fail("chunks", "auto_reconnect", skip=1)  # the first batch of chunks gets in
+
+    def chunk_count() -> int:
+        return int(counter().shard_chunks.count_documents({}))
+
+    real = client_factory is None
+    return Backend(name, open_, uri if real else None, chunk_count, break_next_save)
+
+
+def _mongomock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    client: Any = mongomock.MongoClient()
+    uri = "mongodb://mongomock.invalid/tether_test?replicaSet=rs0"
+    return _mongo_backend("mongomock", uri, lambda: client, lambda: client["tether_test"])
+
+
+def _mongodb_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    from pymongo import MongoClient
+
+    uri = with_database(request.getfixturevalue("mongodb_uri"), fresh_database_name())
+    client: MongoClient[dict[str, Any]] = MongoClient(uri)
+    request.addfinalizer(client.close)
+    request.addfinalizer(lambda: drop_database(uri))
+    return _mongo_backend("mongodb", uri, None, client.get_default_database)
+
+
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "sqlite": _sqlite_backend,
+    "mongomock": _mongomock_backend,
+    "mongodb": _mongodb_backend,  # a real replica set; skipped without one
 }
 
 StoreFactory = Callable[..., Store]
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return BACKENDS[request.param]
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    return BACKENDS[request.param](request, tmp_path)
 
 
 @pytest.fixture
@@ -83,11 +177,11 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def store_factory(backend: Backend, tmp_path: Path) -> Iterator[StoreFactory]:
+def store_factory(backend: Backend) -> Iterator[StoreFactory]:
     opened: list[Store] = []
 
-    def factory(clock: Callable[[], float] | None = None) -> Store:
-        s = backend.open(tmp_path, clock)
+    def factory(clock: Clock | None = None, chunk_bytes: int = SMALL_CHUNK) -> Store:
+        s = backend.open(clock, chunk_bytes)
         opened.append(s)
         return s
 
@@ -140,6 +234,10 @@ def test_unknown_run_everywhere(store: Store) -> None:
         lambda: store.members("nope"),
         lambda: store.member("nope", "server", 0),
         lambda: store.finish_run("nope", {}),
+        lambda: store.claim_shard("nope", 0, 1),
+        lambda: store.save_shard_state(_snapshot(1, 1, run_id="nope")),
+        lambda: store.load_shard_state("nope", 0),
+        lambda: store.shard_heads("nope"),
     ]
     for call in calls:
         with pytest.raises(UnknownRun) as err:
@@ -398,8 +496,8 @@ def _race_child(uri: str, barrier: object, results: object, reps: int) -> None:
         results.put((False, "", [], f"{type(e).__name__}: {e}"))  # type: ignore[attr-defined]
 
 
-def test_concurrent_processes_get_distinct_epochs(backend: Backend, tmp_path: Path) -> None:
-    uri = backend.uri(tmp_path)
+def test_concurrent_processes_get_distinct_epochs(backend: Backend) -> None:
+    uri = backend.uri
     if uri is None:
         pytest.skip(f"the {backend.name} backend cannot be opened from another process")
     procs, reps = 8, 10
@@ -479,12 +577,16 @@ def test_open_store_rejects_bad_uris(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_open_store_mongodb_is_not_available_yet() -> None:
-    with pytest.raises(StoreError, match="MongoDB backend is not available") as err:
-        open_store("mongodb://alice:s3cret@h1,h2,h3/?replicaSet=rs0")
-    assert "s3cret" not in str(err.value)
-    with pytest.raises(StoreError, match="MongoDB"):
-        open_store("mongodb+srv://cluster.example.com/")
+def test_open_store_mongodb_unreachable_is_unavailable_fast_and_redacted() -> None:
+    uri = "mongodb://alice:s3cret@127.0.0.1:1/?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="connect failed") as err:
+        open_store(uri)
+    assert time.monotonic() - t0 < 5
+    assert "s3cret" not in str(err.value) and "ServerSelectionTimeoutError" in str(err.value)
+    with pytest.raises(StoreError) as srv_err:  # no DNS here; a store error either way
+        open_store("mongodb+srv://alice:s3cret@cluster.invalid/?connectTimeoutMS=300")
+    assert "s3cret" not in str(srv_err.value)
 
 
 def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
@@ -539,3 +641,380 @@ def test_sqlite_store_cannot_be_pickled(tmp_path: Path) -> None:
     # Children get the URI, never the connection (DESIGN §1: spawn, no shared connections).
     with SQLiteStore(tmp_path / "t.db") as s, pytest.raises(TypeError, match="store.uri"):
         pickle.dumps(s)
+
+
+# -- replicated shard state (DESIGN §5) ---------------------------------------------------------
+
+
+def _snapshot(
+    epoch: int, version: int, *, run_id: str = RUN, shard_id: int = 0, n: int = 300_000
+) -> ShardSnapshot:
+    """A state whose every value says which version it is, so a mix of two is detectable."""
+    arrays: dict[str, np.ndarray] = {
+        "params": np.full(n, version, dtype=np.float32),  # ~1.2 MB: many 64 KiB chunks
+        "opt.mu": np.full(n // 3, version, dtype=np.float32),
+        "counters": np.full(5, version, dtype=np.int64),
+    }
+    meta = {"version": version, "clocks": [version, version], "last_seq": {"0": version}}
+    return ShardSnapshot(run_id, shard_id, epoch, version, meta, arrays)
+
+
+def _check_consistent(snap: ShardSnapshot) -> None:
+    """Every array and the meta belong to the snapshot's own version (never a torn state)."""
+    v = snap.version
+    assert snap.meta["version"] == v, (snap.meta, v)
+    for name, a in snap.arrays.items():
+        assert a.size and (a == v).all(), f"array {name!r} mixes versions (head at {v})"
+
+
+def _chunks_per_state(snap: ShardSnapshot, chunk_bytes: int = SMALL_CHUNK) -> int:
+    return sum(-(-a.nbytes // chunk_bytes) for a in snap.arrays.values())
+
+
+def _assert_same(loaded: ShardSnapshot | None, saved: ShardSnapshot) -> None:
+    assert loaded is not None
+    assert (loaded.run_id, loaded.shard_id, loaded.epoch, loaded.version, loaded.meta) == (
+        saved.run_id,
+        saved.shard_id,
+        saved.epoch,
+        saved.version,
+        saved.meta,
+    )
+    assert loaded.arrays.keys() == saved.arrays.keys()
+    for name, a in saved.arrays.items():
+        b = loaded.arrays[name]
+        assert b.dtype == a.dtype and b.shape == a.shape, name
+        assert b.tobytes() == a.tobytes(), name  # bit-identical, NaNs included
+
+
+def test_shard_state_round_trip(store: Store, clock: FakeClock) -> None:
+    store.create_run(RUN, {})
+    assert store.load_shard_state(RUN, 0) is None  # nothing claimed or saved yet
+    assert store.shard_heads(RUN) == {}
+    store.claim_shard(RUN, 0, 3)
+    assert store.load_shard_state(RUN, 0) is None  # claimed, not saved
+    assert store.shard_heads(RUN) == {
+        0: {"owner_epoch": 3, "epoch": None, "version": None, "saved_at": None, "nbytes": None}
+    }
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(1_000_003).astype(np.float32)  # ~4 MB: 62 chunks
+    params[7] = np.nan
+    arrays: dict[str, np.ndarray] = {
+        "params": params,
+        "opt.nu": rng.random(1000),  # float64
+        "opt.count": np.arange(3, dtype=np.int64),
+        "pending.1": np.zeros(0, dtype=np.float32),  # empty arrays survive too
+        "flags": np.array([True, False, True]),
+        "odd": np.arange(17, dtype=np.uint8),
+        "big_endian": np.arange(5, dtype=">i4"),
+        "strided": np.arange(20, dtype=np.float32)[::2],  # not C-contiguous on the way in
+    }
+    meta = {"clocks": [4, 5], "last_seq": {"0": 9, "1": 12}, "stats": {"updates": 7}}
+    snap = ShardSnapshot(RUN, 0, 3, 42, meta, arrays)
+    clock.advance(5)
+    store.save_shard_state(snap)
+    loaded = store.load_shard_state(RUN, 0)
+    _assert_same(loaded, snap)
+    assert loaded is not None
+    for a in loaded.arrays.values():
+        assert a.flags.c_contiguous and a.flags.writeable
+    heads = store.shard_heads(RUN)
+    assert heads == {
+        0: {
+            "owner_epoch": 3,
+            "epoch": 3,
+            "version": 42,
+            "saved_at": clock.now,
+            "nbytes": snap.nbytes,
+        }
+    }
+
+
+def test_shard_states_are_per_run_and_shard(store_factory: StoreFactory) -> None:
+    store = store_factory()
+    store.create_run(RUN, {})
+    store.create_run("run-2", {})
+    for run_id, shard_id, version in ((RUN, 0, 1), (RUN, 1, 2), ("run-2", 0, 3)):
+        store.claim_shard(run_id, shard_id, 1)
+        store.save_shard_state(_snapshot(1, version, run_id=run_id, shard_id=shard_id, n=100))
+    for run_id, shard_id, version in ((RUN, 0, 1), (RUN, 1, 2), ("run-2", 0, 3)):
+        loaded = store.load_shard_state(run_id, shard_id)
+        assert loaded is not None and loaded.version == version
+        _check_consistent(loaded)
+    assert sorted(store.shard_heads(RUN)) == [0, 1]
+    assert store.load_shard_state(RUN, 2) is None
+
+
+def test_shard_state_version_never_goes_back(store: Store) -> None:
+    store.create_run(RUN, {})
+    store.claim_shard(RUN, 0, 1)
+    store.save_shard_state(_snapshot(1, 5))
+    with pytest.raises(StoreError, match="go back from version 5 to 4") as err:
+        store.save_shard_state(_snapshot(1, 4))
+    assert not isinstance(err.value, Fenced)
+    _assert_same(store.load_shard_state(RUN, 0), _snapshot(1, 5))
+    # the same version again is a rewrite (e.g. more pending gradients at the same step)
+    again = _snapshot(1, 5)
+    again.arrays["pending.0"] = np.ones(10, dtype=np.float32)
+    store.save_shard_state(again)
+    _assert_same(store.load_shard_state(RUN, 0), again)
+    store.save_shard_state(_snapshot(1, 6))
+    assert store.shard_heads(RUN)[0]["version"] == 6
+
+
+def test_claim_fences_the_previous_owner(store_factory: StoreFactory) -> None:
+    # Two handles: the old shard (a zombie once replaced) and its replacement (DESIGN §5).
+    zombie, replacement = store_factory(), store_factory()
+    zombie.create_run(RUN, {})
+    with pytest.raises(Fenced, match="not registered") as err:  # never claimed
+        zombie.save_shard_state(_snapshot(1, 1))
+    assert err.value.current_epoch is None
+    zombie.claim_shard(RUN, 0, 1)
+    zombie.save_shard_state(_snapshot(1, 1))
+
+    replacement.claim_shard(RUN, 0, 2)  # before it loads: from now on epoch 1 cannot write
+    before = zombie.shard_heads(RUN)
+    with pytest.raises(Fenced) as err:
+        zombie.save_shard_state(_snapshot(1, 2))
+    e = err.value
+    assert (e.run_id, e.role, e.member_id, e.epoch, e.current_epoch) == (RUN, "server", 0, 1, 2)
+    assert replacement.shard_heads(RUN) == before  # the head is untouched
+    loaded = replacement.load_shard_state(RUN, 0)
+    _assert_same(loaded, _snapshot(1, 1))  # the zombie's last complete state, not its refused one
+    with pytest.raises(Fenced):  # an older claim cannot take it back
+        zombie.claim_shard(RUN, 0, 1)
+    replacement.claim_shard(RUN, 0, 2)  # the same claim again is a no-op (a retried call)
+    replacement.save_shard_state(_snapshot(2, 1))  # same version, new epoch: a rewrite
+    replacement.save_shard_state(_snapshot(2, 2))
+    with pytest.raises(Fenced):  # an epoch from the future is no better than an old one
+        replacement.save_shard_state(_snapshot(3, 3))
+    _assert_same(zombie.load_shard_state(RUN, 0), _snapshot(2, 2))
+    assert zombie.shard_heads(RUN)[0] | {"saved_at": 0} == {
+        "owner_epoch": 2, "epoch": 2, "version": 2, "saved_at": 0, "nbytes": _snapshot(2, 2).nbytes
+    }  # fmt: skip
+
+
+def test_failed_save_leaves_the_previous_state(
+    backend: Backend, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create_run(RUN, {})
+    store.claim_shard(RUN, 0, 1)
+    v1 = _snapshot(1, 1)
+    store.save_shard_state(v1)
+    backend.break_next_save(monkeypatch)
+    with pytest.raises(StoreUnavailable):
+        store.save_shard_state(_snapshot(1, 2))  # dies after writing some of its chunks
+    _assert_same(store.load_shard_state(RUN, 0), v1)
+    assert store.shard_heads(RUN)[0]["version"] == 1
+    v3 = _snapshot(1, 3)
+    store.save_shard_state(v3)
+    _assert_same(store.load_shard_state(RUN, 0), v3)
+    # the orphans of the failed save are gone: only the head's chunks and the previous head's
+    assert backend.chunk_count() == _chunks_per_state(v3) + _chunks_per_state(v1)
+
+
+def test_old_chunks_are_collected(backend: Backend, store: Store) -> None:
+    store.create_run(RUN, {})
+    store.claim_shard(RUN, 0, 1)
+    store.claim_shard(RUN, 1, 1)
+    other = _snapshot(1, 1, shard_id=1, n=1000)
+    store.save_shard_state(other)
+    per_state = _chunks_per_state(_snapshot(1, 1))
+    for version in range(1, 7):
+        store.save_shard_state(_snapshot(1, version))
+        kept = min(version, 2) * per_state  # the head's chunks and the previous head's
+        assert backend.chunk_count() == kept + _chunks_per_state(other)
+    _assert_same(store.load_shard_state(RUN, 1), other)  # other shards are left alone
+
+
+def test_a_concurrent_reader_never_sees_a_torn_state(store_factory: StoreFactory) -> None:
+    writer, reader = store_factory(), store_factory()
+    writer.create_run(RUN, {})
+    writer.claim_shard(RUN, 0, 1)
+    writer.save_shard_state(_snapshot(1, 0, n=50_000))
+    errors: list[BaseException] = []
+    done = threading.Event()
+    seen: list[int] = []
+    deadline = time.monotonic() + 20
+
+    def write() -> None:
+        # Saves go on until the reader has loaded many times meanwhile, so the two overlap.
+        version = 0
+        try:
+            while (len(seen) < 50 or version < 20) and time.monotonic() < deadline:
+                version += 1
+                writer.save_shard_state(_snapshot(1, version, n=50_000))
+        except BaseException as e:  # reported below
+            errors.append(e)
+        finally:
+            written.append(version)
+            done.set()
+
+    written: list[int] = []
+    thread = threading.Thread(target=write)
+    thread.start()
+    while not done.is_set():
+        snap = reader.load_shard_state(RUN, 0)
+        assert snap is not None
+        _check_consistent(snap)
+        seen.append(snap.version)
+    thread.join(30)
+    assert errors == []
+    assert len(seen) >= 50 and len(set(seen)) > 1  # the reader saw the head move
+    assert seen == sorted(seen)  # a reader never goes back either
+    final = reader.load_shard_state(RUN, 0)
+    assert final is not None and final.version == written[0] >= 20
+    _check_consistent(final)
+
+
+def _writer_process(uri: str, loads: Any, started: Any, done: Any, results: Any) -> None:
+    try:
+        version = 0
+        deadline = time.monotonic() + 30
+        with open_store(uri) as store:
+            store.claim_shard(RUN, 0, 1)
+            store.save_shard_state(_snapshot(1, 0, n=100_000))
+            started.set()
+            # Until the reader has loaded many times meanwhile, so the two really overlap.
+            while (loads.value < 30 or version < 20) and time.monotonic() < deadline:
+                version += 1
+                store.save_shard_state(_snapshot(1, version, n=100_000))
+        results.put(("writer", None, version))
+    except BaseException as e:  # sent to the parent
+        results.put(("writer", f"{type(e).__name__}: {e}", 0))
+    finally:
+        started.set()
+        done.set()
+
+
+def _reader_process(uri: str, loads: Any, started: Any, done: Any, results: Any) -> None:
+    try:
+        started.wait(60)
+        versions = []
+        with open_store(uri) as store:
+            while True:
+                finished = done.is_set()
+                snap = store.load_shard_state(RUN, 0)
+                assert snap is not None
+                _check_consistent(snap)
+                versions.append(snap.version)
+                loads.value += 1
+                if finished:
+                    break
+        assert versions == sorted(versions), "the reader went back"
+        results.put(("reader", None, (len(set(versions)), versions[-1])))
+    except BaseException as e:  # sent to the parent
+        results.put(("reader", f"{type(e).__name__}: {e}", None))
+
+
+def test_a_reader_process_sees_only_complete_states(backend: Backend) -> None:
+    uri = backend.uri
+    if uri is None:
+        pytest.skip(f"the {backend.name} backend cannot be opened from another process")
+    with open_store(uri) as store:
+        store.create_run(RUN, {})
+    ctx = multiprocessing.get_context("spawn")
+    started, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    loads = ctx.Value("i", 0)
+    children = [
+        ctx.Process(target=_writer_process, args=(uri, loads, started, done, results)),
+        ctx.Process(target=_reader_process, args=(uri, loads, started, done, results)),
+    ]
+    try:
+        for c in children:
+            c.start()
+        replies = [results.get(timeout=60) for _ in children]
+        outcomes = {who: (err, value) for who, err, value in replies}
+    finally:
+        for c in children:
+            c.join(timeout=10)
+            if c.is_alive():
+                c.kill()
+    err, versions = outcomes["writer"]
+    assert err is None and versions >= 20
+    err, value = outcomes["reader"]
+    assert err is None
+    distinct, final_version = value
+    assert loads.value >= 30 and distinct > 1  # the reader saw the head move under it
+    assert final_version == versions
+
+
+# -- the stored layout of a state (pure) --------------------------------------------------------
+
+_DTYPES = ["<f4", "<f8", "<i8", ">i4", "|u1", "|b1", "<f2"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=5),
+    dtypes=st.lists(st.sampled_from(_DTYPES), min_size=5, max_size=5),
+    chunk_bytes=st.integers(1, 300),
+    order=st.randoms(use_true_random=False),
+)
+def test_layout_round_trip_in_any_chunk_order(
+    sizes: list[int], dtypes: list[str], chunk_bytes: int, order: Any
+) -> None:
+    rng = np.random.default_rng(len(sizes))
+    arrays = {
+        f"a{i}": rng.integers(0, 255, size * np.dtype(dt).itemsize, dtype=np.uint8).view(dt)
+        for i, (size, dt) in enumerate(zip(sizes, dtypes, strict=False))
+    }
+    snap = ShardSnapshot(RUN, 0, 1, 1, {}, arrays)
+    layout = state_layout(snap, chunk_bytes)
+    chunks = [(name, idx, bytes(data)) for name, idx, data in state_chunks(snap, chunk_bytes)]
+    assert all(len(c[2]) <= chunk_bytes for c in chunks)
+    order.shuffle(chunks)
+    out = assemble_state(layout, chunks, "test")
+    assert out.keys() == arrays.keys()
+    for name, a in arrays.items():
+        assert out[name].dtype == a.dtype and out[name].tobytes() == a.tobytes()
+    if chunks:
+        with pytest.raises(TornState, match="missing"):
+            assemble_state(layout, chunks[1:], "test")
+        with pytest.raises(TornState, match="repeated"):
+            assemble_state(layout, chunks + chunks[:1], "test")
+        name, idx, data = chunks[0]
+        with pytest.raises(TornState, match="bytes"):
+            assemble_state(layout, [(name, idx, data + b"x"), *chunks[1:]], "test")
+
+
+def test_bad_snapshots_are_rejected_before_anything_is_written(store: Store) -> None:
+    store.create_run(RUN, {})
+    store.claim_shard(RUN, 0, 1)
+    bad = [
+        ({"x": np.zeros((2, 2))}, {}, "1-D"),
+        ({"x": np.array([object()])}, {}, "plain data"),
+        ({"": np.zeros(2)}, {}, "names"),
+        ({"x": [1.0, 2.0]}, {}, "numpy"),
+        ({"x": np.zeros(2)}, {"k": object()}, "JSON"),
+    ]
+    for arrays, meta, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            store.save_shard_state(ShardSnapshot(RUN, 0, 1, 1, meta, arrays))  # type: ignore[arg-type]
+    assert store.load_shard_state(RUN, 0) is None
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        SQLiteStore(Path("/nonexistent/never-created.db"), chunk_bytes=32 << 20)
+
+
+@pytest.mark.parametrize("old_version", [1, 2])
+def test_sqlite_upgrades_older_files(tmp_path: Path, old_version: int) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        for stmt in sqlite_backend._SCHEMA[:3]:  # meta, runs, members: the version 1 schema
+            conn.execute(stmt)
+        if old_version == 2:  # the development layout of the shard-state tables
+            conn.execute("CREATE TABLE shard_heads (run_id, shard_id, owner_epoch, prev_epoch)")
+            conn.execute("CREATE TABLE shard_chunks (run_id, shard_id, epoch, version, data)")
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(old_version),))
+        conn.execute("INSERT INTO runs VALUES (?, '{\"seed\": 4}', 1.0, 0, NULL)", (RUN,))
+    conn.close()
+    with SQLiteStore(path, chunk_bytes=SMALL_CHUNK) as s:
+        assert s.get_run(RUN).config == {"seed": 4}  # runs and members are kept
+        s.claim_shard(RUN, 0, 1)
+        s.save_shard_state(_snapshot(1, 1, n=1000))
+        _assert_same(s.load_shard_state(RUN, 0), _snapshot(1, 1, n=1000))
+    conn = sqlite3.connect(path)
+    version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    conn.close()
+    assert version == (str(SCHEMA_VERSION),)

@@ -15,7 +15,7 @@ RUN = "r"
 
 @pytest.fixture
 def store(tmp_path):
-    s = SQLiteStore(tmp_path / "t.db", state_chunk_bytes=1024)
+    s = SQLiteStore(tmp_path / "t.db", chunk_bytes=1024)
     s.create_run(RUN, {})
     yield s
     s.close()
@@ -105,7 +105,7 @@ def test_shards_are_independent(store):
 
 
 def test_a_concurrent_reader_never_sees_a_torn_state(tmp_path):
-    writer = SQLiteStore(tmp_path / "t.db", state_chunk_bytes=512)
+    writer = SQLiteStore(tmp_path / "t.db", chunk_bytes=512)
     writer.create_run(RUN, {})
     writer.claim_shard(RUN, 0, 1)
     writer.save_shard_state(snap(1, 0))
@@ -136,7 +136,7 @@ def test_a_concurrent_reader_never_sees_a_torn_state(tmp_path):
 
 
 def _write_versions(path: str, start: multiprocessing.synchronize.Event, n: int) -> None:
-    s = SQLiteStore(path, state_chunk_bytes=512)
+    s = SQLiteStore(path, chunk_bytes=512)
     start.wait(30)
     for v in range(1, n):
         s.save_shard_state(snap(1, v))

@@ -1,8 +1,9 @@
 """The store interface: runs and their members, shared by every backend (DESIGN §1, §6).
 
 Processes of one run find each other through the store: the run's config and every member's
-address and epoch live here. A backend is any object that satisfies :class:`Store`; today that is
-:class:`tether.store.sqlite.SQLiteStore`, and a MongoDB backend implements the same protocol.
+address and epoch live here, and so does every shard's replicated state. A backend is any object
+that satisfies :class:`Store`: :class:`tether.store.sqlite.SQLiteStore` (one machine) and
+:class:`tether.store.mongo.MongoStore` (a replica set).
 
 Contracts every backend keeps (the shared test suite checks them against each backend):
 
@@ -248,7 +249,10 @@ def assemble_state(
 
 @runtime_checkable
 class Store(Protocol):
-    """Runs and membership. Every method may also raise :class:`StoreUnavailable`."""
+    """Runs, membership and replicated shard state. Every method may also raise
+    :class:`StoreUnavailable` (transient: the call may be retried; every write here is safe to
+    repeat, though a retried ``register`` takes another epoch and a retried ``create_run`` may
+    find the run it created)."""
 
     uri: str
     """A URI that reopens this same store from any process (for sqlite: an absolute path)."""

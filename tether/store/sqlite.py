@@ -48,7 +48,7 @@ from tether.store.base import (
     version_regression,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
 # _MIGRATIONS[v] (the statements that take version v to v+1), so the next issue can add tables
@@ -77,9 +77,11 @@ _SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (run_id, role, member_id)
     )""",
 )
-# Version 2: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
+# Version 3: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
 # points at. Chunks are keyed by a per-shard save id, so a new state never overwrites the one the
-# head points at. Head columns other than owner_epoch are NULL until a state is saved.
+# head points at; epoch and version say which state a chunk belongs to. Head columns other than
+# owner_epoch are NULL until a state is saved. (Version 2 was a development layout of the same
+# tables; its replicated state is dropped on upgrade -- it only matters to a run in progress.)
 _SHARD_STATE_TABLES: tuple[str, ...] = (
     """CREATE TABLE shard_heads (
         run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -98,6 +100,8 @@ _SHARD_STATE_TABLES: tuple[str, ...] = (
         run_id TEXT NOT NULL,
         shard_id INTEGER NOT NULL,
         save_id INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
         name TEXT NOT NULL,
         idx INTEGER NOT NULL,
         data BLOB NOT NULL,
@@ -105,7 +109,12 @@ _SHARD_STATE_TABLES: tuple[str, ...] = (
     )""",
 )
 _SCHEMA = _SCHEMA + _SHARD_STATE_TABLES
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SHARD_STATE_TABLES}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: _SHARD_STATE_TABLES,
+    2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *_SHARD_STATE_TABLES),
+}
+
+_PAGE_SIZE = 65536
 
 _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
@@ -183,6 +192,10 @@ class SQLiteStore:
         try:
             with self._translate_errors():
                 conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                # Only takes effect on a new file: shard state is megabytes of BLOBs, which 64 KiB
+                # pages write and free 2-3x faster than 4 KiB ones (16 MiB saves: ~45 vs ~115
+                # ms); a small write such as a heartbeat stays ~0.1 ms.
+                conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
                 mode = _enable_wal(conn, busy_timeout_s)
                 if str(mode).lower() != "wal":
                     raise StoreError(
@@ -461,10 +474,11 @@ class SQLiteStore:
                 raise version_regression(snap, head_version)
             save_id = (old_save or 0) + 1
             conn.executemany(
-                "INSERT INTO shard_chunks (run_id, shard_id, save_id, name, idx, data) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO shard_chunks "
+                "(run_id, shard_id, save_id, epoch, version, name, idx, data) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (*key, save_id, name, idx, data)
+                    (*key, save_id, snap.epoch, snap.version, name, idx, data)
                     for name, idx, data in state_chunks(snap, self.chunk_bytes)
                 ),
             )
