@@ -875,10 +875,14 @@ def _writer_process(uri: str, loads: Any, started: Any, done: Any, results: Any)
             store.claim_shard(RUN, 0, 1)
             store.save_shard_state(_snapshot(1, 0, n=100_000))
             started.set()
-            # Until the reader has loaded many times meanwhile, so the two really overlap.
+            # Until the reader has loaded many times meanwhile, so the two really overlap: each
+            # new version waits for one more load (the reader may start late on a busy machine).
             while (loads.value < 30 or version < 20) and time.monotonic() < deadline:
+                seen = loads.value
                 version += 1
                 store.save_shard_state(_snapshot(1, version, n=100_000))
+                while loads.value == seen and time.monotonic() < deadline:
+                    pass
         results.put(("writer", None, version))
     except BaseException as e:  # sent to the parent
         results.put(("writer", f"{type(e).__name__}: {e}", 0))

@@ -272,6 +272,8 @@ def run_worker(opts: WorkerOptions) -> int:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
     worker = Worker(opts, store, config)  # ValueError: bad id/device -> exit 2 at the edge
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before registering: a stop is never fatal
+        signal.signal(sig, lambda *_: worker.stop.set())
     worker.epoch = store.register(
         opts.run_id,
         "worker",
@@ -280,8 +282,6 @@ def run_worker(opts: WorkerOptions) -> int:
         pid=os.getpid(),
         host=socket.gethostname(),
     )
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: worker.stop.set())
     print(
         f"tether worker: worker {opts.worker_id} of run {opts.run_id} (seed {config.seed}, "
         f"device {config.device}, {len(worker.part)} samples)",
