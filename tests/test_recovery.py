@@ -6,6 +6,7 @@ processes, timed by the run's progress as read from the store, never by sleeps.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -165,3 +166,19 @@ def test_status_shows_epochs_and_restarts_while_the_run_goes_on(tether_cli, tmp_
     assert (shards[1]["epoch"], shards[1]["restarts"], shards[1]["alive"]) == (2, 1, True)
     assert (shards[0]["epoch"], shards[0]["restarts"]) == (1, 0)
     assert launch.proc.poll() is None  # still training
+
+
+def test_a_paused_shard_misses_its_lease_is_replaced_and_the_run_finishes(
+    tether_cli, tmp_path, watch
+):
+    run_dir = tmp_path / "run"
+    launch = tether_cli("launch", *COMMON, "--mode", "bsp", "--run-dir", str(run_dir))
+    w = watch(run_dir)
+    paused = w.kill_at(60, "server", 1, signal.SIGSTOP)  # hung, not dead: no exit to see
+    rc, out, err = launch.finish()
+    assert rc == 0, err[-3000:]
+    assert "shard 1" in err and "missed its heartbeat lease" in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["restarts"] == {"server": 1, "worker": 0}
+    assert summary["updates_applied"] == summary["steps"] and summary["lost_updates"] == 0
+    assert w.member("server", 1).epoch == 2 and w.member("server", 1).pid != paused

@@ -29,6 +29,7 @@ import numpy as np
 from tether.config import RunConfig
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
+from tether.status import HEARTBEAT_LEASE_S
 from tether.store import Member, Store, open_store
 from tether.supervisor import GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
@@ -229,6 +230,7 @@ class Launcher:
                     continue
                 self._restart(store, child, rc)
             members = store.members(cfg.run_id)
+            self._enforce_leases(members)
             for m in members:
                 if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
                     self.say(
@@ -247,6 +249,27 @@ class Launcher:
                 )  # fmt: skip
             time.sleep(0.02)
         view.update(store.members(cfg.run_id, "worker"))
+
+    def _enforce_leases(self, members: list[Member]) -> None:
+        """A child that stopped heartbeating (hung, paused) is killed, so it gets replaced.
+
+        Its replacement takes the next epoch; should the old process ever run again it is a
+        zombie, fenced by the store (DESIGN §5).
+        """
+        now = time.time()
+        by_pid: dict[tuple[str, int, int], Member] = {
+            (m.role, m.member_id, m.pid): m for m in members
+        }
+        for child in self.children:
+            m = by_pid.get((child.role, child.member_id, child.proc.pid))
+            if m is None or m.state != "running" or child.proc.poll() is not None:
+                continue
+            if now - m.heartbeat > HEARTBEAT_LEASE_S:
+                self.say(
+                    f"tether: {child.name} (pid {child.proc.pid}) missed its heartbeat lease "
+                    f"({now - m.heartbeat:.1f}s > {HEARTBEAT_LEASE_S:.0f}s); killing it"
+                )
+                child.proc.kill()
 
     def _restart(self, store: Store, child: Child, rc: int) -> None:
         cfg = self.config

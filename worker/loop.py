@@ -23,7 +23,7 @@ import numpy as np
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.store import Member, Store, open_store
+from tether.store import Fenced, Member, Store, open_store
 from tether.wire import FLOAT
 from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
 from tether.worker.data import batch_indices, load_dataset, partition
@@ -245,6 +245,21 @@ class Worker:
             for c in self.clients:
                 c.close()
 
+    def keep_alive(self) -> threading.Thread:
+        """Heartbeat from a thread, so a worker waiting at a barrier still shows it is alive."""
+
+        def loop() -> None:
+            while not self.stop.wait(self.opts.heartbeat_s):
+                try:
+                    self.store.heartbeat(self.config.run_id, "worker", self.wid, self.epoch, {})
+                except Fenced:
+                    self.stop.set()  # a newer incarnation of this worker took over
+                    return
+
+        thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
+        thread.start()
+        return thread
+
     def beat(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.store.heartbeat(
             self.config.run_id,
@@ -288,6 +303,7 @@ def run_worker(opts: WorkerOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
+    worker.keep_alive()
     try:
         worker.connect()
         # "Serving again" for a restarted worker: its clock is read back from the shards.
