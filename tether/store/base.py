@@ -247,6 +247,29 @@ def assemble_state(
     return arrays
 
 
+class ProcessLocal:
+    """Base of store backends: an object owns connections that belong to one process.
+
+    It cannot be pickled to another process (pass ``store.uri`` and call ``open_store`` there)
+    and closes itself at the end of a ``with`` block.
+    """
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __getstate__(self) -> object:
+        raise TypeError(
+            f"a {type(self).__name__} cannot be sent to another process; pass store.uri and call "
+            "open_store() there"
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 @runtime_checkable
 class Store(Protocol):
     """Runs, membership and replicated shard state. Every method may also raise

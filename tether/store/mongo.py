@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, NoReturn, Self
+from typing import Any, NoReturn
 from urllib.parse import unquote
 
 from bson import ObjectId
@@ -64,6 +64,7 @@ from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
     Fenced,
     Member,
+    ProcessLocal,
     Role,
     RunExists,
     RunRecord,
@@ -178,7 +179,7 @@ def _key(*parts: Any) -> str:
     return json.dumps(parts, separators=(",", ":"))
 
 
-class MongoStore:
+class MongoStore(ProcessLocal):
     """A :class:`tether.store.base.Store` on a MongoDB replica set (see the module docstring).
 
     ``client_factory`` makes the client instead of ``MongoClient(uri, **client_options(uri))``
@@ -266,18 +267,6 @@ class MongoStore:
 
     def __repr__(self) -> str:
         return f"MongoStore({self._where!r})"
-
-    def __getstate__(self) -> object:
-        raise TypeError(
-            "a MongoStore cannot be sent to another process; pass store.uri and call "
-            "open_store() there"
-        )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     def close(self) -> None:
         with self._close_lock:

@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
     Fenced,
     Member,
+    ProcessLocal,
     Role,
     RunExists,
     RunRecord,
@@ -155,7 +156,7 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-class SQLiteStore:
+class SQLiteStore(ProcessLocal):
     """A :class:`tether.store.base.Store` on a SQLite file (created, with its parents, if absent).
 
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
@@ -212,18 +213,6 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.uri!r})"
-
-    def __getstate__(self) -> object:
-        raise TypeError(
-            "a SQLiteStore cannot be sent to another process; pass store.uri and call "
-            "open_store() there"
-        )
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # -- plumbing -----------------------------------------------------------------------------
 
