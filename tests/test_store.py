@@ -838,12 +838,16 @@ def test_a_concurrent_reader_never_sees_a_torn_state(store_factory: StoreFactory
     deadline = time.monotonic() + 20
 
     def write() -> None:
-        # Saves go on until the reader has loaded many times meanwhile, so the two overlap.
+        # Saves go on until the reader has loaded many times meanwhile, so the two overlap:
+        # each new version waits for one more load (thread scheduling may favour the writer).
         version = 0
         try:
             while (len(seen) < 50 or version < 20) and time.monotonic() < deadline:
+                loads = len(seen)
                 version += 1
                 writer.save_shard_state(_snapshot(1, version, n=50_000))
+                while len(seen) == loads and time.monotonic() < deadline:
+                    time.sleep(0)  # yield the GIL to the reader
         except BaseException as e:  # reported below
             errors.append(e)
         finally:
