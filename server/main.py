@@ -27,7 +27,7 @@ from tether.config import RunConfig
 from tether.proto import ps_pb2_grpc
 from tether.server.replication import Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
-from tether.server.state import ReplicationPolicy, ShardSpec, ShardState, split_ranges
+from tether.server.state import ShardSpec, ShardState, split_ranges
 from tether.store import Fenced, Store, open_store
 from tether.wire import CHANNEL_OPTIONS
 
@@ -59,11 +59,7 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
         consistency=config.consistency,
         optimizer=config.optimizer_config,
         chunk_bytes=config.chunk_bytes,
-        replication=ReplicationPolicy(
-            mode=config.replication,  # type: ignore[arg-type]
-            every_updates=config.replicate_every,
-            interval_s=config.replicate_interval_ms / 1000,
-        ),
+        replication=config.replication_policy,
     )
 
 

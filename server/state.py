@@ -91,7 +91,7 @@ class ReplicationPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in ("off", "sync", "async"):
-            raise ValueError(f"--replication must be sync or async, got {self.mode!r}")
+            raise ValueError(f"--replication must be sync, async or off, got {self.mode!r}")
         if self.every_updates < 1:
             raise ValueError(f"--replicate-every must be >= 1, got {self.every_updates}")
         if not 0 < self.interval_s <= 3600:

@@ -6,6 +6,7 @@ Each test checks invariants and outcomes, not schedules.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -108,8 +109,6 @@ def test_bsp_is_independent_of_shard_count_and_equals_single_process_training(te
     shas = {s["params_sha256"] for s in summaries.values()}
     assert len(shas) == 1, summaries
     exported = np.load(procs[2][1])["params"]
-    import hashlib
-
     assert hashlib.sha256(exported.astype("<f4").tobytes()).hexdigest() == shas.pop()
     reference = single_process_training(seed=7, steps=40, workers=2, batch=32, lr=0.1)
     np.testing.assert_allclose(exported, reference, rtol=1e-5, atol=1e-6)
@@ -198,8 +197,6 @@ def test_exported_parameters_match_the_reported_hash(tether_cli, tmp_path):
         "launch", "--json", "--steps", "5", "--model", "logreg", "--export", str(export),
         "--run-dir", str(tmp_path / "r"),
     ).json()  # fmt: skip
-    import hashlib
-
     params = np.load(export)["params"]
     assert params.dtype == np.float32 and params.size == 64 * 10 + 10
     assert hashlib.sha256(params.tobytes()).hexdigest() == summary["params_sha256"]

@@ -16,6 +16,7 @@ from typing import Any
 
 from tether.consistency import Consistency, parse_consistency
 from tether.server.optim import OptimizerConfig
+from tether.server.state import ReplicationPolicy
 from tether.wire import DEFAULT_CHUNK_BYTES
 
 DEVICES = ("cpu", "gpu", "tpu")
@@ -79,15 +80,6 @@ class RunConfig:
                 f"--wait-timeout must be > 0 seconds, got {self.wait_timeout_s}",
             ),
             (1 << 10 <= self.chunk_bytes <= 4 << 20, "chunk size must be 1 KiB to 4 MiB"),
-            (
-                self.replication in ("off", "sync", "async"),
-                f"--replication must be sync, async or off, got {self.replication!r}",
-            ),
-            (self.replicate_every >= 1, "--replicate-every must be >= 1"),
-            (
-                math.isfinite(self.replicate_interval_ms) and self.replicate_interval_ms > 0,
-                "--replicate-interval-ms must be > 0",
-            ),
             (self.max_restarts >= 0, f"--max-restarts must be >= 0, got {self.max_restarts}"),
         ]
         for ok, message in checks:
@@ -100,6 +92,7 @@ class RunConfig:
                 )
         self.consistency  # noqa: B018 - validates mode and staleness
         self.optimizer_config  # noqa: B018 - validates optimizer and lr
+        self.replication_policy  # noqa: B018 - validates the replication settings
 
     @property
     def consistency(self) -> Consistency:
@@ -108,6 +101,14 @@ class RunConfig:
     @property
     def optimizer_config(self) -> OptimizerConfig:
         return OptimizerConfig(name=self.optimizer, lr=self.lr)  # type: ignore[arg-type]
+
+    @property
+    def replication_policy(self) -> ReplicationPolicy:
+        return ReplicationPolicy(
+            mode=self.replication,  # type: ignore[arg-type]
+            every_updates=self.replicate_every,
+            interval_s=self.replicate_interval_ms / 1000,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -58,7 +58,7 @@ class Child:
 
     @property
     def name(self) -> str:
-        return f"{'shard' if self.role == 'server' else self.role} {self.member_id}"
+        return member_name(self.role, self.member_id)
 
     def log_tail(self, lines: int = 8) -> str:
         try:
