@@ -36,5 +36,5 @@ def test_ruff_lint_and_format():
 
 @pytest.mark.timeout(300)
 def test_mypy():
-    proc = run(tool("mypy"), "consistency", "server", "worker", "tether")
+    proc = run(tool("mypy"), "consistency", "server", "worker", "tether", "chaos")
     assert proc.returncode == 0, proc.stdout

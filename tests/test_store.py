@@ -10,6 +10,7 @@ backend without one skips them.
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing
 import os
 import pickle
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mongomock
+import mongomock.collection
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -141,6 +143,31 @@ def _mongo_backend(
     return Backend(name, open_, uri if real else None, chunk_count, break_next_save)
 
 
+def _mongomock_takes_sort() -> None:
+    """Let mongomock run pymongo's UpdateOne/ReplaceOne in ``bulk_write``.
+
+    pymongo 4.11 passes ``sort=`` to the bulk builder, which mongomock 4.3 (the latest) does not
+    take; the store never sorts a bulk update, so the argument is dropped when it is None.
+    """
+    builder: Any = mongomock.collection.BulkOperationBuilder
+    for name in ("add_update", "add_replace"):
+        real = getattr(builder, name)
+        if "sort" in inspect.signature(real).parameters:
+            continue
+
+        def without_sort(
+            self: Any, *args: Any, sort: Any = None, _real: Any = real, **kwargs: Any
+        ) -> Any:
+            if sort is not None:
+                raise NotImplementedError("mongomock cannot sort a bulk update")
+            return _real(self, *args, **kwargs)
+
+        setattr(builder, name, without_sort)
+
+
+_mongomock_takes_sort()
+
+
 def _mongomock_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     client: Any = mongomock.MongoClient()
     uri = "mongodb://mongomock.invalid/tether_test?replicaSet=rs0"
@@ -238,6 +265,13 @@ def test_unknown_run_everywhere(store: Store) -> None:
         lambda: store.save_shard_state(_snapshot(1, 1, run_id="nope")),
         lambda: store.load_shard_state("nope", 0),
         lambda: store.shard_heads("nope"),
+        lambda: store.set_run_meta("nope", {"a": 1}),
+        lambda: store.log_metrics("nope", []),
+        lambda: store.metrics("nope"),
+        lambda: store.put_artifact("nope", "a.txt", b"", "text/plain"),
+        lambda: store.artifacts("nope"),
+        lambda: store.get_artifact("nope", "a.txt"),
+        lambda: store.delete_run("nope"),
     ]
     for call in calls:
         with pytest.raises(UnknownRun) as err:
@@ -1004,7 +1038,7 @@ def test_bad_snapshots_are_rejected_before_anything_is_written(store: Store) -> 
         SQLiteStore(Path("/nonexistent/never-created.db"), chunk_bytes=32 << 20)
 
 
-@pytest.mark.parametrize("old_version", [1, 2])
+@pytest.mark.parametrize("old_version", [1, 2, 3])
 def test_sqlite_upgrades_older_files(tmp_path: Path, old_version: int) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
@@ -1014,11 +1048,15 @@ def test_sqlite_upgrades_older_files(tmp_path: Path, old_version: int) -> None:
         if old_version == 2:  # the development layout of the shard-state tables
             conn.execute("CREATE TABLE shard_heads (run_id, shard_id, owner_epoch, prev_epoch)")
             conn.execute("CREATE TABLE shard_chunks (run_id, shard_id, epoch, version, data)")
+        if old_version == 3:  # shard state as version 3 wrote it
+            for stmt in sqlite_backend._SHARD_STATE_TABLES:
+                conn.execute(stmt)
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(old_version),))
         conn.execute("INSERT INTO runs VALUES (?, '{\"seed\": 4}', 1.0, 0, NULL)", (RUN,))
     conn.close()
     with SQLiteStore(path, chunk_bytes=SMALL_CHUNK) as s:
         assert s.get_run(RUN).config == {"seed": 4}  # runs and members are kept
+        assert s.get_run(RUN).meta == {}  # version 4: results (DESIGN §8)
         s.claim_shard(RUN, 0, 1)
         s.save_shard_state(_snapshot(1, 1, n=1000))
         _assert_same(s.load_shard_state(RUN, 0), _snapshot(1, 1, n=1000))

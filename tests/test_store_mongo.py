@@ -44,7 +44,7 @@ from tether.store import (
 )
 from tether.store.base import TornState
 from tether.store.faults import ERRORS, POINTS, FaultPlan, translate_error
-from tether.store.mongo import (
+from tether.store.mongo_uri import (
     DEFAULT_OPTIONS,
     client_options,
     database_name,

@@ -149,6 +149,13 @@ def build_parser() -> Parser:
     worker = sub.add_parser("worker", help="run one JAX worker of a run")
     _add_store_run(worker)
     worker.add_argument("--worker-id", type=int, required=True, help="which worker (0..W-1)")
+    worker.add_argument(
+        "--route",
+        action="append",
+        default=[],
+        metavar="SHARD=HOST:PORT",
+        help="dial shard SHARD at HOST:PORT (a fault proxy) instead of its registered address",
+    )
 
     status = sub.add_parser("status", help="members of a run and whether it finished")
     status.add_argument(
@@ -160,9 +167,11 @@ def build_parser() -> Parser:
     _add_store_run(status, required=False)
     status.add_argument("--json", action="store_true", help="print status as JSON")
 
+    from tether.chaos.cli import add_parser as add_chaos_parser
     from tether.mongo_up import add_parser as add_mongo_parser
 
     add_mongo_parser(sub)
+    add_chaos_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -201,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "chaos":
+            from tether.chaos.cli import run as chaos_run
+
+            return chaos_run(args)
         if args.command == "mongo":
             from tether.mongo_up import run as mongo_run
 
@@ -296,7 +309,17 @@ def _server(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from tether.worker.loop import WorkerOptions, run_worker
 
-    return run_worker(WorkerOptions(args.store, args.run, args.worker_id))
+    routes = dict(parse_route(r) for r in args.route)
+    return run_worker(WorkerOptions(args.store, args.run, args.worker_id, routes=routes))
+
+
+def parse_route(text: str) -> tuple[int, str]:
+    """`SHARD=HOST:PORT` -> (shard id, address)."""
+    shard, sep, address = text.partition("=")
+    host, colon, port = address.rpartition(":")
+    if not (sep and colon and host and shard.isdigit() and port.isdigit()):
+        raise UsageError(f"--route expects SHARD=HOST:PORT (e.g. 0=127.0.0.1:7001), got {text!r}")
+    return int(shard), address
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import queue
 import random
 import signal
 import socket
@@ -20,7 +21,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -47,6 +49,8 @@ class LaunchOptions:
     store_uri: str
     export: Path | None = None
     startup_timeout_s: float = 120.0
+    # worker id -> shard id -> address the worker dials for that shard (a fault proxy, DESIGN §7)
+    routes: dict[int, dict[int, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -55,6 +59,9 @@ class Child:
     member_id: int
     proc: subprocess.Popen[bytes]
     log_path: Path
+    # Replaced while still alive (a pause followed by a replacement): its exit is expected and
+    # restarts nothing; if it runs again it is a zombie the store fences (DESIGN §5).
+    superseded: bool = False
 
     @property
     def name(self) -> str:
@@ -68,13 +75,18 @@ class Child:
         return "\n".join("    " + line for line in text[-lines:])
 
 
-def member_command(role: str, store_uri: str, run_id: str, member_id: int) -> list[str]:
+def member_command(
+    role: str, store_uri: str, run_id: str, member_id: int, routes: dict[int, str] | None = None
+) -> list[str]:
     """The exact command line a cluster scheduler would run for this member (DESIGN §1)."""
     flag = "--shard-id" if role == "server" else "--worker-id"
-    return [
+    cmd = [
         sys.executable, "-m", "tether", role,
         "--store", store_uri, "--run", run_id, flag, str(member_id),
     ]  # fmt: skip
+    for shard, address in sorted((routes or {}).items()):
+        cmd += ["--route", f"{shard}={address}"]
+    return cmd
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
@@ -132,21 +144,89 @@ class Launcher:
         self.store: Store | None = None
         self.epoch = 0  # the launcher's own membership epoch
         self.supervisor = Supervisor(opts.config.max_restarts)
+        # What happened to the members, in order: exits, restarts, lease kills, recoveries.
+        # A chaos run reads it to time recoveries and to check that a zombie was fenced.
+        self.events: list[dict[str, Any]] = []
+        self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
+
+    def _event(self, kind: str, child: Child, **detail: Any) -> None:
+        self.events.append(
+            {"t": time.time(), "kind": kind, "role": child.role, "id": child.member_id,
+             "pid": child.proc.pid, **detail}
+        )  # fmt: skip
+
+    # -- control from another thread (chaos runs), executed by the watch loop ---------------
+
+    def call(self, fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+        """Run `fn` in the launcher's watch loop (which owns the children) and return its result."""
+        future: Future[Any] = Future()
+        self._requests.put((fn, future))
+        return future.result(timeout=timeout_s)
+
+    def _serve_requests(self) -> None:
+        while True:
+            try:
+                fn, future = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to the caller, not fatal to the run
+                future.set_exception(e)
+
+    def live_child(self, role: str, member_id: int) -> Child:
+        """The current (not superseded) process of a member; call from the watch loop."""
+        for child in self.children:
+            if (child.role, child.member_id) == (role, member_id) and not child.superseded:
+                if child.proc.poll() is None:
+                    return child
+        raise LookupError(f"{member_name(role, member_id)} has no live process right now")
+
+    def signal_member(self, role: str, member_id: int, sig: int) -> int:
+        """Send `sig` to a member's current process; returns its pid (call via `call`)."""
+        child = self.live_child(role, member_id)
+        child.proc.send_signal(sig)
+        self._event("signal", child, signal=signal.Signals(sig).name)
+        return child.proc.pid
+
+    def signal_pid(self, pid: int, sig: int) -> None:
+        """Send `sig` to one of this launcher's children by pid (e.g. resume a superseded one)."""
+        for child in self.children:
+            if child.proc.pid == pid and child.proc.poll() is None:
+                child.proc.send_signal(sig)
+                self._event("signal", child, signal=signal.Signals(sig).name)
+                return
+        raise LookupError(f"pid {pid} is not a live child of this launcher")
+
+    def replace_member(self, role: str, member_id: int) -> int:
+        """Start a replacement while the current process lives on (paused or partitioned).
+
+        The replacement registers the next epoch; the old process is superseded: its exit
+        restarts nothing, and the store fences it if it runs again (DESIGN §5).
+        """
+        old = self.live_child(role, member_id)
+        old.superseded = True
+        self._event("superseded", old)
+        new = self._spawn(role, member_id)
+        self._event("replacement", new, replaces=old.proc.pid)
+        return new.proc.pid
 
     def _spawn(self, role: str, member_id: int) -> Child:
         logs = self.opts.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"{role}-{member_id}.log"
-        cmd = member_command(role, self.opts.store_uri, self.config.run_id, member_id)
+        routes = self.opts.routes.get(member_id) if role == "worker" else None
+        cmd = member_command(role, self.opts.store_uri, self.config.run_id, member_id, routes)
         with open(log_path, "ab") as log:
             # stdin closed; children share the launcher's process group so one signal to the
             # group (Ctrl-C, a test's teardown) reaches all of them.
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         child = Child(role, member_id, proc, log_path)
         self.children.append(child)
+        self._event("start", child)
         return child
 
     def _check_children(self, roles: tuple[str, ...]) -> None:
@@ -221,18 +301,33 @@ class Launcher:
         done: set[int] = set()
         last_beat = last_view = 0.0
         while len(done) < cfg.workers:
+            self._serve_requests()
             for child in list(self.children):
                 rc = child.proc.poll()
                 if rc is None or child.member_id in done and child.role == "worker":
                     continue
+                if child.superseded:
+                    self.children.remove(child)
+                    self._event("exit", child, exit_code=rc, superseded=True)
+                    self.say(
+                        f"tether: {child.name} (pid {child.proc.pid}, replaced) exited with "
+                        f"code {rc}"
+                    )
+                    continue
                 if child.role == "worker" and rc == 0:
                     done.add(child.member_id)
+                    self._event("exit", child, exit_code=0)
                     continue
+                self._event("exit", child, exit_code=rc)
                 self._restart(store, child, rc)
             members = store.members(cfg.run_id)
             self._enforce_leases(members)
             for m in members:
                 if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
+                    self.events.append(
+                        {"t": time.time(), "kind": "serving", "role": m.role, "id": m.member_id,
+                         "pid": m.pid, "epoch": m.epoch, "recovery_s": rec.recovery_s}
+                    )  # fmt: skip
                     self.say(
                         f"tether: {member_name(rec.role, rec.member_id)} serving again at epoch "
                         f"{m.epoch}, {rec.recovery_s:.2f}s after its exit was seen"
@@ -264,11 +359,14 @@ class Launcher:
             m = by_pid.get((child.role, child.member_id, child.proc.pid))
             if m is None or m.state != "running" or child.proc.poll() is not None:
                 continue
+            if child.superseded:
+                continue  # already replaced; left alive on purpose (a zombie to be fenced)
             if now - m.heartbeat > HEARTBEAT_LEASE_S:
                 self.say(
                     f"tether: {child.name} (pid {child.proc.pid}) missed its heartbeat lease "
                     f"({now - m.heartbeat:.1f}s > {HEARTBEAT_LEASE_S:.0f}s); killing it"
                 )
+                self._event("lease_kill", child, heartbeat_age_s=now - m.heartbeat)
                 child.proc.kill()
 
     def _restart(self, store: Store, child: Child, rc: int) -> None:
@@ -295,6 +393,7 @@ class Launcher:
 
         cfg = self.config
         shards = store.members(cfg.run_id, "server")
+        workers = store.members(cfg.run_id, "worker")
         flat, infos = fetch_params(cfg, shards)
         recoveries = self.supervisor.recoveries
         data = load_dataset(cfg.dataset)
@@ -345,7 +444,9 @@ class Launcher:
                 }
                 for r in recoveries
             ],  # fmt: skip
-            "lost_updates": lost_updates(store.members(cfg.run_id, "worker")),
+            "lost_updates": lost_updates(workers),
+            "ledger": audit_ledger(cfg.steps, infos, workers),
+            "events": self.events,
             "durable_versions": [i.durable_version for i in infos],
             "replication_lag_max_s": max(i.replication_lag_max_s for i in infos),
             "export": str(self.opts.export) if self.opts.export else None,
@@ -356,6 +457,7 @@ class Launcher:
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
+                child.proc.send_signal(signal.SIGCONT)  # a paused child handles it too
         deadline = time.monotonic() + grace_s
         for child in self.children:
             try:
@@ -376,6 +478,53 @@ def lost_updates(workers: list[Member]) -> int:
         for key, n in (m.info.get("lost_updates") or {}).items():
             worst[key] = max(worst.get(key, 0), int(n))
     return sum(worst.values())
+
+
+def audit_ledger(steps: int, infos: list[InfoReply], workers: list[Member]) -> dict[str, Any]:
+    """The workers' ack ledgers against the shards' applied logs (DESIGN §7).
+
+    A shard's log of worker w is its de-duplication entry: how many of w's pushes it accepted
+    and the highest seq among them. Seqs are the iterations 0..steps-1, pushed in order, so after
+    a complete run every shard must hold exactly `steps` pushes of every worker with last seq
+    steps-1: fewer means a push is missing, more means one was applied twice. Every seq a worker
+    saw acknowledged must be in the final log, and no recovery may have restored a log without
+    a push that had been acknowledged (`lost_acked`, reported by the workers as they reconnect).
+    """
+    problems: list[str] = []
+    by_id = {m.member_id: m for m in workers}
+    applied = 0
+    for info in infos:
+        for entry in info.workers:
+            applied += entry.clock
+            where = f"shard {info.shard_id}, worker {entry.worker_id}"
+            if entry.clock != entry.last_seq + 1:
+                problems.append(
+                    f"{where}: {entry.clock} pushes accepted but the last seq is "
+                    f"{entry.last_seq} (a push applied twice or skipped)"
+                )
+            elif entry.clock != steps:
+                problems.append(f"{where}: {entry.clock} of {steps} pushes in the log")
+            member = by_id.get(entry.worker_id)
+            acked = (member.info.get("acked_seqs") or []) if member else []
+            if info.shard_id < len(acked) and acked[info.shard_id] > entry.last_seq:
+                problems.append(
+                    f"{where}: seq {acked[info.shard_id]} was acknowledged but the log ends "
+                    f"at {entry.last_seq}"
+                )
+    lost = {
+        f"worker {m.member_id} shard:epoch {key}": int(n)
+        for m in workers
+        for key, n in (m.info.get("lost_acked") or {}).items()
+    }
+    # `ok` is the log's consistency; acknowledged pushes lost to a crash are reported apart, as
+    # async replication may lose its window by design (DESIGN §5) while sync must lose none.
+    return {
+        "ok": not problems,
+        "problems": problems,
+        "pushes_in_logs": applied,
+        "lost_acked_pushes": sum(lost.values()),
+        "lost_acked": lost,
+    }
 
 
 def _sum_hists(hists: list[list[int]]) -> list[int]:

@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.store import Fenced, Member, Store, open_store
+from tether.store import Fenced, Member, MetricRow, Store, StoreError, open_store
 from tether.wire import FLOAT
 from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
 from tether.worker.data import batch_indices, load_dataset, partition
@@ -39,6 +39,7 @@ class StaleShard(RuntimeError):
 
 
 MAX_RESOLVES_WITHOUT_PROGRESS = 20
+EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 
 
 def _describe(e: BaseException) -> str:
@@ -53,6 +54,10 @@ class WorkerOptions:
     run_id: str
     worker_id: int
     heartbeat_s: float = 0.5
+    # shard id -> "host:port" to dial instead of the shard's registered address: a fault proxy
+    # in front of this worker's link to that shard (DESIGN §7). The store still names the shard
+    # and its epoch; only the dialled address changes.
+    routes: dict[int, str] = field(default_factory=dict)
 
 
 # Codes after which the shard may have been replaced: look its address up again and redo the
@@ -117,6 +122,11 @@ class Worker:
         self.policy = RetryPolicy(attempts=3, initial_s=0.02, max_s=0.1)
         self.acked_versions: list[int] = []  # per shard: highest version a push was acked at
         self.lost_updates: dict[str, int] = {}  # "shard:epoch" -> acknowledged updates lost
+        # The ack ledger (DESIGN §7): per shard, the highest seq of this worker's pushes the shard
+        # acknowledged; audited against the shards' applied log (their de-dup table).
+        self.acked_seqs: list[int] = []
+        self.lost_acked: dict[str, int] = {}  # "shard:epoch" -> this worker's acked pushes lost
+        self.metric_rows: list[MetricRow] = []  # per-step metrics not yet in the store
         self.reconnects = 0
         self.epoch = 0  # this worker's membership epoch, set when it registers
         self.clock = 0  # iterations completed, read back from the shards in connect()
@@ -136,7 +146,11 @@ class Worker:
             for c in self.clients:
                 c.close()
             self.clients = [
-                ShardClient(m.address, self.config.run_id, chunk_bytes=self.config.chunk_bytes)
+                ShardClient(
+                    self.opts.routes.get(m.member_id, m.address),
+                    self.config.run_id,
+                    chunk_bytes=self.config.chunk_bytes,
+                )
                 for m in shards
             ]
             try:
@@ -148,12 +162,19 @@ class Worker:
         self.ranges = [(i.offset, i.length) for i in infos]
         if not self.acked_versions:
             self.acked_versions = [-1] * len(infos)
+            self.acked_seqs = [-1] * len(infos)
         for i, (m, info) in enumerate(zip(shards, infos, strict=True)):
-            if self.epochs and m.epoch > self.epochs[i] and self.acked_versions[i] > info.version:
+            if not self.epochs or m.epoch <= self.epochs[i]:
+                continue
+            key = f"{i}:{info.epoch}"
+            if self.acked_versions[i] > info.version:
                 # The replacement restored an older state than this worker saw acknowledged.
-                key = f"{i}:{info.epoch}"
                 lost = self.acked_versions[i] - info.version
                 self.lost_updates[key] = max(self.lost_updates.get(key, 0), lost)
+            restored_seq = info.workers[self.wid].last_seq
+            if self.acked_seqs[i] > restored_seq:
+                # Pushes of this worker the shard acknowledged are not in its restored log.
+                self.lost_acked[key] = self.acked_seqs[i] - restored_seq
         self.epochs = [m.epoch for m in shards]
         self.clock = min(i.workers[self.wid].clock for i in infos)
 
@@ -197,6 +218,7 @@ class Worker:
                 self.rng,
             )
             self.acked_versions[i] = max(self.acked_versions[i], reply.version)
+            self.acked_seqs[i] = max(self.acked_seqs[i], clock)
 
         list(self.pool.map(push, range(len(self.clients))))
 
@@ -214,7 +236,8 @@ class Worker:
                 t_pull = time.monotonic()
                 try:
                     pulled = self._pull_all(clock)
-                    wait_s += time.monotonic() - t_pull
+                    pull_s = time.monotonic() - t_pull
+                    wait_s += pull_s
                     idx = batch_indices(self.part, config.batch_size, config.seed, self.wid, clock)
                     loss, grad = self.model.loss_and_grad(self.flat, x[idx], y[idx])
                     if self.delay_s:
@@ -237,6 +260,21 @@ class Worker:
                 self.clock = clock + 1
                 samples += len(idx)
                 now = time.monotonic()
+                self.metric_rows.append(
+                    MetricRow(
+                        source=f"worker:{self.wid}",
+                        step=clock,
+                        t=time.time(),
+                        values={
+                            "loss": float(loss),
+                            "step_s": now - t_pull,
+                            "pull_s": pull_s,
+                            # What the shards measured when they served this iteration's pulls.
+                            "clock_gap": float(max(p.clock_gap for p in pulled)),
+                            "read_version": float(sum(p.version for p in pulled)),
+                        },
+                    )
+                )
                 if now - last_beat >= self.opts.heartbeat_s or self.clock == config.steps:
                     last_beat = now
                     self.beat(loss, samples / max(now - t0, 1e-9), wait_s)
@@ -260,7 +298,23 @@ class Worker:
         thread.start()
         return thread
 
+    def flush_metrics(self) -> None:
+        """Write the per-step metrics gathered since the last flush (DESIGN §8).
+
+        Metrics are observations, not state: if the store is unreachable they wait for the next
+        flush rather than stop training.
+        """
+        if not self.metric_rows:
+            return
+        try:
+            self.store.log_metrics(self.config.run_id, self.metric_rows)
+        except StoreError as e:
+            print(f"tether worker: metrics not written yet: {e}", file=sys.stderr, flush=True)
+            return
+        self.metric_rows = []
+
     def beat(self, loss: float, samples_per_s: float, wait_s: float) -> None:
+        self.flush_metrics()
         self.store.heartbeat(
             self.config.run_id,
             "worker",
@@ -273,6 +327,8 @@ class Worker:
                 "wait_s": wait_s,
                 "reconnects": self.reconnects,
                 "lost_updates": self.lost_updates,
+                "acked_seqs": self.acked_seqs,
+                "lost_acked": self.lost_acked,
             },
         )
 
@@ -324,7 +380,11 @@ def run_worker(opts: WorkerOptions) -> int:
         store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "failed")
         print(f"tether worker: {e}", file=sys.stderr)
         return 1
-    state = "exited" if worker.clock >= config.steps else "stopped"
-    store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, state)
+    try:
+        store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "exited")
+    except Fenced:
+        pass  # a newer incarnation of this worker owns the record now
     store.close()
-    return 0
+    # Stopped before its last step (SIGTERM, or replaced): not a success, so a supervisor that
+    # sees the exit restarts it instead of taking the worker for finished.
+    return 0 if worker.clock >= config.steps else EXIT_STOPPED

@@ -1,4 +1,7 @@
-"""Where the processes of a run find each other: run config, membership, epochs (DESIGN §1, §6).
+"""Where the processes of a run find each other and leave their results (DESIGN §1, §6, §8).
+
+Run config, membership, epochs and replicated shard state; and, Sacred-like, each run's
+metadata (``set_run_meta``), per-step metrics (:class:`MetricRow`) and artifacts (reports, plots).
 
 Open a store with :func:`open_store` in each process; pass ``store.uri`` (never the object) to
 child processes.
@@ -22,10 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tether.store.base import (
+    MAX_ARTIFACT_BYTES,
     MEMBER_STATES,
     ROLES,
+    ArtifactInfo,
+    ArtifactNotFound,
     Fenced,
     Member,
+    MetricRow,
     Role,
     RunExists,
     RunRecord,
@@ -42,10 +49,14 @@ if TYPE_CHECKING:
     from tether.store.mongo import MongoStore
 
 __all__ = [
+    "MAX_ARTIFACT_BYTES",
     "MEMBER_STATES",
     "ROLES",
+    "ArtifactInfo",
+    "ArtifactNotFound",
     "Fenced",
     "Member",
+    "MetricRow",
     "MongoStore",
     "Role",
     "RunExists",

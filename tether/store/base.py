@@ -1,4 +1,4 @@
-"""The store interface: runs and their members, shared by every backend (DESIGN §1, §6).
+"""The store interface of every backend: runs, members, shard state, results (DESIGN §1, §6, §8).
 
 Processes of one run find each other through the store: the run's config and every member's
 address and epoch live here, and so does every shard's replicated state. A backend is any object
@@ -32,12 +32,18 @@ the complete states it points at:
   new one and the previous one are deleted (a reader still following the previous head is not
   torn); chunks orphaned by a failed save go with them.
 - ``load_shard_state`` returns the state the head points at, complete, or raises; never a mix.
+
+Results (DESIGN §8, a Sacred-like layout: runs, metrics, artifacts) live beside the run so that
+experiments can be queried later: free-form ``meta`` on the run record, per-step
+:class:`MetricRow` s keyed by ``(run, source, step)``, and named artifacts (files of at most
+:data:`MAX_ARTIFACT_BYTES`). Their checks are in :mod:`tether.store.results`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
@@ -116,6 +122,16 @@ class Member:
     info: dict[str, Any]  # free-form fields the member reports: clock, version, loss, ...
 
 
+class ArtifactNotFound(StoreError):
+    """``get_artifact`` named an artifact the run does not have."""
+
+    def __init__(self, run_id: str, name: str, store_uri: str) -> None:
+        super().__init__(f"artifact {name!r} not found in run {run_id!r} of store {store_uri}")
+        self.run_id = run_id
+        self.name = name
+        self.store_uri = store_uri
+
+
 @dataclass(frozen=True, slots=True)
 class RunRecord:
     run_id: str
@@ -123,6 +139,35 @@ class RunRecord:
     created_at: float
     finished: bool
     summary: dict[str, Any] | None  # the run summary written at the end
+    # Free-form metadata merged in by set_run_meta: experiment, tags, git commit, versions,
+    # status (DESIGN §8); {} for runs written before it existed.
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# -- results: per-step metrics and artifacts (DESIGN §8) -----------------------------------------
+
+# MongoDB rejects documents over 16 MiB; an artifact is one document, so half of that.
+MAX_ARTIFACT_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class MetricRow:
+    """What one writer measured at one step. ``(run, source, step)`` is unique in the store."""
+
+    source: str  # who measured it: "worker:0", "shard:1", "launcher" (1 to 64 characters)
+    step: int  # >= 0: the worker's clock, the shard's version, the launcher's tick
+    t: float  # unix time at which the writer measured it (finite)
+    values: dict[str, float]  # metric name -> finite value, stored as float64
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactInfo:
+    """An artifact's description, without its bytes."""
+
+    name: str  # a relative path such as "report.md" or "plots/loss.png"
+    content_type: str  # e.g. "text/markdown", "image/png"
+    size: int  # bytes
+    created_at: float  # unix time of the write that stored this content (store-side clock)
 
 
 # -- replicated shard state: the snapshot and its stored layout (DESIGN §5) ----------------------
@@ -272,10 +317,10 @@ class ProcessLocal:
 
 @runtime_checkable
 class Store(Protocol):
-    """Runs, membership and replicated shard state. Every method may also raise
+    """Runs, membership, replicated shard state and results. Every method may also raise
     :class:`StoreUnavailable` (transient: the call may be retried; every write here is safe to
-    repeat, though a retried ``register`` takes another epoch and a retried ``create_run`` may
-    find the run it created)."""
+    repeat, though a retried ``register`` takes another epoch, and a retried ``create_run`` or
+    ``delete_run`` may find the run it created or deleted)."""
 
     uri: str
     """A URI that reopens this same store from any process (for sqlite: an absolute path)."""
@@ -367,6 +412,58 @@ class Store(Protocol):
     def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
         """Per claimed shard: ``owner_epoch``, and of the saved state ``epoch``, ``version``,
         ``saved_at`` (unix s) and ``nbytes`` -- None for the four until a state is saved."""
+        ...
+
+    # -- results: run metadata, metrics, artifacts (DESIGN §8) -------------------------------
+
+    def set_run_meta(self, run_id: str, meta: dict[str, Any]) -> None:
+        """Shallow-merge ``meta`` (JSON) into the run's ``meta``: its top-level keys replace the
+        stored ones, others are kept. Top-level keys are non-empty strings with no ``.`` that do
+        not start with ``$`` (they are field paths in MongoDB, so runs can be queried by them);
+        else ValueError. Raises :class:`UnknownRun`."""
+        ...
+
+    def log_metrics(self, run_id: str, rows: Sequence[MetricRow]) -> None:
+        """Store ``rows``; a row for a ``(source, step)`` already stored replaces it (a
+        restarted worker redoing a step), and within a batch the last row of a step wins.
+
+        One batch is one write (a transaction; a MongoDB bulk write). Every row is checked
+        first: a bad one raises ValueError naming the row and the problem, and nothing of the
+        batch is written. Values are stored as float64 and come back exactly; metric names are
+        like the top-level keys of ``set_run_meta``. Raises :class:`UnknownRun`. On MongoDB a
+        batch cut off by :class:`StoreUnavailable` may be partly written; repeating it is safe.
+        """
+        ...
+
+    def metrics(self, run_id: str, source: str | None = None) -> list[MetricRow]:
+        """The run's rows (of one source if given), sorted by ``(source, step)``.
+
+        Raises :class:`UnknownRun`.
+        """
+        ...
+
+    def put_artifact(self, run_id: str, name: str, data: bytes, content_type: str) -> None:
+        """Store a file under the run, replacing an artifact of the same name.
+
+        ``name`` is a relative path of ``[A-Za-z0-9._/-]`` with no empty, ``.`` or ``..``
+        component; ``data`` is at most :data:`MAX_ARTIFACT_BYTES`; ``content_type`` is a MIME
+        type. Else ValueError, and nothing is written. Raises :class:`UnknownRun`.
+        """
+        ...
+
+    def artifacts(self, run_id: str) -> list[ArtifactInfo]:
+        """The run's artifacts, sorted by name. Raises :class:`UnknownRun`."""
+        ...
+
+    def get_artifact(self, run_id: str, name: str) -> bytes:
+        """An artifact's bytes. Raises :class:`ArtifactNotFound` or :class:`UnknownRun`."""
+        ...
+
+    def delete_run(self, run_id: str) -> None:
+        """Remove the run and everything under it: members, shard heads and chunks, metrics,
+        artifacts. Other runs are untouched. Meant for runs that have ended (a member still
+        writing may leave rows behind on MongoDB). Raises :class:`UnknownRun` if there is no
+        such run -- including on a retry after :class:`StoreUnavailable` that finds it gone."""
         ...
 
     def close(self) -> None:

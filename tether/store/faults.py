@@ -16,7 +16,9 @@ Points (see :data:`POINTS`):
 
 - one per operation, checked first: ``connect`` (index creation in the constructor),
   ``create_run``, ``get_run``, ``list_runs``, ``finish_run``, ``register``, ``heartbeat``,
-  ``set_member_state``, ``members``, ``member``, ``claim``, ``save``, ``load``, ``shard_heads``;
+  ``set_member_state``, ``members``, ``member``, ``claim``, ``save``, ``load``, ``shard_heads``,
+  and for results ``set_run_meta``, ``log_metrics``, ``metrics``, ``put_artifact``,
+  ``artifacts``, ``get_artifact``, ``delete_run``;
 - inside a save, in order: ``before_chunks``, ``chunks`` (before every batch of chunk inserts),
   ``after_chunks``, ``before_head``, ``after_head`` (the head switch was applied but, as far as
   the caller knows, its reply was lost) and ``gc`` (deleting old chunks);
@@ -81,6 +83,14 @@ OPERATION_POINTS = (
     "save",
     "load",
     "shard_heads",
+    # results (DESIGN §8)
+    "set_run_meta",
+    "log_metrics",
+    "metrics",
+    "put_artifact",
+    "artifacts",
+    "get_artifact",
+    "delete_run",
 )
 SAVE_POINTS = ("before_chunks", "chunks", "after_chunks", "before_head", "after_head", "gc")
 LOAD_POINTS = ("read", "read_chunks")

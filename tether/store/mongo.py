@@ -1,7 +1,8 @@
 """The cluster store: a MongoDB replica set (DESIGN §6), behind the same :class:`Store` protocol.
 
 ``mongodb://h1,h2,h3/DBNAME?replicaSet=rs0`` (database ``tether`` when the path is empty).
-Collections: ``runs``, ``members``, ``shard_heads``, ``shard_chunks``; indexes are created
+Collections: ``runs``, ``members``, ``shard_heads``, ``shard_chunks``, and for results (DESIGN §8)
+``metrics`` and ``artifacts`` (see :mod:`tether.store.mongo_results`); indexes are created
 idempotently when a store is opened.
 
 Defaults, each overridable from the URI's query string (pymongo parses it; a default is only
@@ -45,20 +46,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, NoReturn
-from urllib.parse import unquote
 
 from bson import ObjectId
 from bson.errors import InvalidDocument
 from pymongo import ASCENDING, DESCENDING, MongoClient, ReturnDocument
 from pymongo.errors import DuplicateKeyError, OperationFailure, PyMongoError
 from pymongo.read_concern import ReadConcern
-from pymongo.read_preferences import (
-    Nearest,
-    Primary,
-    PrimaryPreferred,
-    Secondary,
-    SecondaryPreferred,
-)
+from pymongo.read_preferences import Primary
 
 from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
@@ -84,81 +78,22 @@ from tether.store.base import (
     version_regression,
 )
 from tether.store.faults import FaultPlan, translate_error
+from tether.store.mongo_results import MongoResults
+from tether.store.mongo_uri import (
+    client_options,
+    database_name,
+    read_preference_of,
+    uri_options,
+)
 
 log = logging.getLogger("tether.store.mongo")
 
-DEFAULT_DATABASE = "tether"
-# Passed to MongoClient only for options the URI leaves unset (keyword arguments would win).
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "w": "majority",
-    "wTimeoutMS": 5000,
-    "readConcernLevel": "majority",
-    "retryWrites": True,
-    "retryReads": True,
-    "serverSelectionTimeoutMS": 5000,
-    "connectTimeoutMS": 5000,
-    "socketTimeoutMS": 10000,
-    "appname": "tether",
-}
-_LEGACY_TIMEOUTS = ("wtimeoutms", "sockettimeoutms")  # superseded when the URI sets timeoutMS
-_READ_PREFERENCES = {
-    "primary": Primary,
-    "primarypreferred": PrimaryPreferred,
-    "secondary": Secondary,
-    "secondarypreferred": SecondaryPreferred,
-    "nearest": Nearest,
-}
 # NamespaceExists, IndexBuildAlreadyInProgress: processes opening a new database at once race
 # on creating its collections and indexes; the loser tries again.
 _CREATE_RACE_CODES = frozenset({48, 276})
 _CHUNK_KEY = ("run_id", "shard_id", "save_id", "name", "idx")
 _INSERT_BATCH_CHUNKS = 8  # chunks per insert_many call (each call is one fault-seam point)
 _LOAD_ATTEMPTS = 5
-
-
-def uri_options(uri: str) -> dict[str, str]:
-    """The query options of a MongoDB URI, keys lower-cased (MongoDB options are case-blind)."""
-    query = uri.partition("?")[2]
-    options = {}
-    for part in query.replace(";", "&").split("&"):
-        if part:
-            key, _, value = part.partition("=")
-            options[unquote(key).lower()] = unquote(value)
-    return options
-
-
-def database_name(uri: str) -> str:
-    """The database named by the URI's path (``mongodb://hosts/NAME?...``), else ``tether``."""
-    rest = uri.partition("://")[2].partition("?")[0]
-    name = unquote(rest.partition("/")[2]) if "/" in rest else ""
-    return name or DEFAULT_DATABASE
-
-
-def client_options(uri: str) -> dict[str, Any]:
-    """Keyword arguments for ``MongoClient(uri, ...)``: our defaults minus what the URI sets."""
-    options = uri_options(uri)
-    if options.get("w") == "0":
-        raise ValueError(
-            f"store URI {redact_uri(uri)!r} sets w=0: unacknowledged writes cannot be fenced; "
-            "use w=majority (the default) or w=1"
-        )
-    skip = set(options)
-    if "timeoutms" in options:
-        skip.update(_LEGACY_TIMEOUTS)
-    return {k: v for k, v in DEFAULT_OPTIONS.items() if k.lower() not in skip}
-
-
-def read_preference_of(mode: str | Any) -> Any:
-    """A pymongo read preference from its name (``secondaryPreferred``...) or as given."""
-    if not isinstance(mode, str):
-        return mode
-    cls = _READ_PREFERENCES.get(mode.lower())
-    if cls is None:
-        raise ValueError(
-            f"read preference must be one of primary, primaryPreferred, secondary, "
-            f"secondaryPreferred, nearest; got {mode!r}"
-        )
-    return cls()
 
 
 def _json_doc(value: Any, what: str) -> dict[str, Any]:
@@ -179,7 +114,7 @@ def _key(*parts: Any) -> str:
     return json.dumps(parts, separators=(",", ":"))
 
 
-class MongoStore(ProcessLocal):
+class MongoStore(ProcessLocal, MongoResults):
     """A :class:`tether.store.base.Store` on a MongoDB replica set (see the module docstring).
 
     ``client_factory`` makes the client instead of ``MongoClient(uri, **client_options(uri))``
@@ -187,7 +122,8 @@ class MongoStore(ProcessLocal):
     :class:`tether.store.faults.FaultPlan` consulted at named points of every operation;
     ``read_preference`` routes the status reads; ``clock`` gives the times written (client-side
     unix seconds, like SQLite: keep hosts' clocks in sync); shard state is stored in chunks of at
-    most ``chunk_bytes``.
+    most ``chunk_bytes``. Results (run meta, metrics, artifacts) are in
+    :mod:`tether.store.mongo_results`.
     """
 
     def __init__(
@@ -236,16 +172,17 @@ class MongoStore(ProcessLocal):
         self._runs_status = self._runs.with_options(**status)
         self._members_status = self._members.with_options(**status)
         self._heads_status = self._heads.with_options(**status)
+        results_indexes = self._open_results(db, status)
         try:
             with self._op("connect"):
-                self._create_indexes()
+                self._create_indexes(results_indexes)
         except BaseException:
             self.close()
             raise
 
-    def _create_indexes(self) -> None:
+    def _create_indexes(self, more: list[tuple[Any, Any, bool]]) -> None:
         """Idempotent; processes opening a new database at once may race on the builds."""
-        indexes = [
+        indexes: list[tuple[Any, Any, bool]] = [
             (self._runs, [("created_at", DESCENDING), ("order", DESCENDING)], False),
             (
                 self._members,
@@ -254,6 +191,7 @@ class MongoStore(ProcessLocal):
             ),
             (self._heads, [("run_id", ASCENDING), ("shard_id", ASCENDING)], False),
             (self._chunks, [(f, ASCENDING) for f in _CHUNK_KEY], True),
+            *more,
         ]
         for collection, keys, unique in indexes:
             for attempt in range(20):
@@ -331,6 +269,7 @@ class MongoStore(ProcessLocal):
             "order": ObjectId(),  # breaks created_at ties: newest created first
             "finished": False,
             "summary": None,
+            "meta": {},
         }
         with self._op("create_run"):
             try:
@@ -602,6 +541,7 @@ def _run_record(doc: Mapping[str, Any]) -> RunRecord:
         created_at=doc["created_at"],
         finished=bool(doc["finished"]),
         summary=doc.get("summary"),
+        meta=doc.get("meta") or {},  # runs written before set_run_meta existed have none
     )
 
 

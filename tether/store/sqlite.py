@@ -48,12 +48,13 @@ from tether.store.base import (
     state_layout,
     version_regression,
 )
+from tether.store.sqlite_results import RESULTS_SCHEMA, SQLiteResults
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
-# _MIGRATIONS[v] (the statements that take version v to v+1), so the next issue can add tables
-# (shard state chunks, metrics) without breaking stores written by this version.
+# _MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
+# the version, so a file is never left half upgraded.
 _SCHEMA: tuple[str, ...] = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     """CREATE TABLE runs (
@@ -109,10 +110,13 @@ _SHARD_STATE_TABLES: tuple[str, ...] = (
         PRIMARY KEY (run_id, shard_id, save_id, name, idx)
     )""",
 )
-_SCHEMA = _SCHEMA + _SHARD_STATE_TABLES
+# Version 4: results (DESIGN §8): runs.meta, metrics, artifacts. The statements that upgrade a
+# version 3 file also finish a new one, so both have the same layout.
+_SCHEMA = _SCHEMA + _SHARD_STATE_TABLES + RESULTS_SCHEMA
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: _SHARD_STATE_TABLES,
     2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *_SHARD_STATE_TABLES),
+    3: RESULTS_SCHEMA,
 }
 
 _PAGE_SIZE = 65536
@@ -120,7 +124,7 @@ _PAGE_SIZE = 65536
 _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
 )
-_RUN_COLUMNS = "run_id, config, created_at, finished, summary"
+_RUN_COLUMNS = "run_id, config, created_at, finished, summary, meta"
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -156,13 +160,14 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-class SQLiteStore(ProcessLocal):
+class SQLiteStore(ProcessLocal, SQLiteResults):
     """A :class:`tether.store.base.Store` on a SQLite file (created, with its parents, if absent).
 
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
     thread and its request threads use the same store). ``clock`` gives the times written to the
     store (tests pass a fake one). Shard state is stored in BLOB chunks of at most
-    ``chunk_bytes``. See the module docstring for fork safety.
+    ``chunk_bytes``. See the module docstring for fork safety; results (run meta, metrics,
+    artifacts) are in :mod:`tether.store.sqlite_results`.
     """
 
     def __init__(
@@ -531,13 +536,14 @@ class SQLiteStore(ProcessLocal):
 
 
 def _run_record(row: tuple[Any, ...]) -> RunRecord:
-    run_id, config, created_at, finished, summary = row
+    run_id, config, created_at, finished, summary, meta = row
     return RunRecord(
         run_id=run_id,
         config=json.loads(config),
         created_at=created_at,
         finished=bool(finished),
         summary=None if summary is None else json.loads(summary),
+        meta=json.loads(meta),
     )
 
 

@@ -1,0 +1,177 @@
+"""`tether chaos run`: execute a scenario and check its invariants (DESIGN §7).
+
+A scenario runs twice when its invariants need a reference: once without faults (the baseline,
+same config and seed; reused across scenarios of one invocation with the same run options) and
+once with its fault timeline. The faulted run is an ordinary `tether launch` run — the launcher
+in this process, its shards and workers as child processes — with its worker->shard links behind
+a fault proxy when the scenario asks for it. The seed is printed with the command that replays
+the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from tether.chaos.invariants import check_run
+from tether.chaos.links import LinkPlan, fault_proxy
+from tether.chaos.report import run_start, write_report
+from tether.chaos.scenario import Scenario, run_config
+from tether.chaos.timeline import Timeline, progress_after
+from tether.config import RunConfig, new_run_id
+from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+from tether.store import MetricRow, default_store_uri, open_store
+
+_baselines: dict[str, tuple[dict[str, Any], list[MetricRow]]] = {}
+
+
+def replay_command(scenario: Scenario) -> str:
+    return f"tether chaos run {scenario.path} --seed {scenario.seed}"
+
+
+def _metrics(store_uri: str, run_id: str) -> list[MetricRow]:
+    with open_store(store_uri) as store:
+        return store.metrics(run_id)
+
+
+def _launch(
+    config: RunConfig, run_dir: Path, store_uri: str, err: TextIO, routes: Any = None
+) -> Launcher:
+    opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, routes=routes or {})
+    return Launcher(opts, err)
+
+
+def run_baseline(
+    scenario: Scenario, out_dir: Path, err: TextIO
+) -> tuple[dict[str, Any], list[MetricRow]]:
+    """The fault-free run with the scenario's options and seed (cached per options)."""
+    key = json.dumps(scenario.run, sort_keys=True)
+    if key in _baselines:
+        print(f"chaos: fault-free baseline reused ({_baselines[key][0]['run_id']})", file=err)
+        return _baselines[key]
+    config = resolve_config(run_config(scenario, new_run_id()))
+    run_dir = out_dir / "baseline"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    store_uri = default_store_uri(run_dir)
+    print(f"chaos: fault-free baseline run {config.run_id}", file=err, flush=True)
+    summary = _launch(config, run_dir, store_uri, err).run()
+    _baselines[key] = (summary, _metrics(store_uri, config.run_id))
+    return _baselines[key]
+
+
+@contextlib.contextmanager
+def _store_for(scenario: Scenario, run_dir: Path) -> Any:
+    """(store URI, store-member controller or None) for the faulted run."""
+    if not scenario.needs_mongod:
+        yield default_store_uri(run_dir), None
+        return
+    from tether.chaos.mongo import StoreMembers
+    from tether.mongo_up import start_replica_set
+
+    rs = start_replica_set(run_dir / "mongo")
+    try:
+        yield rs.uri, StoreMembers(rs)
+    finally:
+        rs.stop()
+
+
+def run_scenario(
+    scenario: Scenario, out_dir: Path, err: TextIO = sys.stderr, *, prefer_binary: bool = True
+) -> dict[str, Any]:
+    """Run one scenario; the result names every invariant with ok and detail."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"chaos: scenario {scenario.name} — {scenario.description}\n"
+        f"chaos: seed {scenario.seed} (replay: {replay_command(scenario)})",
+        file=err,
+        flush=True,
+    )
+    result: dict[str, Any] = {
+        "scenario": scenario.name,
+        "path": str(scenario.path),
+        "seed": scenario.seed,
+        "replay": replay_command(scenario),
+    }
+    if scenario.needs_mongod and shutil.which("mongod") is None:
+        reason = "skipped: needs a MongoDB replica set and `mongod` is not on PATH"
+        print(f"chaos: {scenario.name} {reason}", file=err)
+        return result | {"ok": None, "skipped": reason, "invariants": []}
+    baseline, base_metrics = (
+        run_baseline(scenario, out_dir, err) if scenario.invariants.needs_baseline else (None, [])
+    )
+    config = resolve_config(run_config(scenario, new_run_id()))
+    run_dir = out_dir / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    summary: dict[str, Any] | None = None
+    failure: str | None = None
+    proxy_kind = None
+    with contextlib.ExitStack() as stack:
+        store_uri, store_members = stack.enter_context(_store_for(scenario, run_dir))
+        links, routes = None, {}
+        if scenario.proxy_workers:
+            api, proxy_kind = stack.enter_context(fault_proxy(scenario.seed, prefer_binary))
+            print(f"chaos: links through {proxy_kind}", file=err, flush=True)
+            links = LinkPlan(api, config.workers, config.shards)
+            routes = links.create()
+            stack.callback(links.close)
+            links.follow(store_uri, config.run_id)
+        launcher = _launch(config, run_dir, store_uri, err, routes)
+        observer = stack.enter_context(open_store(store_uri))
+        timeline = Timeline(
+            scenario.faults, launcher, observer, config.run_id, config.workers, links,
+            store_members,
+        )  # fmt: skip
+        print(f"chaos: faulted run {config.run_id}", file=err, flush=True)
+        timeline.start()
+        try:
+            summary = launcher.run()
+        except RunFailed as e:
+            failure = str(e)
+        finally:
+            timeline.done.set()
+            timeline.join(30)
+            timeline.join_watchers()
+        metrics = observer.metrics(config.run_id)
+    t0 = run_start(metrics) or timeline.t0 or 0.0
+    faults = [r.to_json(t0) for r in timeline.records]
+    for record, f in zip(timeline.records, faults, strict=True):
+        if record.heal_workers and record.t is not None:
+            f["recovery_s"] = progress_after(metrics, record.heal_workers, record.t)
+            f["heal"] = True
+    gaps = [int(r.values.get("clock_gap", 0)) for r in metrics]
+    checks = check_run(
+        scenario.invariants, config, summary, failure, baseline, faults, max(gaps, default=None)
+    )
+    ok = all(c.ok for c in checks)
+    report = write_report(
+        out_dir, scenario, checks, faults, metrics, base_metrics, t0, summary, failure, proxy_kind
+    )
+    for c in checks:
+        print(f"chaos: {'ok  ' if c.ok else 'FAIL'} {c.name}: {c.detail}", file=err)
+    print(
+        f"chaos: {scenario.name} {'passed' if ok else 'FAILED'} (seed {scenario.seed}); "
+        f"report {report}",
+        file=err,
+        flush=True,
+    )
+    return result | {
+        "ok": ok,
+        "invariants": [c.to_json() for c in checks],
+        "faults": faults,
+        "recovery_s": [f["recovery_s"] for f in faults if f["recovery_s"] is not None],
+        "proxy": proxy_kind,
+        "summary": summary,
+        "failure": failure,
+        "baseline": None
+        if baseline is None
+        else {k: baseline[k] for k in ("run_id", "test_accuracy", "params_sha256", "wall_s")},
+        "report": str(report),
+    }
+
+
+def scenario_out_dir(root: Path, scenario: Scenario) -> Path:
+    return root / scenario.name
