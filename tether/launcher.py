@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,7 +33,7 @@ from tether.config import RunConfig
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
 from tether.status import HEARTBEAT_LEASE_S
-from tether.store import Member, Store, open_store
+from tether.store import Member, Store, StoreUnavailable, open_store
 from tether.supervisor import GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
 from tether.worker.client import RetryPolicy, ShardClient, with_retry
@@ -147,6 +148,7 @@ class Launcher:
         # What happened to the members, in order: exits, restarts, lease kills, recoveries.
         # A chaos run reads it to time recoveries and to check that a zombie was fenced.
         self.events: list[dict[str, Any]] = []
+        self._last_lease_kill = 0.0
         self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     def say(self, text: str) -> None:
@@ -281,8 +283,12 @@ class Launcher:
             for w in range(cfg.workers):
                 self._spawn("worker", w)
             t_train = time.monotonic()
-            with ProgressView(cfg, self.err) as view:
-                self._watch(store, view)
+            beating = self._keep_alive()
+            try:
+                with ProgressView(cfg, self.err) as view:
+                    self._watch(store, view)
+            finally:
+                beating.set()
             train_s = time.monotonic() - t_train
             summary = self._finish(store, t_start, train_s)
         except BaseException:
@@ -299,7 +305,7 @@ class Launcher:
         """Until every worker finished: restart dead members, time recoveries, show progress."""
         cfg = self.config
         done: set[int] = set()
-        last_beat = last_view = 0.0
+        last_view = 0.0
         while len(done) < cfg.workers:
             self._serve_requests()
             for child in list(self.children):
@@ -336,14 +342,32 @@ class Launcher:
             if now - last_view > 0.25:
                 last_view = now
                 view.update([m for m in members if m.role == "worker"])
-            if now - last_beat > 1.0:
-                last_beat = now
-                store.heartbeat(
-                    cfg.run_id, "launcher", 0, self.epoch,
-                    {"phase": "train", "restarts": self.supervisor.counts()},
-                )  # fmt: skip
             time.sleep(0.02)
         view.update(store.members(cfg.run_id, "worker"))
+
+    def _keep_alive(self) -> threading.Event:
+        """Heartbeat from a thread with its own store handle; returns the event that stops it.
+
+        The watch loop only reads the store, so a member frozen while it holds SQLite's write
+        lock (writes wait on it; WAL reads do not) cannot stop the launcher from seeing the
+        stale heartbeat and killing the frozen member, which frees the lock.
+        """
+        stop = threading.Event()
+        cfg = self.config
+
+        def loop() -> None:
+            with open_store(self.opts.store_uri) as store:
+                while not stop.wait(1.0):
+                    try:
+                        store.heartbeat(
+                            cfg.run_id, "launcher", 0, self.epoch,
+                            {"phase": "train", "restarts": self.supervisor.counts()},
+                        )  # fmt: skip
+                    except StoreUnavailable:
+                        continue
+
+        threading.Thread(target=loop, name="launcher-heartbeat", daemon=True).start()
+        return stop
 
     def _enforce_leases(self, members: list[Member]) -> None:
         """A child that stopped heartbeating (hung, paused) is killed, so it gets replaced.
@@ -352,9 +376,12 @@ class Launcher:
         zombie, fenced by the store (DESIGN §5).
         """
         now = time.time()
+        if now - self._last_lease_kill < HEARTBEAT_LEASE_S:
+            return
         by_pid: dict[tuple[str, int, int], Member] = {
             (m.role, m.member_id, m.pid): m for m in members
         }
+        stale: list[tuple[float, Child]] = []
         for child in self.children:
             m = by_pid.get((child.role, child.member_id, child.proc.pid))
             if m is None or m.state != "running" or child.proc.poll() is not None:
@@ -362,12 +389,19 @@ class Launcher:
             if child.superseded:
                 continue  # already replaced; left alive on purpose (a zombie to be fenced)
             if now - m.heartbeat > HEARTBEAT_LEASE_S:
-                self.say(
-                    f"tether: {child.name} (pid {child.proc.pid}) missed its heartbeat lease "
-                    f"({now - m.heartbeat:.1f}s > {HEARTBEAT_LEASE_S:.0f}s); killing it"
-                )
-                self._event("lease_kill", child, heartbeat_age_s=now - m.heartbeat)
-                child.proc.kill()
+                stale.append((now - m.heartbeat, child))
+        if not stale:
+            return
+        # One kill per lease period, the stalest first: a member frozen while holding the
+        # store's write lock stalls everyone's heartbeats, and killing it frees them all.
+        age, child = max(stale, key=lambda s: s[0])
+        self.say(
+            f"tether: {child.name} (pid {child.proc.pid}) missed its heartbeat lease "
+            f"({age:.1f}s > {HEARTBEAT_LEASE_S:.0f}s); killing it"
+        )
+        self._event("lease_kill", child, heartbeat_age_s=age)
+        child.proc.kill()
+        self._last_lease_kill = now
 
     def _restart(self, store: Store, child: Child, rc: int) -> None:
         cfg = self.config

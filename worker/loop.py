@@ -23,7 +23,15 @@ import numpy as np
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.store import Fenced, Member, MetricRow, Store, StoreError, open_store
+from tether.store import (
+    Fenced,
+    Member,
+    MetricRow,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
 from tether.wire import FLOAT
 from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
 from tether.worker.data import batch_indices, load_dataset, partition
@@ -293,6 +301,8 @@ class Worker:
                 except Fenced:
                     self.stop.set()  # a newer incarnation of this worker took over
                     return
+                except StoreUnavailable:
+                    pass  # e.g. a frozen process holds SQLite's write lock: beat again later
 
         thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
         thread.start()
@@ -315,6 +325,13 @@ class Worker:
 
     def beat(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.flush_metrics()
+        try:
+            self._report(loss, samples_per_s, wait_s)
+        except StoreUnavailable as e:
+            # Progress reports are observations: training goes on and the next beat reports.
+            print(f"tether worker: heartbeat not written: {e}", file=sys.stderr, flush=True)
+
+    def _report(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.store.heartbeat(
             self.config.run_id,
             "worker",

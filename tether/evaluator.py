@@ -1,0 +1,77 @@
+"""Evaluation of a running job's parameters at a fixed wall-clock interval (DESIGN §8).
+
+The workers' mini-batch losses are noisy and measured on parameters each worker saw; comparing
+consistency modes needs the loss of the parameters the shards hold, over time. This thread reads
+every shard's slice as an observer (outside the clock protocol: it never waits and never counts
+as a worker), evaluates the training loss and accuracy on the whole training set, and writes one
+metric row per evaluation under the source ``eval``: its time, the loss, and how many optimizer
+updates and worker gradients the shards had applied at that point.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from tether.config import RunConfig
+from tether.store import MetricRow, StoreError, open_store
+
+SOURCE = "eval"
+
+
+class Evaluator(threading.Thread):
+    def __init__(self, config: RunConfig, store_uri: str, interval_s: float) -> None:
+        super().__init__(name="evaluator", daemon=True)
+        if not interval_s > 0:
+            raise ValueError(f"the evaluation interval must be > 0 seconds, got {interval_s}")
+        self.config, self.store_uri, self.interval_s = config, store_uri, interval_s
+        self.stop_event = threading.Event()
+        self.count = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        from tether.launcher import fetch_params
+        from tether.worker.data import load_dataset
+        from tether.worker.models import build_model, parse_model
+
+        cfg = self.config
+        data = load_dataset(cfg.dataset)
+        model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
+        store = open_store(self.store_uri)
+        try:
+            while True:
+                try:
+                    shards = store.members(cfg.run_id, "server")
+                    if len(shards) == cfg.shards:
+                        flat, infos = fetch_params(cfg, shards)
+                        loss, accuracy = model.evaluate(flat, data.x_train, data.y_train)
+                        store.log_metrics(cfg.run_id, [self.row(loss, accuracy, infos)])
+                except (StoreError, OSError, RuntimeError) as e:
+                    # A shard being replaced or a busy store: skip this point, not the run.
+                    self.error = f"{type(e).__name__}: {e}"
+                except Exception as e:  # noqa: BLE001 - grpc errors are RuntimeErrors too
+                    self.error = f"{type(e).__name__}: {e}"
+                if self.stop_event.wait(self.interval_s):
+                    return
+        finally:
+            store.close()
+
+    def row(self, loss: float, accuracy: float, infos: list[Any]) -> MetricRow:
+        self.count += 1
+        return MetricRow(
+            source=SOURCE,
+            step=self.count - 1,
+            t=time.time(),
+            values={
+                "loss": float(loss),
+                "accuracy": float(accuracy),
+                # Every shard applies every update; the slowest shard's count is the model's.
+                "updates": float(min(i.updates_applied for i in infos)),
+                "gradients": float(min(i.pushes_accepted for i in infos)),
+            },
+        )
+
+    def close(self) -> None:
+        self.stop_event.set()
+        self.join(30)
