@@ -168,10 +168,12 @@ def build_parser() -> Parser:
     status.add_argument("--json", action="store_true", help="print status as JSON")
 
     from tether.chaos.cli import add_parser as add_chaos_parser
+    from tether.consistency.cli import add_parser as add_experiment_parser
     from tether.mongo_up import add_parser as add_mongo_parser
 
     add_mongo_parser(sub)
     add_chaos_parser(sub)
+    add_experiment_parser(sub)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
@@ -210,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "experiment":
+            from tether.consistency.cli import run as experiment_run
+
+            return experiment_run(args)
         if args.command == "chaos":
             from tether.chaos.cli import run as chaos_run
 

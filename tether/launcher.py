@@ -30,6 +30,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from tether.config import RunConfig
+from tether.evaluator import Evaluator
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
 from tether.status import HEARTBEAT_LEASE_S
@@ -52,6 +53,8 @@ class LaunchOptions:
     startup_timeout_s: float = 120.0
     # worker id -> shard id -> address the worker dials for that shard (a fault proxy, DESIGN §7)
     routes: dict[int, dict[int, str]] = field(default_factory=dict)
+    # Evaluate the shards' parameters every this many seconds into the `eval` metrics (DESIGN §8)
+    eval_interval_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +152,7 @@ class Launcher:
         # A chaos run reads it to time recoveries and to check that a zombie was fenced.
         self.events: list[dict[str, Any]] = []
         self._last_lease_kill = 0.0
+        self.evaluator: Evaluator | None = None
         self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     def say(self, text: str) -> None:
@@ -284,11 +288,18 @@ class Launcher:
                 self._spawn("worker", w)
             t_train = time.monotonic()
             beating = self._keep_alive()
+            evaluator = None
+            if self.opts.eval_interval_s is not None:
+                evaluator = Evaluator(cfg, self.opts.store_uri, self.opts.eval_interval_s)
+                evaluator.start()
             try:
                 with ProgressView(cfg, self.err) as view:
                     self._watch(store, view)
             finally:
                 beating.set()
+                if evaluator is not None:
+                    evaluator.close()
+            self.evaluator = evaluator
             train_s = time.monotonic() - t_train
             summary = self._finish(store, t_start, train_s)
         except BaseException:
@@ -432,7 +443,9 @@ class Launcher:
         recoveries = self.supervisor.recoveries
         data = load_dataset(cfg.dataset)
         model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
-        final_loss, _ = model.evaluate(flat, data.x_train, data.y_train)
+        final_loss, train_accuracy = model.evaluate(flat, data.x_train, data.y_train)
+        if self.evaluator is not None:  # the last point of the loss curve: the final parameters
+            store.log_metrics(cfg.run_id, [self.evaluator.row(final_loss, train_accuracy, infos)])
         _, test_accuracy = model.evaluate(flat, data.x_test, data.y_test)
         if self.opts.export is not None:
             self.opts.export.parent.mkdir(parents=True, exist_ok=True)

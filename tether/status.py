@@ -47,7 +47,8 @@ def run_status(
     store = open_store(store_uri)
     try:
         if run_id is None:
-            runs = store.list_runs()
+            # The newest training run: experiment records (DESIGN §8) hold no members.
+            runs = [r for r in store.list_runs() if r.meta.get("kind") != "experiment"]
             if not runs:
                 raise ValueError(f"the store {store_uri} holds no runs")
             record = runs[0]
