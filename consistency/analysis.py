@@ -154,23 +154,57 @@ def spread(values: list[float | None]) -> Spread:
 
 
 def group(runs: list[RunData]) -> dict[tuple[str, str], list[RunData]]:
-    """(condition, label) -> runs over seeds, in a stable order."""
+    """(condition, setting) -> runs over seeds, in a stable order.
+
+    The setting is the mode (bsp, ssp:s, asp), and also the worker count (`asp w6`) when the
+    runs have more than one.
+    """
+    multi = len({r.config["workers"] for r in runs}) > 1
+
+    def setting(r: RunData) -> str:
+        return f"{r.label} w{r.config['workers']}" if multi else r.label
+
     out: dict[tuple[str, str], list[RunData]] = {}
-    for r in sorted(runs, key=lambda r: (r.condition, mode_order(r.label), r.seed)):
-        out.setdefault((r.condition, r.label), []).append(r)
+    for r in sorted(runs, key=lambda r: (r.condition, mode_order(setting(r)), r.seed)):
+        out.setdefault((r.condition, setting(r)), []).append(r)
     return out
 
 
-def mode_order(label: str) -> tuple[int, int]:
-    """bsp, then ssp by staleness, then asp."""
+def mode_order(setting: str) -> tuple[int, int, int]:
+    """bsp, then ssp by staleness, then asp; each by worker count."""
+    label, _, workers = setting.partition(" w")
+    w = int(workers or 0)
     if label == "bsp":
-        return (0, 0)
+        return (0, 0, w)
     if label.startswith("ssp:"):
-        return (1, int(label[4:]))
-    return (2, 0)
+        return (1, int(label[4:]), w)
+    return (2, 0, w)
 
 
 def default_target(runs: list[RunData]) -> float:
     """A target loss every mode can reach: a little above the worst final evaluated loss."""
     finals = [loss_curve(r)[1][-1] for r in runs if r.rows(EVAL)]
     return round(max(finals) * 1.1, 3) if finals else 0.0
+
+
+def staleness_effect(runs: list[RunData], updates: float) -> dict[str, Any]:
+    """Loss after `updates` updates against measured mean staleness, over the runs without a
+    straggler that apply gradients one by one (SSP, ASP): the cost of staleness per update.
+
+    `slope` is the least-squares change in that loss per unit of mean staleness (positive: more
+    staleness, less progress per update); None with fewer than two distinct staleness values.
+    """
+    points = []
+    for r in runs:
+        if r.label == "bsp" or r.condition != "no straggler":
+            continue
+        loss = loss_at_updates(r, updates)
+        if loss is not None:
+            points.append((mean_staleness(r), loss))
+    xs = [x for x, _ in points]
+    slope = None
+    if len(set(xs)) > 1:
+        mx, my = statistics.mean(xs), statistics.mean(y for _, y in points)
+        sxx = sum((x - mx) ** 2 for x in xs)
+        slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return {"updates": updates, "points": points, "slope": slope}

@@ -48,8 +48,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         default=None,
         metavar="ID:MS|none",
-        help="straggler settings to compare (repeatable); default: none and 0:20 (worker 0 "
-        "+20 ms per step)",
+        help="straggler settings to compare (repeatable); default: none and 0:30 (worker 0 "
+        "+30 ms per step)",
     )
     c.add_argument("--seeds", type=int, default=3, help="seeds per point (3)")
     c.add_argument("--steps", type=int, default=150, help="iterations per worker (150)")
@@ -125,7 +125,7 @@ def _consistency(args: argparse.Namespace, store: str) -> int:
     spec = ExperimentSpec(
         modes=parse_modes(args.modes),
         workers=workers,
-        stragglers=parse_stragglers(args.straggler or ["none", "0:20"]),
+        stragglers=parse_stragglers(args.straggler or ["none", "0:30"]),
         seeds=args.seeds,
         steps=args.steps,
         shards=args.shards,

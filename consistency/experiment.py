@@ -33,7 +33,7 @@ class ExperimentSpec:
     modes: tuple[tuple[str, int], ...] = (("bsp", 0), ("ssp", 1), ("ssp", 4), ("asp", 0))
     workers: tuple[int, ...] = (3,)
     # None: no straggler; (worker id, ms added to each of its steps)
-    stragglers: tuple[tuple[int, int] | None, ...] = (None, (0, 20))
+    stragglers: tuple[tuple[int, int] | None, ...] = (None, (0, 30))
     seeds: int = 3
     steps: int = 150
     shards: int = 2

@@ -17,7 +17,9 @@ from typing import Any
 from tether.consistency.analysis import (
     RunData,
     group,
+    loss_at_updates,
     loss_curve,
+    mean_staleness,
     mode_order,
     spread,
     time_to_target,
@@ -46,6 +48,16 @@ def _colors(labels: list[str]) -> dict[str, Any]:
 def _conditions(runs: list[RunData]) -> list[str]:
     present = {r.condition for r in runs}
     return [c for c in CONDITIONS if c in present]
+
+
+def _panels(runs: list[RunData], width: float, height: float) -> tuple[Any, list[Any], Any]:
+    """A figure with one panel per straggler condition present: (fig, [(ax, cond)], colors)."""
+    conditions = _conditions(runs)
+    fig, axes = _plt().subplots(
+        1, len(conditions), figsize=(width * len(conditions), height), squeeze=False
+    )
+    colors = _colors([setting for _, setting in group(runs)])
+    return fig, list(zip(axes[0], conditions, strict=True)), colors
 
 
 def drawn_data(fig: Any) -> dict[str, Any]:
@@ -85,11 +97,8 @@ def plot_loss(
     runs: list[RunData], x: str, path: Path, target: float | None = None
 ) -> dict[str, Any]:
     """Evaluated training loss per mode against wall-clock (x="time") or updates."""
-    plt = _plt()
-    conditions = _conditions(runs)
-    fig, axes = plt.subplots(1, len(conditions), figsize=(6 * len(conditions), 4.2), squeeze=False)
-    colors = _colors([r.label for r in runs])
-    for ax, cond in zip(axes[0], conditions, strict=True):
+    fig, panels, colors = _panels(runs, 6, 4.2)
+    for ax, cond in panels:
         for (c, label), members in group(runs).items():
             if c != cond:
                 continue
@@ -113,11 +122,8 @@ def plot_loss(
 def _bars(runs: list[RunData], path: Path, value: Any, ylabel: str, title: str) -> dict[str, Any]:
     """One bar per mode and condition: the mean over seeds, the range as an error bar, and a
     dot per seed."""
-    plt = _plt()
-    conditions = _conditions(runs)
-    fig, axes = plt.subplots(1, len(conditions), figsize=(5.5 * len(conditions), 4), squeeze=False)
-    colors = _colors([r.label for r in runs])
-    for ax, cond in zip(axes[0], conditions, strict=True):
+    fig, panels, colors = _panels(runs, 5.5, 4)
+    for ax, cond in panels:
         labels: list[str] = []
         for (c, label), members in group(runs).items():
             if c != cond:
@@ -157,11 +163,8 @@ def plot_throughput(runs: list[RunData], path: Path) -> dict[str, Any]:
 
 def plot_histograms(runs: list[RunData], key: str, xlabel: str, path: Path) -> dict[str, Any]:
     """The distribution of a per-event histogram of the summaries, per mode (seeds pooled)."""
-    plt = _plt()
-    conditions = _conditions(runs)
-    fig, axes = plt.subplots(1, len(conditions), figsize=(6 * len(conditions), 4), squeeze=False)
-    colors = _colors([r.label for r in runs])
-    for ax, cond in zip(axes[0], conditions, strict=True):
+    fig, panels, colors = _panels(runs, 6, 4)
+    for ax, cond in panels:
         for (c, label), members in group(runs).items():
             if c != cond:
                 continue
@@ -186,11 +189,8 @@ def plot_histograms(runs: list[RunData], key: str, xlabel: str, path: Path) -> d
 
 def plot_worker_wait(runs: list[RunData], path: Path) -> dict[str, Any]:
     """Seconds each worker waited for its pulls, per mode (mean over seeds)."""
-    plt = _plt()
-    conditions = _conditions(runs)
-    fig, axes = plt.subplots(1, len(conditions), figsize=(6 * len(conditions), 4), squeeze=False)
-    colors = _colors([r.label for r in runs])
-    for ax, cond in zip(axes[0], conditions, strict=True):
+    fig, panels, colors = _panels(runs, 6, 4)
+    for ax, cond in panels:
         groups = [(label, m) for (c, label), m in group(runs).items() if c == cond]
         width = 0.8 / max(len(groups), 1)
         for g, (label, members) in enumerate(groups):
@@ -206,6 +206,32 @@ def plot_worker_wait(runs: list[RunData], path: Path) -> dict[str, Any]:
         ax.set_title(cond)
         ax.set_xlabel("worker")
         ax.set_ylabel("seconds waiting for pulls")
+        ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def plot_progress_vs_staleness(runs: list[RunData], updates: float, path: Path) -> dict[str, Any]:
+    """Loss after a fixed number of updates against each run's measured mean staleness (runs
+    without a straggler that apply gradients one by one)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    colors = _colors([setting for _, setting in group(runs)])
+    for (cond, setting), members in group(runs).items():
+        if cond != "no straggler" or setting.startswith("bsp"):
+            continue
+        for i, run in enumerate(members):
+            loss = loss_at_updates(run, updates)
+            if loss is None:
+                continue
+            (dot,) = ax.plot(
+                [mean_staleness(run)], [loss], "o", color=colors[setting],
+                label=setting if i == 0 else None,
+            )  # fmt: skip
+            dot.set_gid(f"{cond}|{setting}|{run.seed}")
+    ax.set_xlabel("mean version staleness of applied gradients")
+    ax.set_ylabel(f"training loss after {updates:.0f} updates")
+    ax.set_title("progress per update vs staleness (no straggler)")
+    if ax.get_lines():
         ax.legend(fontsize=8)
     return save(fig, path)
 

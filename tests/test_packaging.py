@@ -78,3 +78,5 @@ def test_a_regular_install_imports_every_package_from_site_packages(tmp_path):
     top = {p.name for p in target.iterdir() if p.is_dir() and not p.name.endswith(".dist-info")}
     assert top - {"bin"} == {"tether"}
     assert (target / "tether" / "proto" / "ps.proto").exists()
+    # `tether chaos run --all` finds the shipped scenarios in an installed copy too.
+    assert (target / "tether" / "chaos" / "scenarios" / "shard-kill.toml").exists()
