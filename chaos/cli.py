@@ -91,7 +91,11 @@ def _proxy(args: argparse.Namespace) -> int:
     def ready(address: str) -> None:
         print(f"tether chaos proxy: Toxiproxy API on http://{address}", file=sys.stderr, flush=True)
 
-    serve(args.listen, ready=ready, stop=stop, seed=args.seed)
+    try:
+        serve(args.listen, ready=ready, stop=stop, seed=args.seed)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        print(f"tether chaos proxy: cannot listen on {args.listen}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -81,3 +81,44 @@ def test_a_bad_scenario_is_a_usage_error(tether_cli, tmp_path):
     bad.write_text('[[fault]]\naction = "kill"\ntarget = "shard:7"\nat_step = 3\n')
     rc, _, stderr = tether_cli("chaos", "run", str(bad)).finish(60)
     assert rc == 2 and "shard:7 is outside the run" in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_proxy_command_serves_the_toxiproxy_api_until_sigterm(tether_cli):
+    import signal
+    import socket
+
+    from toxiproxy.api import APIConsumer
+    from toxiproxy.server import Toxiproxy
+
+    proc = tether_cli("chaos", "proxy", "--listen", "127.0.0.1:0")
+    line = proc.proc.stderr.readline()  # "tether chaos proxy: Toxiproxy API on http://H:P"
+    host, port = line.strip().rsplit("http://", 1)[1].rsplit(":", 1)
+    saved = APIConsumer.host, APIConsumer.port
+    try:
+        client = Toxiproxy()
+        client.update_api_consumer(host, int(port))
+        with socket.socket() as upstream:
+            upstream.bind(("127.0.0.1", 0))
+            proxy = client.create(
+                upstream=f"127.0.0.1:{upstream.getsockname()[1]}", name="p", listen="127.0.0.1:0"
+            )
+            assert set(client.proxies()) == {"p"} and proxy.listen.startswith("127.0.0.1:")
+    finally:
+        APIConsumer.host, APIConsumer.port = saved
+    proc.proc.send_signal(signal.SIGTERM)
+    rc, _, _ = proc.finish(30)
+    assert rc == 0
+
+
+def test_the_proxy_command_refuses_a_bad_or_taken_address(tether_cli):
+    import socket
+
+    rc, _, err = tether_cli("chaos", "proxy", "--listen", "nope").finish(60)
+    assert rc == 2 and "invalid listen address 'nope'" in err and "Traceback" not in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        rc, _, err = tether_cli("chaos", "proxy", "--listen", address).finish(60)
+    assert rc == 1 and f"cannot listen on {address}" in err and "Traceback" not in err
