@@ -81,7 +81,7 @@ def fresh_database_name() -> str:
 def drop_database(uri: str) -> None:
     from pymongo import MongoClient
 
-    from tether.store.mongo import database_name
+    from tether.store.mongo_uri import database_name
 
     client: MongoClient[dict[str, object]] = MongoClient(uri, serverSelectionTimeoutMS=10_000)
     try:
