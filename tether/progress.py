@@ -28,6 +28,7 @@ class ProgressView:
         self.live: Live | None = None
         self._last_plain = 0.0
         self._last_line = ""
+        self._printed = ""  # the last line printed: the same state is not printed twice
 
     def __enter__(self) -> ProgressView:
         if self.console.is_terminal:
@@ -43,7 +44,7 @@ class ProgressView:
     ) -> None:
         if self.live is not None:
             self.live.__exit__(exc_type, exc, tb)
-        elif self._last_line:
+        elif self._last_line and self._last_line != self._printed:
             print(self._last_line, file=self.out, flush=True)
 
     def update(self, workers: list[Member]) -> None:
@@ -55,7 +56,7 @@ class ProgressView:
         self._last_line = line
         if now - self._last_plain >= _PLAIN_EVERY_S:
             self._last_plain = now
-            self._last_line = ""
+            self._printed = line
             print(line, file=self.out, flush=True)
 
     def _table(self, workers: list[Member]) -> Table:
