@@ -97,7 +97,16 @@ class Collection:
         proxy = self.get(name)
         current = {"name": name, "listen": proxy.listen, "upstream": proxy.upstream}
         fields = _proxy_fields(body, {**current, "enabled": proxy.enabled})
-        if (fields["listen"], fields["upstream"]) != (proxy.listen, proxy.upstream):
+        if (
+            fields["listen"] == proxy.listen
+            and fields["upstream"] != proxy.upstream
+            and fields["enabled"] == proxy.enabled
+        ):
+            # A new upstream only: live connections are dropped, as Toxiproxy does, but the port
+            # stays open. (Toxiproxy closes and re-binds it, and in between another socket may
+            # take the port; chaos runs re-point links at every shard replacement.)
+            proxy.retarget(fields["upstream"])
+        elif (fields["listen"], fields["upstream"]) != (proxy.listen, proxy.upstream):
             # As Toxiproxy: a new address restarts the listener and drops live connections.
             was = proxy.listen, proxy.upstream, proxy.enabled
             proxy.stop()

@@ -16,6 +16,7 @@ import json
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -23,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tether.store import open_store
+from tether.store import Member, StoreError, open_store
 
 # A proxy needs an upstream before its shard exists; connections to it are refused until the
 # shard registers and the follower points the proxy at it.
@@ -142,13 +143,17 @@ class LinkPlan:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.updates = 0
+        self.errors: list[str] = []
 
-    def create(self) -> dict[int, dict[int, str]]:
-        """Create every link's proxy; returns the routes (worker -> shard -> proxy address)."""
+    def create(self) -> None:
+        """Create every link's proxy, on a free loopback port, leading nowhere yet."""
         for w in range(self.workers):
             for s in range(self.shards):
                 proxy = self.api.create(link_name(w, s), "127.0.0.1:0", UNROUTED)
                 self.listen[(w, s)] = str(proxy["listen"])
+
+    def routes(self) -> dict[int, dict[int, str]]:
+        """worker -> shard -> the proxy address the worker dials for that shard."""
         return {
             w: {s: self.listen[(w, s)] for s in range(self.shards)} for w in range(self.workers)
         }
@@ -156,26 +161,36 @@ class LinkPlan:
     def point(self, shard: int, address: str) -> None:
         """Send every link to `shard` to `address` (a replacement shard's)."""
         for w in range(self.workers):
-            # The listen address is given explicitly so the proxy stays on its port when the
-            # server restarts its listener for the new upstream.
+            # The listen address is given explicitly so the proxy stays on its port should the
+            # server restart its listener for the new upstream (Toxiproxy does).
             self.api.update(link_name(w, shard), upstream=address, listen=self.listen[(w, shard)])
-        self.upstreams[shard] = address
+        self.upstreams[shard] = address  # only once every link to it was updated
         self.updates += 1
 
+    def point_all(self, shards: list[Member]) -> None:
+        """Point every link at its shard's registered address where it changed."""
+        for m in shards:
+            if m.address and self.upstreams.get(m.member_id) != m.address:
+                self.point(m.member_id, m.address)
+
     def follow(self, store_uri: str, run_id: str, interval_s: float = 0.02) -> None:
-        """In a thread: point the links at each shard's registered address as it changes."""
+        """In a thread: point the links at each shard's registered address as it changes.
+
+        A failed update (the proxy's API refused or was busy) is retried at the next poll: a
+        link left pointing at a dead shard would cut its worker off for good.
+        """
 
         def loop() -> None:
             store = open_store(store_uri)
             try:
                 while not self._stop.wait(interval_s):
                     try:
-                        members = store.members(run_id, "server")
-                    except Exception:  # noqa: BLE001 - the run may not exist yet; poll again
-                        continue
-                    for m in members:
-                        if m.address and self.upstreams.get(m.member_id) != m.address:
-                            self.point(m.member_id, m.address)
+                        self.point_all(store.members(run_id, "server"))
+                    except StoreError:
+                        continue  # the run may not exist yet; poll again
+                    except ProxyAPIError as e:
+                        self.errors.append(str(e))
+                        print(f"chaos: re-pointing a link failed, retrying: {e}", file=sys.stderr)
             finally:
                 store.close()
 

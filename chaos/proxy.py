@@ -368,6 +368,12 @@ class Proxy:
         for conn in list(self.connections):
             conn.abort()
 
+    def retarget(self, upstream: str) -> None:
+        """Send new clients to `upstream` and drop the live ones, without closing the port."""
+        self.upstream = upstream
+        for conn in list(self.connections):
+            conn.abort()
+
     def _accept(self) -> Side:
         conn = Connection(self)
         self.connections.add(conn)

@@ -39,9 +39,15 @@ def _metrics(store_uri: str, run_id: str) -> list[MetricRow]:
 
 
 def _launch(
-    config: RunConfig, run_dir: Path, store_uri: str, err: TextIO, routes: Any = None
+    config: RunConfig, run_dir: Path, store_uri: str, err: TextIO, links: LinkPlan | None = None
 ) -> Launcher:
-    opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, routes=routes or {})
+    opts = LaunchOptions(
+        config=config,
+        run_dir=run_dir,
+        store_uri=store_uri,
+        routes=links.routes() if links is not None else {},
+        before_workers=links.point_all if links is not None else None,
+    )
     return Launcher(opts, err)
 
 
@@ -111,15 +117,15 @@ def run_scenario(
     proxy_kind = None
     with contextlib.ExitStack() as stack:
         store_uri, store_members = stack.enter_context(_store_for(scenario, run_dir))
-        links, routes = None, {}
+        links = None
         if scenario.proxy_workers:
             api, proxy_kind = stack.enter_context(fault_proxy(scenario.seed, prefer_binary))
             print(f"chaos: links through {proxy_kind}", file=err, flush=True)
             links = LinkPlan(api, config.workers, config.shards)
-            routes = links.create()
+            links.create()
             stack.callback(links.close)
             links.follow(store_uri, config.run_id)
-        launcher = _launch(config, run_dir, store_uri, err, routes)
+        launcher = _launch(config, run_dir, store_uri, err, links)
         observer = stack.enter_context(open_store(store_uri))
         timeline = Timeline(
             scenario.faults, launcher, observer, config.run_id, config.workers, links,

@@ -55,6 +55,9 @@ class LaunchOptions:
     routes: dict[int, dict[int, str]] = field(default_factory=dict)
     # Evaluate the shards' parameters every this many seconds into the `eval` metrics (DESIGN §8)
     eval_interval_s: float | None = None
+    # Called with the registered shards before any worker starts (a chaos run points its
+    # proxies at them, so no worker ever dials a link that leads nowhere).
+    before_workers: Callable[[list[Member]], None] | None = None
 
 
 @dataclass(slots=True)
@@ -281,9 +284,11 @@ class Launcher:
             f"tether: run dir {self.opts.run_dir}, store {self.opts.store_uri}"
         )
         try:
-            self.start_shards()
+            shards = self.start_shards()
             store = self.store
             assert store is not None
+            if self.opts.before_workers is not None:
+                self.opts.before_workers(shards)
             for w in range(cfg.workers):
                 self._spawn("worker", w)
             t_train = time.monotonic()
