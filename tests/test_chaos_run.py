@@ -51,6 +51,9 @@ def test_the_ci_scenarios_pass_their_invariants(tether_cli, tmp_path):
     assert 0 < kill["faults"][0]["recovery_s"] < 3.0
     zombie = by_name["shard-pause-zombie"]
     assert "exited with code 1" in _ran(zombie)["zombie_fenced"]["detail"]
+    # The workers left the frozen shard for its replacement before the old one was resumed.
+    pause, replace, resume = zombie["faults"]
+    assert resume["step"] > replace["step"], zombie["faults"]
     partition = by_name["worker-partition"]
     assert partition["proxy"] is not None
     heal = partition["faults"][1]

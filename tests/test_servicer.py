@@ -196,3 +196,20 @@ def test_ssp_worker_blocks_s_plus_one_ahead_and_resumes_when_the_straggler_catch
         _, resumed = blocked.result(timeout=10)
     assert resumed.clock_gap == s and resumed.version == s + 2
     assert fast.info().max_clock_gap == s
+
+
+def test_closing_a_client_ends_its_waiting_pull_with_channel_closed(live_shard):
+    """A worker drops the channel to a replaced shard: the call waiting there ends at once."""
+    from tether.worker.client import ChannelClosed
+
+    shard = live_shard(Mode.BSP, workers=2)
+    client = shard.client()
+    client.push(grad(1000), worker_id=0, clock=0, seq=0, read_version=0, epoch=1)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.pull, 1000, worker_id=0, clock=1, wait_timeout_s=30)
+        wait_until(lambda: shard.servicer.waiting == 1, what="the pull to wait")
+        client.close()
+        with pytest.raises(ChannelClosed, match="was closed"):
+            waiting.result(timeout=10)
+    with pytest.raises(ChannelClosed):  # and a new call on it is refused the same way
+        client.info()

@@ -7,6 +7,7 @@ idempotent because they carry `(worker_id, seq)` and the shard de-duplicates (DE
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +51,10 @@ class Pulled:
     clock_gap: int
 
 
+class ChannelClosed(RuntimeError):
+    """The channel was closed under a call because its shard was replaced: resolve it again."""
+
+
 class ShardClient:
     """One channel to one shard."""
 
@@ -59,9 +64,22 @@ class ShardClient:
         self.chunk_bytes = chunk_bytes
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
+        self.closed = False
 
     def close(self) -> None:
+        """Close the channel; calls in progress end with ChannelClosed (from any thread)."""
+        self.closed = True
         self.channel.close()
+
+    @contextlib.contextmanager
+    def _calling(self) -> Iterator[None]:
+        try:
+            yield
+        except (grpc.RpcError, ValueError) as e:
+            # gRPC cancels the calls of a closed channel and refuses new ones with ValueError.
+            if self.closed:
+                raise ChannelClosed(f"the channel to {self.address} was closed") from e
+            raise
 
     def pull_into(
         self,
@@ -81,19 +99,20 @@ class ShardClient:
             observer=observer,
             wait_timeout_ms=int(wait_timeout_s * 1000),
         )
-        stream = self.stub.Pull(request, timeout=timeout_s)
-        first = next(stream)
-        h = first.header
-        if h.length != out.size:
-            stream.cancel()
-            raise ValueError(
-                f"shard at {self.address} serves {h.length} parameters, expected {out.size}"
-            )
-        assembler = Assembler(h.length, out)
-        assembler.add(first.data)
-        for msg in stream:
-            assembler.add(msg.data)
-        assembler.result()
+        with self._calling():
+            stream = self.stub.Pull(request, timeout=timeout_s)
+            first = next(stream)
+            h = first.header
+            if h.length != out.size:
+                stream.cancel()
+                raise ValueError(
+                    f"shard at {self.address} serves {h.length} parameters, expected {out.size}"
+                )
+            assembler = Assembler(h.length, out)
+            assembler.add(first.data)
+            for msg in stream:
+                assembler.add(msg.data)
+            assembler.result()
         return Pulled(h.epoch, h.version, h.offset, h.clock_gap)
 
     def pull(self, length: int, **kwargs) -> tuple[np.ndarray, Pulled]:  # type: ignore[no-untyped-def]
@@ -129,7 +148,11 @@ class ShardClient:
             for data in chunks[1:]:
                 yield ps_pb2.PushChunk(data=data)
 
-        return self.stub.Push(messages(), timeout=timeout_s)
+        with self._calling():
+            return self.stub.Push(messages(), timeout=timeout_s)  # type: ignore[no-any-return]
 
     def info(self, timeout_s: float | None = 10.0) -> ps_pb2.InfoReply:
-        return self.stub.Info(ps_pb2.InfoRequest(run_id=self.run_id), timeout=timeout_s)
+        with self._calling():
+            return self.stub.Info(  # type: ignore[no-any-return]
+                ps_pb2.InfoRequest(run_id=self.run_id), timeout=timeout_s
+            )

@@ -33,7 +33,7 @@ from tether.store import (
     open_store,
 )
 from tether.wire import FLOAT
-from tether.worker.client import Pulled, RetryPolicy, ShardClient, with_retry
+from tether.worker.client import ChannelClosed, Pulled, RetryPolicy, ShardClient, with_retry
 from tether.worker.data import batch_indices, load_dataset, partition
 from tether.worker.models import build_model, parse_model
 
@@ -136,6 +136,9 @@ class Worker:
         self.lost_acked: dict[str, int] = {}  # "shard:epoch" -> this worker's acked pushes lost
         self.metric_rows: list[MetricRow] = []  # per-step metrics not yet in the store
         self.reconnects = 0
+        # connect() replaces the clients while the heartbeat thread may be watching them.
+        self.lock = threading.Lock()
+        self.connecting = False
         self.epoch = 0  # this worker's membership epoch, set when it registers
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
@@ -146,6 +149,15 @@ class Worker:
         The clock is the smallest any shard holds: iterations some shards already have are
         redone, and their pushes there are acknowledged as duplicates (DESIGN §5).
         """
+        with self.lock:
+            self.connecting = True
+        try:
+            self._connect()
+        finally:
+            with self.lock:
+                self.connecting = False
+
+    def _connect(self) -> None:
         floor = dict(enumerate(self.epochs))
         deadline = time.monotonic() + self.config.wait_timeout_s
         while True:
@@ -251,7 +263,7 @@ class Worker:
                     if self.delay_s:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
                     self._push_all(grad, clock, pulled, loss)
-                except (grpc.RpcError, StaleShard) as e:
+                except (grpc.RpcError, StaleShard, ChannelClosed) as e:
                     code = e.code() if isinstance(e, grpc.RpcError) else None
                     if isinstance(e, grpc.RpcError) and code not in RESOLVE_CODES:
                         raise
@@ -303,6 +315,7 @@ class Worker:
                     return
                 except StoreUnavailable:
                     pass  # e.g. a frozen process holds SQLite's write lock: beat again later
+                self.watch_shards()
 
         thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
         thread.start()
@@ -322,6 +335,24 @@ class Worker:
             print(f"tether worker: metrics not written yet: {e}", file=sys.stderr, flush=True)
             return
         self.metric_rows = []
+
+    def watch_shards(self) -> None:
+        """Close the channel to a shard the store says was replaced, so that a call waiting on
+        the old process (paused, partitioned: it never answers) ends now and the loop looks the
+        shard up again, instead of at the call's deadline (DESIGN §5)."""
+        try:
+            members = self.store.members(self.config.run_id, "server")
+        except StoreError:
+            return
+        with self.lock:
+            if self.connecting:
+                return
+            for m in members:
+                i = m.member_id
+                serving = m.info.get("serving_since") is not None
+                if i < len(self.epochs) and m.epoch > self.epochs[i] and serving:
+                    if not self.clients[i].closed:
+                        self.clients[i].close()
 
     def beat(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.flush_metrics()
