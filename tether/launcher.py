@@ -157,6 +157,8 @@ class Launcher:
         self._last_lease_kill = 0.0
         self.evaluator: Evaluator | None = None
         self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._requests_lock = threading.Lock()
+        self._watching = False
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -170,9 +172,16 @@ class Launcher:
     # -- control from another thread (chaos runs), executed by the watch loop ---------------
 
     def call(self, fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-        """Run `fn` in the launcher's watch loop (which owns the children) and return its result."""
+        """Run `fn` in the launcher's watch loop (which owns the children) and return its result.
+
+        Raises LookupError when the loop is not running (before training or after the workers
+        finished), rather than waiting for a loop that will not serve it.
+        """
         future: Future[Any] = Future()
-        self._requests.put((fn, future))
+        with self._requests_lock:
+            if not self._watching:
+                raise LookupError("the run is not training now (not started, or finished)")
+            self._requests.put((fn, future))
         return future.result(timeout=timeout_s)
 
     def _serve_requests(self) -> None:
@@ -319,6 +328,18 @@ class Launcher:
 
     def _watch(self, store: Store, view: ProgressView) -> None:
         """Until every worker finished: restart dead members, time recoveries, show progress."""
+        with self._requests_lock:
+            self._watching = True
+        try:
+            self._watch_members(store, view)
+        finally:
+            with self._requests_lock:
+                self._watching = False
+            while not self._requests.empty():
+                _, future = self._requests.get_nowait()
+                future.set_exception(LookupError("the run finished before the request was served"))
+
+    def _watch_members(self, store: Store, view: ProgressView) -> None:
         cfg = self.config
         done: set[int] = set()
         last_view = 0.0
