@@ -142,7 +142,6 @@ class LinkPlan:
         self.upstreams: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.updates = 0
         self.errors: list[str] = []
 
     def create(self) -> None:
@@ -165,7 +164,6 @@ class LinkPlan:
             # server restart its listener for the new upstream (Toxiproxy does).
             self.api.update(link_name(w, shard), upstream=address, listen=self.listen[(w, shard)])
         self.upstreams[shard] = address  # only once every link to it was updated
-        self.updates += 1
 
     def point_all(self, shards: list[Member]) -> None:
         """Point every link at its shard's registered address where it changed."""

@@ -177,7 +177,3 @@ def run_scenario(
         else {k: baseline[k] for k in ("run_id", "test_accuracy", "params_sha256", "wall_s")},
         "report": str(report),
     }
-
-
-def scenario_out_dir(root: Path, scenario: Scenario) -> Path:
-    return root / scenario.name

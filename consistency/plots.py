@@ -10,7 +10,6 @@ compared with the first figure by figure.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +233,3 @@ def plot_progress_vs_staleness(runs: list[RunData], updates: float, path: Path) 
     if ax.get_lines():
         ax.legend(fontsize=8)
     return save(fig, path)
-
-
-def finite(v: float) -> bool:
-    return not (math.isnan(v) or math.isinf(v))
