@@ -142,7 +142,6 @@ class LinkPlan:
         self.upstreams: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.errors: list[str] = []
 
     def create(self) -> None:
         """Create every link's proxy, on a free loopback port, leading nowhere yet."""
@@ -187,7 +186,6 @@ class LinkPlan:
                     except StoreError:
                         continue  # the run may not exist yet; poll again
                     except ProxyAPIError as e:
-                        self.errors.append(str(e))
                         print(f"chaos: re-pointing a link failed, retrying: {e}", file=sys.stderr)
             finally:
                 store.close()

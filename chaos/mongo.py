@@ -9,19 +9,15 @@ recovery of a store fault is timed until a live member accepts writes as primary
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable
 from typing import Any
 
+from tether.chaos.timeline import SIGNALS as TIMELINE_SIGNALS
 from tether.mongo_up import ReplicaSet, _direct
 
-SIGNALS = {
-    "kill": signal.SIGKILL,
-    "pause": signal.SIGSTOP,
-    "resume": signal.SIGCONT,
-    "stop": signal.SIGTERM,
-}
+# A store member is killed, paused, resumed or stopped, never replaced or restarted by the run.
+SIGNALS = {a: TIMELINE_SIGNALS[a] for a in ("kill", "pause", "resume", "stop")}
 
 
 class StoreMembers:

@@ -7,44 +7,37 @@ recovery is visible at a glance (DESIGN §7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from tether.chaos.invariants import Check
 from tether.chaos.scenario import Scenario
+from tether.consistency.analysis import first_iteration_start
 from tether.store import MetricRow
 
 FIGURE = "timeline.png"
 
 
-def run_start(metrics: list[MetricRow]) -> float | None:
-    """Unix time the first iteration of any worker began (its row's end less its duration)."""
-    starts = [r.t - r.values.get("step_s", 0.0) for r in metrics if r.source.startswith("worker:")]
-    return min(starts, default=None)
-
-
 def series(
-    metrics: list[MetricRow], t0: float, value: str
+    metrics: list[MetricRow], t0: float, value: Callable[[MetricRow], float]
 ) -> dict[str, tuple[list[float], list[float]]]:
-    """source -> (seconds since t0, value) in time order, for the workers' rows."""
-    out: dict[str, tuple[list[float], list[float]]] = {}
-    for r in sorted(metrics, key=lambda r: r.t):
-        if not r.source.startswith("worker:") or value not in r.values:
-            continue
-        xs, ys = out.setdefault(r.source, ([], []))
-        xs.append(r.t - t0)
-        ys.append(r.values[value])
-    return out
-
-
-def steps(metrics: list[MetricRow], t0: float) -> dict[str, tuple[list[float], list[float]]]:
+    """worker source -> (seconds since t0, value(row)) in time order."""
     out: dict[str, tuple[list[float], list[float]]] = {}
     for r in sorted(metrics, key=lambda r: r.t):
         if r.source.startswith("worker:"):
             xs, ys = out.setdefault(r.source, ([], []))
             xs.append(r.t - t0)
-            ys.append(float(r.step + 1))
+            ys.append(value(r))
     return out
+
+
+def _loss(r: MetricRow) -> float:
+    return r.values["loss"]
+
+
+def _clock(r: MetricRow) -> float:
+    return float(r.step + 1)  # iterations done once this row's iteration ended
 
 
 def plot_timeline(
@@ -61,12 +54,12 @@ def plot_timeline(
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_clock) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    if (b0 := run_start(baseline)) is not None:
-        for i, (xs, ys) in enumerate(series(baseline, b0, "loss").values()):
+    if (b0 := first_iteration_start(baseline)) is not None:
+        for i, (xs, ys) in enumerate(series(baseline, b0, _loss).values()):
             ax_loss.plot(xs, ys, color="0.7", lw=1, ls="--", label="fault-free" if i == 0 else None)
-    for source, (xs, ys) in sorted(series(metrics, t0, "loss").items()):
+    for source, (xs, ys) in sorted(series(metrics, t0, _loss).items()):
         ax_loss.plot(xs, ys, lw=1, label=source)
-    for source, (xs, ys) in sorted(steps(metrics, t0).items()):
+    for source, (xs, ys) in sorted(series(metrics, t0, _clock).items()):
         ax_clock.plot(xs, ys, lw=1.2, label=source)
     for f in faults:
         if f["at_s"] is None:

@@ -19,10 +19,11 @@ from typing import Any, TextIO
 
 from tether.chaos.invariants import check_run
 from tether.chaos.links import LinkPlan, fault_proxy
-from tether.chaos.report import run_start, write_report
+from tether.chaos.report import write_report
 from tether.chaos.scenario import Scenario, run_config
 from tether.chaos.timeline import Timeline, progress_after
 from tether.config import RunConfig, new_run_id
+from tether.consistency.analysis import first_iteration_start
 from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
 from tether.store import MetricRow, default_store_uri, open_store
 
@@ -142,7 +143,7 @@ def run_scenario(
             timeline.join(30)
             timeline.join_watchers()
         metrics = observer.metrics(config.run_id)
-    t0 = run_start(metrics) or timeline.t0 or 0.0
+    t0 = first_iteration_start(metrics) or timeline.t0 or 0.0
     faults = [r.to_json(t0) for r in timeline.records]
     for record, f in zip(timeline.records, faults, strict=True):
         if record.heal_workers and record.t is not None:

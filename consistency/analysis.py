@@ -12,6 +12,7 @@ averages one gradient of every worker; an SSP/ASP step applies one gradient).
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,12 +65,19 @@ def load_run(store: Store, run_id: str) -> RunData:
     )
 
 
+def first_iteration_start(rows: Iterable[MetricRow]) -> float | None:
+    """Unix time the first iteration of any worker began (a worker row's time less its
+    duration); None without worker rows."""
+    starts = [r.t - r.values.get("step_s", 0.0) for r in rows if r.source.startswith("worker:")]
+    return min(starts, default=None)
+
+
 def run_start(run: RunData) -> float:
-    """Unix time the run's first iteration began (a worker row's time less its duration)."""
-    starts = [r.t - r.values.get("step_s", 0.0) for r in run.metrics if r.source != EVAL]
-    if not starts:
+    """Unix time the run's first iteration began."""
+    start = first_iteration_start(run.metrics)
+    if start is None:
         raise ValueError(f"run {run.run_id} has no worker metrics")
-    return min(starts)
+    return start
 
 
 def loss_curve(run: RunData, x: str = "time") -> tuple[list[float], list[float]]:

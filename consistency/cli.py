@@ -15,7 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from tether.cli import EXIT_FAILED, EXIT_OK
+
 DEFAULT_DIR = Path("runs/experiments")
 
 

@@ -16,7 +16,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -189,7 +188,6 @@ def run_experiment(
     store_uri: str,
     out_dir: Path,
     err: TextIO = sys.stderr,
-    on_run: Callable[[int, int, Point, dict[str, Any]], None] | None = None,
     exp_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep; returns {experiment_id, runs, failed, findings, report}."""
@@ -239,8 +237,6 @@ def run_experiment(
                 pass  # the run never reached the store (it failed before creating itself)
             run_ids.append(config.run_id)
             store.set_run_meta(exp_id, {"runs": run_ids})
-        if on_run is not None:
-            on_run(i, len(points), point, outcome)
         _progress(err, i, len(points), point, outcome, time.monotonic() - t_start)
     with open_store(store_uri) as store:
         runs = []

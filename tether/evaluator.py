@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from tether.config import RunConfig
-from tether.store import MetricRow, StoreError, open_store
+from tether.store import MetricRow, open_store
 
 SOURCE = "eval"
 
@@ -47,10 +47,8 @@ class Evaluator(threading.Thread):
                         flat, infos = fetch_params(cfg, shards)
                         loss, accuracy = model.evaluate(flat, data.x_train, data.y_train)
                         store.log_metrics(cfg.run_id, [self.row(loss, accuracy, infos)])
-                except (StoreError, OSError, RuntimeError) as e:
-                    # A shard being replaced or a busy store: skip this point, not the run.
-                    self.error = f"{type(e).__name__}: {e}"
-                except Exception as e:  # noqa: BLE001 - grpc errors are RuntimeErrors too
+                except Exception as e:  # noqa: BLE001 - a shard being replaced (a gRPC error),
+                    # a busy store: this point is skipped, not the run.
                     self.error = f"{type(e).__name__}: {e}"
                 if self.stop_event.wait(self.interval_s):
                     return

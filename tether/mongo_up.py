@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+from tether.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+
 DEFAULT_DIR = Path("tether-mongo")
 PIDS_FILE = "pids.json"
 NO_MONGOD = (
