@@ -1,8 +1,10 @@
 """The `tether server` process: one shard of one run (DESIGN.md §1).
 
-It reads the run's config from the store, builds its slice of the initial parameters, serves
-gRPC on the address it was given (port 0 picks a free port), registers that address and its epoch
-in the store, heartbeats, and stops gracefully on SIGTERM/SIGINT. A shard that learns from the
+It reads the run's config from the store, registers its address and epoch, starts heartbeating
+(from its own thread and store connection, so that neither building or loading a large state nor
+the replicator's writes delay a beat), builds or loads its slice of the parameters, serves gRPC on
+the address it was given (port 0 picks a free port) with the standard health service that the
+launcher's liveness probe asks, and stops gracefully on SIGTERM/SIGINT. A shard that learns from the
 store that a newer epoch replaced it stops serving and exits (fencing, DESIGN §5).
 """
 
@@ -17,6 +19,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -24,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
+from tether.heartbeat import Heartbeat
 from tether.proto import ps_pb2_grpc
 from tether.server.replication import Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
@@ -33,6 +37,7 @@ from tether.wire import CHANNEL_OPTIONS
 
 log = logging.getLogger("tether.server")
 SERVICE_NAME = "tether.v1.ParameterServer"
+ZOMBIE_LINGER_S = 1.0
 
 
 def initial_params(config: RunConfig) -> np.ndarray:
@@ -133,6 +138,24 @@ def serve(opts: ServerOptions) -> int:
         opts.run_id, "server", opts.shard_id, address=address, pid=os.getpid(),
         host=socket.gethostname(),
     )  # fmt: skip
+    fenced: list[Fenced] = []
+    failed: list[BaseException] = []
+    serving: list[ShardServicer] = []  # the servicer, once the state is loaded and served
+
+    def on_fenced(e: Fenced) -> None:
+        # A replacement registered a newer epoch: this shard is a zombie (DESIGN §5).
+        fenced.append(e)
+        stop.set()
+
+    def beat_info() -> dict[str, Any]:
+        if not serving:
+            return {"phase": "starting"}
+        return serving[0].heartbeat_info(lock_timeout_s=0.05)
+
+    beat = Heartbeat(
+        opts.store_uri, opts.run_id, "server", opts.shard_id, epoch,
+        interval_s=opts.heartbeat_s, info=beat_info, on_fenced=on_fenced,
+    ).start()  # fmt: skip
     state = load_or_init(store, config, spec, epoch)
     restored = state.version if state.revision > 0 else -1
     servicer = ShardServicer(state, wait_timeout_s=config.wait_timeout_s)
@@ -141,10 +164,8 @@ def serve(opts: ServerOptions) -> int:
     server.start()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    serving_since = time.time()
-
-    fenced: list[Fenced] = []
-    failed: list[BaseException] = []
+    servicer.serving_since = time.time()
+    serving.append(servicer)
 
     def on_failure(e: BaseException) -> None:
         if isinstance(e, Fenced):
@@ -165,30 +186,18 @@ def serve(opts: ServerOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
-    while True:
-        with servicer.cond:
-            info = {
-                "serving_since": serving_since,
-                "version": state.version,
-                "durable_version": state.durable_version,
-                "restored_version": restored,
-                "updates_applied": state.stats.updates_applied,
-                "clocks": state.clocks,
-                "max_clock_gap": state.stats.max_clock_gap,
-            }
-        try:
-            store.heartbeat(opts.run_id, "server", opts.shard_id, epoch, info)
-        except Fenced as e:
-            # A replacement registered a newer epoch: this shard is a zombie (DESIGN §5).
-            fenced.append(e)
-            break
-        if stop.wait(opts.heartbeat_s):
-            break
+    stop.wait()
+    beat.close()
     servicer.stop_serving(fenced=bool(fenced))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if replicator is not None:
         replicator.stop()  # flushes the last changes on a graceful stop; a zombie writes nothing
+    if fenced:
+        # A resumed zombie's clients are mid-call right now: refuse them with
+        # FAILED_PRECONDITION ("re-resolve") for a moment rather than have the server's shutdown
+        # cancel their calls, which tells them nothing.
+        time.sleep(ZOMBIE_LINGER_S)
     server.stop(grace=2.0).wait()
     if fenced:
         print(f"tether server: shard {opts.shard_id} fenced: {fenced[0]}", file=sys.stderr)

@@ -140,7 +140,7 @@ def test_a_failed_worker_fails_the_run_with_a_message_naming_it(tether_cli, tmp_
     os.kill(worker_pids()[1], signal.SIGKILL)
     rc, _, err = launch.finish(120)
     assert rc == 1
-    assert "worker 1 exited with code -9 after 0 restarts (--max-restarts 0)" in err
+    assert "worker 1 exited with code -9 (SIGKILL) after 0 restarts (--max-restarts 0)" in err
     status = tether_cli("status", "--json", "--run-dir", str(run_dir)).json()
     assert not status["finished"]
     for m in status["members"]:

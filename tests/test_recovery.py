@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -145,7 +146,7 @@ def test_the_run_fails_naming_the_member_after_max_restarts(tether_cli, tmp_path
     watch(run_dir).kill_at(5, "server", 1)
     rc, _, err = launch.finish(120)
     assert rc == 1
-    assert "shard 1 exited with code -9 after 0 restarts (--max-restarts 0)" in err
+    assert "shard 1 exited with code -9 (SIGKILL) after 0 restarts (--max-restarts 0)" in err
 
 
 def test_status_shows_epochs_and_restarts_while_the_run_goes_on(tether_cli, tmp_path, watch):
@@ -168,17 +169,31 @@ def test_status_shows_epochs_and_restarts_while_the_run_goes_on(tether_cli, tmp_
     assert launch.proc.poll() is None  # still training
 
 
-def test_a_paused_shard_misses_its_lease_is_replaced_and_the_run_finishes(
+def test_a_paused_shard_fails_its_probe_is_replaced_and_the_run_finishes(
     tether_cli, tmp_path, watch
 ):
+    """SIGSTOP: heartbeats stop, the health probe gets no answer, and only once the probes have
+    failed for --probe-timeout is the shard killed and replaced, with that cause recorded."""
     run_dir = tmp_path / "run"
-    launch = tether_cli("launch", *COMMON, "--mode", "bsp", "--run-dir", str(run_dir))
+    launch = tether_cli(
+        "launch", *COMMON, "--mode", "bsp", "--run-dir", str(run_dir),
+        "--lease", "2", "--probe-timeout", "3",
+    )  # fmt: skip
     w = watch(run_dir)
     paused = w.kill_at(60, "server", 1, signal.SIGSTOP)  # hung, not dead: no exit to see
+    paused_at = time.time()
     rc, out, err = launch.finish()
     assert rc == 0, err[-3000:]
-    assert "shard 1" in err and "missed its heartbeat lease" in err
+    assert "shard 1" in err and "failing the liveness probe" in err
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["restarts"] == {"server": 1, "worker": 0}
     assert summary["updates_applied"] == summary["steps"] and summary["lost_updates"] == 0
     assert w.member("server", 1).epoch == 2 and w.member("server", 1).pid != paused
+    (recovery,) = summary["recoveries"]
+    assert (recovery["role"], recovery["id"], recovery["cause"]) == ("server", 1, "probe_failed")
+    (kill,) = [e for e in summary["events"] if e["kind"] == "liveness_kill"]
+    assert kill["pid"] == paused
+    # Never before the lease and the probe deadline had both run out (a late heartbeat alone
+    # kills nothing); the upper bound is the adaptive lease's cap plus the probe deadline.
+    assert 3 <= kill["t"] - paused_at <= 30 + 3 + 60
+    assert summary["liveness"]["probes_failed"] >= 2

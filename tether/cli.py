@@ -135,6 +135,28 @@ def build_parser() -> Parser:
         metavar="N",
         help="restarts per member before the run fails (3)",
     )
+    launch.add_argument(
+        "--lease",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="heartbeat silence after which a serving member is probed (5; it adapts upwards to "
+        "the intervals observed)",
+    )
+    launch.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a suspect member is killed only after its liveness probes failed this long (10)",
+    )
+    launch.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="deadline from starting a member to its serving (120)",
+    )
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     server = sub.add_parser("server", help="run one parameter-server shard of a run")
@@ -263,6 +285,9 @@ def _launch(args: argparse.Namespace) -> int:
         replicate_every=args.replicate_every,
         replicate_interval_ms=args.replicate_interval_ms,
         max_restarts=args.max_restarts,
+        lease_s=args.lease,
+        probe_timeout_s=args.probe_timeout,
+        startup_timeout_s=args.startup_timeout,
     )
     if args.mode != "ssp" and args.staleness not in (None, 0):
         raise UsageError(f"--staleness applies to --mode ssp only, not {args.mode}")
@@ -302,8 +327,12 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  max clock gap   {s['max_clock_gap']}\n"
         f"  wall time       {s['wall_s']:.1f}s ({s['samples_per_s']:.0f} samples/s)\n"
         f"  params sha256   {s['params_sha256']}\n"
+        f"  restarts        {s['restarts']['server']} shard, {s['restarts']['worker']} worker\n"
         f"  run dir         {s['run_dir']}"
     )
+    for r in s.get("recoveries", []):
+        role = "shard" if r["role"] == "server" else r["role"]
+        print(f"    {role} {r['id']} (epoch {r['epoch']}): {r['detail']}")
 
 
 def _server(args: argparse.Namespace) -> int:

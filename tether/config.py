@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.consistency import Consistency, parse_consistency
+from tether.liveness import LivenessPolicy
 from tether.server.optim import OptimizerConfig
 from tether.server.state import ReplicationPolicy
 from tether.wire import DEFAULT_CHUNK_BYTES
@@ -62,6 +63,12 @@ class RunConfig:
     replicate_every: int = 50
     replicate_interval_ms: float = 100.0
     max_restarts: int = 3
+    # Failure detection (DESIGN §5 Liveness, tether/liveness.py): a serving member whose heartbeat
+    # is silent past the lease is probed directly and killed only if the probes keep failing for
+    # `probe_timeout_s`; start-up (spawn to serving) has its own deadline instead of the lease.
+    lease_s: float = 5.0
+    probe_timeout_s: float = 10.0
+    startup_timeout_s: float = 120.0
     # Resolved from the model and data set when the run is created.
     num_params: int = 0
     in_dim: int = 0
@@ -93,6 +100,7 @@ class RunConfig:
         self.consistency  # noqa: B018 - validates mode and staleness
         self.optimizer_config  # noqa: B018 - validates optimizer and lr
         self.replication_policy  # noqa: B018 - validates the replication settings
+        self.liveness_policy  # noqa: B018 - validates the failure-detection settings
 
     @property
     def consistency(self) -> Consistency:
@@ -108,6 +116,22 @@ class RunConfig:
             mode=self.replication,  # type: ignore[arg-type]
             every_updates=self.replicate_every,
             interval_s=self.replicate_interval_ms / 1000,
+        )
+
+    @property
+    def liveness_policy(self) -> LivenessPolicy:
+        for flag, value in (
+            ("--lease", self.lease_s),
+            ("--probe-timeout", self.probe_timeout_s),
+            ("--startup-timeout", self.startup_timeout_s),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{flag} must be a positive number of seconds, got {value}")
+        return LivenessPolicy(
+            lease_s=self.lease_s,
+            probe_timeout_s=self.probe_timeout_s,
+            startup_timeout_s=self.startup_timeout_s,
+            lease_cap_s=max(30.0, self.lease_s),
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 The launcher writes the run's config to the store, starts S `tether server` and W `tether worker`
 child processes (each in this launcher's process group, with its log in <run-dir>/logs), watches
 them, shows progress, and when the workers are done reads the final parameters from the shards,
-evaluates them, stops the shards and writes the summary (DESIGN §1, §9). If a member fails, the run
-fails with a message naming it; restarts come with replication (next issue).
+evaluates them, stops the shards and writes the summary (DESIGN §1, §9). A member that exits, or
+that the liveness detector finds frozen (tether/liveness.py: late heartbeats raise suspicion,
+failed direct probes confirm it), is restarted with its cause recorded, up to --max-restarts;
+then the run fails with a message naming it.
 """
 
 from __future__ import annotations
@@ -31,13 +33,18 @@ import numpy as np
 
 from tether.config import RunConfig
 from tether.evaluator import Evaluator
+from tether.heartbeat import Heartbeat
+from tether.liveness import Cause, Detector, Kill, Probe, exit_cause
+from tether.probe import Prober
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
-from tether.status import HEARTBEAT_LEASE_S
-from tether.store import Member, Store, StoreUnavailable, open_store
-from tether.supervisor import GiveUp, Supervisor, member_name
+from tether.store import Member, Store, open_store
+from tether.supervisor import READY_FIELD, GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
 from tether.worker.client import RetryPolicy, ShardClient, with_retry
+
+# One health check's deadline. A busy member answers well within it; a frozen one never does.
+PROBE_ATTEMPT_S = 2.0
 
 
 class RunFailed(RuntimeError):
@@ -50,7 +57,6 @@ class LaunchOptions:
     run_dir: Path
     store_uri: str
     export: Path | None = None
-    startup_timeout_s: float = 120.0
     # worker id -> shard id -> address the worker dials for that shard (a fault proxy, DESIGN §7)
     routes: dict[int, dict[int, str]] = field(default_factory=dict)
     # Evaluate the shards' parameters every this many seconds into the `eval` metrics (DESIGN §8)
@@ -73,6 +79,10 @@ class Child:
     @property
     def name(self) -> str:
         return member_name(self.role, self.member_id)
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.role, self.member_id, self.proc.pid)
 
     def log_tail(self, lines: int = 8) -> str:
         try:
@@ -151,10 +161,13 @@ class Launcher:
         self.store: Store | None = None
         self.epoch = 0  # the launcher's own membership epoch
         self.supervisor = Supervisor(opts.config.max_restarts)
-        # What happened to the members, in order: exits, restarts, lease kills, recoveries.
+        # What happened to the members, in order: exits, restarts, liveness kills, recoveries.
         # A chaos run reads it to time recoveries and to check that a zombie was fenced.
         self.events: list[dict[str, Any]] = []
-        self._last_lease_kill = 0.0
+        self.detector = Detector(opts.config.liveness_policy)
+        self.prober = Prober(attempt_timeout_s=PROBE_ATTEMPT_S)
+        self._kill_causes: dict[int, Cause] = {}  # pid -> why the detector killed it
+        self.liveness: list[dict[str, Any]] = []  # what the detector saw of each ended process
         self.evaluator: Evaluator | None = None
         self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._requests_lock = threading.Lock()
@@ -227,6 +240,7 @@ class Launcher:
         """
         old = self.live_child(role, member_id)
         old.superseded = True
+        self._unwatch(old)  # left alive on purpose: a zombie for the store to fence
         self._event("superseded", old)
         new = self._spawn(role, member_id)
         self._event("replacement", new, replaces=old.proc.pid)
@@ -244,8 +258,14 @@ class Launcher:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         child = Child(role, member_id, proc, log_path)
         self.children.append(child)
+        self.detector.spawned(child.key, time.monotonic())
         self._event("start", child)
         return child
+
+    def _unwatch(self, child: Child) -> None:
+        watched = self.detector.forget(child.key)
+        if watched is not None:
+            self.liveness.append(self.detector.report(watched))
 
     def _check_children(self, roles: tuple[str, ...]) -> None:
         for child in self.children:
@@ -259,11 +279,14 @@ class Launcher:
                 )
 
     def _wait_for(self, what: str, ready: Callable[[], bool]) -> None:
-        deadline = time.monotonic() + self.opts.startup_timeout_s
+        timeout_s = self.config.startup_timeout_s
+        deadline = time.monotonic() + timeout_s
         while not ready():
             self._check_children(("server", "worker"))
             if time.monotonic() > deadline:
-                raise RunFailed(f"{what} did not happen within {self.opts.startup_timeout_s:.0f}s")
+                raise RunFailed(
+                    f"{what} did not happen within {timeout_s:.0f}s (--startup-timeout)"
+                )
             time.sleep(0.05)
 
     def start_shards(self) -> list[Member]:
@@ -310,7 +333,7 @@ class Launcher:
                 with ProgressView(cfg, self.err) as view:
                     self._watch(store, view)
             finally:
-                beating.set()
+                beating.close()
                 if evaluator is not None:
                     evaluator.close()
             self.evaluator = evaluator
@@ -349,6 +372,7 @@ class Launcher:
                 rc = child.proc.poll()
                 if rc is None or child.member_id in done and child.role == "worker":
                     continue
+                self._unwatch(child)
                 if child.superseded:
                     self.children.remove(child)
                     self._event("exit", child, exit_code=rc, superseded=True)
@@ -361,10 +385,11 @@ class Launcher:
                     done.add(child.member_id)
                     self._event("exit", child, exit_code=0)
                     continue
-                self._event("exit", child, exit_code=rc)
-                self._restart(store, child, rc)
+                cause = self._kill_causes.pop(child.proc.pid, None) or exit_cause(rc)
+                self._event("exit", child, exit_code=rc, cause=cause.kind)
+                self._restart(store, child, rc, cause)
             members = store.members(cfg.run_id)
-            self._enforce_leases(members)
+            self._detect(members)
             for m in members:
                 if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
                     self.events.append(
@@ -382,70 +407,68 @@ class Launcher:
             time.sleep(0.02)
         view.update(store.members(cfg.run_id, "worker"))
 
-    def _keep_alive(self) -> threading.Event:
-        """Heartbeat from a thread with its own store handle; returns the event that stops it.
+    def _keep_alive(self) -> Heartbeat:
+        """Heartbeat from a thread with its own store handle (tether.heartbeat); returns it.
 
         The watch loop only reads the store, so a member frozen while it holds SQLite's write
         lock (writes wait on it; WAL reads do not) cannot stop the launcher from seeing the
-        stale heartbeat and killing the frozen member, which frees the lock.
+        frozen member, probing it and killing it, which frees the lock.
         """
-        stop = threading.Event()
-        cfg = self.config
 
-        def loop() -> None:
-            with open_store(self.opts.store_uri) as store:
-                while not stop.wait(1.0):
-                    try:
-                        store.heartbeat(
-                            cfg.run_id, "launcher", 0, self.epoch,
-                            {"phase": "train", "restarts": self.supervisor.counts()},
-                        )  # fmt: skip
-                    except StoreUnavailable:
-                        continue
+        def info() -> dict[str, Any]:
+            return {
+                "phase": "train",
+                "restarts": self.supervisor.counts(),
+                "recoveries": [r.to_json() for r in self.supervisor.recoveries],
+            }
 
-        threading.Thread(target=loop, name="launcher-heartbeat", daemon=True).start()
-        return stop
+        return Heartbeat(
+            self.opts.store_uri, self.config.run_id, "launcher", 0, self.epoch,
+            interval_s=1.0, info=info,
+        ).start()  # fmt: skip
 
-    def _enforce_leases(self, members: list[Member]) -> None:
-        """A child that stopped heartbeating (hung, paused) is killed, so it gets replaced.
+    def _detect(self, members: list[Member]) -> None:
+        """Feed the liveness detector what the store shows, then carry out what it decides.
 
-        Its replacement takes the next epoch; should the old process ever run again it is a
-        zombie, fenced by the store (DESIGN §5).
+        Probes go to the member's registered address directly, never through a chaos proxy: a
+        broken link is not a dead process. A kill is only ever a confirmed one (the probes
+        failed past --probe-timeout, or start-up ran past --startup-timeout); the exit it causes
+        is restarted with that cause (DESIGN §5).
         """
-        now = time.time()
-        if now - self._last_lease_kill < HEARTBEAT_LEASE_S:
-            return
-        by_pid: dict[tuple[str, int, int], Member] = {
+        now = time.monotonic()
+        by_key: dict[tuple[str, int, int], Member] = {
             (m.role, m.member_id, m.pid): m for m in members
         }
-        stale: list[tuple[float, Child]] = []
         for child in self.children:
-            m = by_pid.get((child.role, child.member_id, child.proc.pid))
-            if m is None or m.state != "running" or child.proc.poll() is not None:
-                continue
-            if child.superseded:
-                continue  # already replaced; left alive on purpose (a zombie to be fenced)
-            if now - m.heartbeat > HEARTBEAT_LEASE_S:
-                stale.append((now - m.heartbeat, child))
-        if not stale:
-            return
-        # One kill per lease period, the stalest first: a member frozen while holding the
-        # store's write lock stalls everyone's heartbeats, and killing it frees them all.
-        age, child = max(stale, key=lambda s: s[0])
-        self.say(
-            f"tether: {child.name} (pid {child.proc.pid}) missed its heartbeat lease "
-            f"({age:.1f}s > {HEARTBEAT_LEASE_S:.0f}s); killing it"
-        )
-        self._event("lease_kill", child, heartbeat_age_s=age)
-        child.proc.kill()
-        self._last_lease_kill = now
+            m = by_key.get(child.key)
+            if m is not None and m.state == "running":
+                serving = m.info.get(READY_FIELD[child.role]) is not None
+                self.detector.heartbeat(child.key, m.heartbeat, serving, now)
+        for key, number, ok, error in self.prober.drain():
+            self.detector.probe_result(key, number, ok, now, error)
+        for action in self.detector.tick(now):
+            m = by_key.get(action.key)
+            if isinstance(action, Probe):
+                self.prober.submit(action.key, action.number, m.address if m else "")
+            elif isinstance(action, Kill):
+                self._kill(action)
 
-    def _restart(self, store: Store, child: Child, rc: int) -> None:
+    def _kill(self, action: Kill) -> None:
+        for child in self.children:
+            if child.key == action.key and child.proc.poll() is None:
+                self.say(f"tether: {child.name} (pid {child.proc.pid}) {action.cause.detail}")
+                self._kill_causes[child.proc.pid] = action.cause
+                self._event("liveness_kill", child, cause=action.cause.kind,
+                            detail=action.cause.detail)  # fmt: skip
+                child.proc.kill()
+                return
+
+    def _restart(self, store: Store, child: Child, rc: int, cause: Cause) -> None:
         cfg = self.config
         member = store.member(cfg.run_id, child.role, child.member_id)  # type: ignore[arg-type]
         epoch = member.epoch if member is not None else 0
         decision = self.supervisor.member_exited(
-            child.role, child.member_id, rc, time.time(), epoch
+            child.role, child.member_id, rc, time.time(), epoch, cause
         )
         if isinstance(decision, GiveUp):
             raise RunFailed(
@@ -453,7 +476,7 @@ class Launcher:
             )
         self.children.remove(child)
         self.say(
-            f"tether: {child.name} (pid {child.proc.pid}) exited with code {rc}; restarting "
+            f"tether: {child.name} (pid {child.proc.pid}) {cause.detail}; restarting "
             f"({decision.attempt}/{cfg.max_restarts})"
         )
         self._spawn(child.role, child.member_id)
@@ -508,15 +531,8 @@ class Launcher:
             "replication": cfg.replication,
             "restarts": self.supervisor.counts(),
             "recovery_s": [r.recovery_s for r in recoveries if r.recovery_s is not None],
-            "recoveries": [
-                {
-                    "role": r.role,
-                    "id": r.member_id,
-                    "exit_code": r.exit_code,
-                    "recovery_s": r.recovery_s,
-                }
-                for r in recoveries
-            ],  # fmt: skip
+            "recoveries": [r.to_json() for r in recoveries],
+            "liveness": self._liveness_report(),
             "lost_updates": lost_updates(workers),
             "ledger": audit_ledger(cfg.steps, infos, workers),
             "events": self.events,
@@ -525,8 +541,25 @@ class Launcher:
             "export": str(self.opts.export) if self.opts.export else None,
         }
 
+    def _liveness_report(self) -> dict[str, Any]:
+        """What the detector measured per process: start-up time, the longest heartbeat gap,
+        suspicions and probes (the evidence that slow members were told from dead ones)."""
+        live = [self.detector.report(w) for w in self.detector.members.values()]
+        procs = sorted(self.liveness + live, key=lambda r: (r["role"], r["id"], r["pid"]))
+        policy = self.config.liveness_policy
+        return {
+            "lease_s": policy.lease_s,
+            "probe_timeout_s": policy.probe_timeout_s,
+            "startup_timeout_s": policy.startup_timeout_s,
+            "max_heartbeat_gap_s": max((p["max_heartbeat_gap_s"] for p in procs), default=0.0),
+            "suspicions": sum(p["suspicions"] for p in procs),
+            "probes_failed": sum(p["probes_failed"] for p in procs),
+            "processes": procs,
+        }
+
     def stop_children(self, grace_s: float = 5.0) -> None:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
+        self.prober.close()
         for child in self.children:
             if child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)

@@ -1,7 +1,9 @@
 """Restart decisions of the launcher, as a small state machine with no I/O (DESIGN §5).
 
-The launcher reports what it observes — a child exited, a member's record in the store — and
-gets back what to do: restart the member, or fail the run naming it. Recoveries are timed from
+The launcher reports what it observes — a child exited, and why (its exit code, or the liveness
+detector's decision that killed it, :mod:`tether.liveness`), a member's record in the store — and
+gets back what to do: restart the member, or fail the run naming it. Every restart keeps its
+cause, so a user can tell a real failure from a detector decision. Recoveries are timed from
 the moment the death was seen to the moment the replacement says it is serving again (a shard:
 state loaded and gRPC up; a worker: clock read back from the shards).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from tether.liveness import Cause, exit_cause
 from tether.store import Member
 
 READY_FIELD = {"server": "serving_since", "worker": "resumed_at"}
@@ -23,7 +26,20 @@ class Recovery:
     exit_code: int
     detected_at: float
     old_epoch: int
+    cause: Cause
     recovery_s: float | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "role": self.role,
+            "id": self.member_id,
+            "exit_code": self.exit_code,
+            "epoch": self.old_epoch,
+            "t": self.detected_at,
+            "cause": self.cause.kind,
+            "detail": self.cause.detail,
+            "recovery_s": self.recovery_s,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,16 +64,24 @@ class Supervisor:
         self.recoveries: list[Recovery] = []
 
     def member_exited(
-        self, role: str, member_id: int, exit_code: int, now: float, epoch: int
+        self,
+        role: str,
+        member_id: int,
+        exit_code: int,
+        now: float,
+        epoch: int,
+        cause: Cause | None = None,
     ) -> Restart | GiveUp:
+        """``cause`` is the detector's, when it killed the member; else the exit code's."""
+        cause = cause or exit_cause(exit_code)
         key = (role, member_id)
         if self.restarts[key] >= self.max_restarts:
             return GiveUp(
-                f"{member_name(role, member_id)} exited with code {exit_code} after "
+                f"{member_name(role, member_id)} {cause.detail} after "
                 f"{self.restarts[key]} restarts (--max-restarts {self.max_restarts})"
             )
         self.restarts[key] += 1
-        recovery = Recovery(role, member_id, exit_code, now, epoch)
+        recovery = Recovery(role, member_id, exit_code, now, epoch, cause)
         self.pending[key] = recovery
         self.recoveries.append(recovery)
         return Restart(self.restarts[key])

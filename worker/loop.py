@@ -23,6 +23,8 @@ import numpy as np
 
 from tether.alloc import tune_allocator
 from tether.config import RunConfig
+from tether.heartbeat import Heartbeat
+from tether.probe import serve_health
 from tether.store import (
     Fenced,
     Member,
@@ -62,6 +64,7 @@ class WorkerOptions:
     run_id: str
     worker_id: int
     heartbeat_s: float = 0.5
+    probe_host: str = "127.0.0.1"  # where the liveness endpoint listens (port chosen freely)
     # shard id -> "host:port" to dial instead of the shard's registered address: a fault proxy
     # in front of this worker's link to that shard (DESIGN §7). The store still names the shard
     # and its epoch; only the dialled address changes.
@@ -69,8 +72,10 @@ class WorkerOptions:
 
 
 # Codes after which the shard may have been replaced: look its address up again and redo the
-# iteration (pushes are idempotent by (worker_id, seq), DESIGN §5).
+# iteration (pushes are idempotent by (worker_id, seq), DESIGN §5). CANCELLED is what a call
+# gets from a shard process whose server shut down under it.
 RESOLVE_CODES = (
+    grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ABORTED,
@@ -303,23 +308,17 @@ class Worker:
             for c in self.clients:
                 c.close()
 
-    def keep_alive(self) -> threading.Thread:
-        """Heartbeat from a thread, so a worker waiting at a barrier still shows it is alive."""
+    def keep_alive(self) -> Heartbeat:
+        """Heartbeat from a thread with its own store connection, so a worker waiting at a
+        barrier, compiling or flushing metrics still shows it is alive (DESIGN §5)."""
 
-        def loop() -> None:
-            while not self.stop.wait(self.opts.heartbeat_s):
-                try:
-                    self.store.heartbeat(self.config.run_id, "worker", self.wid, self.epoch, {})
-                except Fenced:
-                    self.stop.set()  # a newer incarnation of this worker took over
-                    return
-                except StoreUnavailable:
-                    pass  # e.g. a frozen process holds SQLite's write lock: beat again later
-                self.watch_shards()
+        def on_fenced(_: Fenced) -> None:
+            self.stop.set()  # a newer incarnation of this worker took over
 
-        thread = threading.Thread(target=loop, name="heartbeat", daemon=True)
-        thread.start()
-        return thread
+        return Heartbeat(
+            self.opts.store_uri, self.config.run_id, "worker", self.wid, self.epoch,
+            interval_s=self.opts.heartbeat_s, after_beat=self.watch_shards, on_fenced=on_fenced,
+        ).start()  # fmt: skip
 
     def flush_metrics(self) -> None:
         """Write the per-step metrics gathered since the last flush (DESIGN §8).
@@ -336,12 +335,12 @@ class Worker:
             return
         self.metric_rows = []
 
-    def watch_shards(self) -> None:
+    def watch_shards(self, store: Store) -> None:
         """Close the channel to a shard the store says was replaced, so that a call waiting on
         the old process (paused, partitioned: it never answers) ends now and the loop looks the
         shard up again, instead of at the call's deadline (DESIGN §5)."""
         try:
-            members = self.store.members(self.config.run_id, "server")
+            members = store.members(self.config.run_id, "server")
         except StoreError:
             return
         with self.lock:
@@ -393,11 +392,14 @@ def run_worker(opts: WorkerOptions) -> int:
     worker = Worker(opts, store, config)  # ValueError: bad id/device -> exit 2 at the edge
     for sig in (signal.SIGTERM, signal.SIGINT):  # before registering: a stop is never fatal
         signal.signal(sig, lambda *_: worker.stop.set())
+    # The worker's address in the store is its health endpoint: what the launcher's liveness
+    # probe asks when the heartbeats fall silent (a frozen process cannot answer it).
+    health_server, health_address = serve_health(opts.probe_host)
     worker.epoch = store.register(
         opts.run_id,
         "worker",
         opts.worker_id,
-        address="",
+        address=health_address,
         pid=os.getpid(),
         host=socket.gethostname(),
     )
@@ -407,7 +409,15 @@ def run_worker(opts: WorkerOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
-    worker.keep_alive()
+    beat = worker.keep_alive()
+    try:
+        return _work(worker, store, opts, config)
+    finally:
+        beat.close()
+        health_server.stop(grace=0)
+
+
+def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) -> int:
     try:
         worker.connect()
         # "Serving again" for a restarted worker: its clock is read back from the shards.

@@ -87,8 +87,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_store(uri: str) -> Store:
+def open_store(uri: str, *, busy_timeout_s: float | None = None) -> Store:
     """Open the store named by ``uri`` (see the module docstring for the accepted forms).
+
+    ``busy_timeout_s`` bounds how long a SQLite write waits for another process's write lock
+    before it raises :class:`StoreUnavailable` (heartbeats use a short one so that they never
+    queue behind a large state write); MongoDB's timeouts come from the URI's options.
 
     A SQLite file, its parent folders and its schema are created if absent; a MongoDB store
     connects and creates its indexes. Raises ValueError for a URI that names no supported backend
@@ -106,7 +110,9 @@ def open_store(uri: str) -> Store:
             )
         if "?" in path:
             raise ValueError(f"store URI {uri!r} has query parameters, which sqlite does not take")
-        return SQLiteStore(path)
+        if busy_timeout_s is None:
+            return SQLiteStore(path)
+        return SQLiteStore(path, busy_timeout_s=busy_timeout_s)
     scheme = uri.partition("://")[0].lower() if "://" in uri else ""
     if scheme == "sqlite":
         raise ValueError(f"store URI {uri!r} needs three slashes after 'sqlite:'; {_ACCEPTED}")

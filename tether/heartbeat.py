@@ -1,0 +1,75 @@
+"""A member's heartbeat: a thread with its own store connection (DESIGN §5 Liveness).
+
+Heartbeats must never queue behind the member's real work. So the thread owns its connection
+(a shard's replication writes and a worker's metric flushes hold their own), a SQLite write
+waits at most ``busy_timeout_s`` for another process's write lock (a large state save elsewhere)
+and is skipped rather than queued when it cannot get it -- the next beat tries again -- and the
+``info`` callback must not block (a shard takes its lock with a timeout and beats without
+statistics when the lock is busy). A late beat is no longer fatal anyway: the launcher only
+suspects a member whose heartbeats stop and confirms with a direct probe before acting.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from tether.store import Fenced, Role, Store, StoreError, open_store
+
+BUSY_TIMEOUT_S = 1.0
+
+
+class Heartbeat:
+    def __init__(
+        self,
+        store_uri: str,
+        run_id: str,
+        role: Role,
+        member_id: int,
+        epoch: int,
+        *,
+        interval_s: float,
+        info: Callable[[], dict[str, Any]] = dict,
+        after_beat: Callable[[Store], None] | None = None,
+        on_fenced: Callable[[Fenced], None] | None = None,
+    ) -> None:
+        self.store_uri, self.run_id, self.role = store_uri, run_id, role
+        self.member_id, self.epoch, self.interval_s = member_id, epoch, interval_s
+        self.info, self.after_beat, self.on_fenced = info, after_beat, on_fenced
+        self.stop = threading.Event()
+        self.beats = 0
+        self.skipped = 0  # beats that could not be written (store busy or unreachable)
+        self._thread = threading.Thread(target=self._run, name=f"{role}-heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        try:
+            store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
+        except StoreError as e:
+            print(f"tether {self.role}: heartbeat cannot open the store: {e}", file=sys.stderr)
+            return
+        with store:
+            while True:
+                try:
+                    store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, self.info())
+                    self.beats += 1
+                except Fenced as e:
+                    if self.on_fenced is not None:
+                        self.on_fenced(e)
+                    return
+                except StoreError:
+                    self.skipped += 1  # busy or unreachable: the next beat tries again
+                if self.after_beat is not None:
+                    self.after_beat(store)
+                if self.stop.wait(self.interval_s):
+                    return

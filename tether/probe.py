@@ -1,0 +1,75 @@
+"""Direct liveness probes: the gRPC health service every member serves (DESIGN §5).
+
+A shard answers on its own gRPC server; a worker runs a small health server of its own whose
+address it registers in the store. The probe asks whether the *process* is alive and not frozen:
+any answer counts (NOT_SERVING is a shard that is stopping, which is alive), no answer within
+the attempt's deadline does not. A SIGSTOPped process accepts the TCP connection (the kernel
+does that) but never answers; a busy one answers, late but within the deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tether.liveness import Key
+
+
+def probe(address: str, timeout_s: float) -> tuple[bool, str]:
+    """(answered, what went wrong) for one health check of the member at ``address``."""
+    if not address:
+        return False, "the member registered no address to probe"
+    channel = grpc.insecure_channel(address)
+    try:
+        health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+        )
+        return True, ""
+    except grpc.RpcError as e:
+        return False, f"{e.code().name}: {e.details()}"
+    finally:
+        channel.close()
+
+
+class Prober:
+    """Runs probes on a few threads so the caller's loop never waits on one; results queue up."""
+
+    def __init__(self, attempt_timeout_s: float, threads: int = 4) -> None:
+        self.attempt_timeout_s = attempt_timeout_s
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="probe")
+        self.results: queue.Queue[tuple[Key, int, bool, str]] = queue.Queue()
+
+    def submit(self, key: Key, number: int, address: str) -> None:
+        def run() -> None:
+            ok, error = probe(address, self.attempt_timeout_s)
+            self.results.put((key, number, ok, error))
+
+        self._pool.submit(run)
+
+    def drain(self) -> list[tuple[Key, int, bool, str]]:
+        out = []
+        while True:
+            try:
+                out.append(self.results.get_nowait())
+            except queue.Empty:
+                return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def serve_health(host: str = "127.0.0.1") -> tuple[grpc.Server, str]:
+    """A health server for a process that serves nothing else (a worker); returns it, started,
+    and the ``host:port`` it listens on."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
+    port = server.add_insecure_port(f"{host}:0")
+    if port == 0:
+        raise OSError(f"cannot listen on {host}:0 for the liveness probe")
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server.start()
+    return server, f"{host}:{port}"
