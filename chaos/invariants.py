@@ -15,6 +15,10 @@ from tether.config import RunConfig
 
 # Faults after which a member must be serving again at a newer epoch.
 RECOVERING_ACTIONS = ("kill", "stop", "restart", "replace")
+# Faults that may end a member's process and so explain one restart of it: a kill, a graceful
+# stop, or a pause that the liveness detector rightly finds frozen. A "replace" starts a new
+# process without a restart.
+RESTARTING_ACTIONS = ("kill", "stop", "restart", "pause")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +100,34 @@ def check_run(
         checks.append(_recovery(faults, inv.max_recovery_s))
     if inv.zombie_fenced:
         checks.append(_zombies(faults, summary.get("events", [])))
+    if inv.no_spurious_restarts:
+        checks.append(_no_spurious_restarts(faults, summary.get("recoveries", [])))
     return checks
+
+
+def _no_spurious_restarts(faults: list[dict[str, Any]], restarts: list[dict[str, Any]]) -> Check:
+    """Every restart the launcher made answers a fault this scenario injected on that member,
+    fired before it; each fault explains at most one restart. Anything else is the supervisor
+    turning slowness (or a broken link) into failure."""
+    unused = [
+        f for f in faults
+        if f["fired"] and f["action"] in RESTARTING_ACTIONS and f.get("t") is not None
+    ]  # fmt: skip
+    problems, matched = [], []
+    for r in sorted(restarts, key=lambda r: r["t"]):
+        target = f"{'shard' if r['role'] == 'server' else r['role']}:{r['id']}"
+        fault = next((f for f in unused if f["target"] == target and f["t"] <= r["t"]), None)
+        if fault is None:
+            problems.append(f"{target} was restarted with no fault on it: {r['detail']}")
+            continue
+        unused.remove(fault)
+        matched.append(f"{target} after fault {fault['index'] + 1} ({r['cause']})")
+    detail = "; ".join(problems) or (
+        f"{len(matched)} restarts, each after a fault on its member: {', '.join(matched)}"
+        if matched
+        else "no restarts"
+    )
+    return Check("no_spurious_restarts", not problems, detail)
 
 
 def _faults_fired(faults: list[dict[str, Any]]) -> Check:

@@ -149,6 +149,7 @@ class Invariants:
     bit_identical: bool = False  # params_sha256 equals the fault-free run's (BSP + sync)
     max_recovery_s: float | None = None  # every fault recovered within this
     zombie_fenced: bool = False  # every replaced process that ran again was fenced
+    no_spurious_restarts: bool = True  # every restart answers a fault injected on that member
 
     @property
     def needs_baseline(self) -> bool:

@@ -52,6 +52,7 @@ class FaultRecord:
             "action": self.fault.action,
             "target": self.fault.target.describe(),
             "fired": self.t is not None and self.error is None,
+            "t": self.t,
             "at_s": None if self.t is None else round(self.t - t0, 3),
             "step": self.step,
             "pid": self.pid,

@@ -144,10 +144,13 @@ SUMMARY = {
     "test_accuracy": 0.95, "max_clock_gap": 0, "params_sha256": "a" * 64, "lost_updates": 0,
     "ledger": {"ok": True, "problems": [], "pushes_in_logs": 400, "lost_acked_pushes": 0},
     "events": [],
+    "recoveries": [{"role": "server", "id": 0, "t": 1001.2, "cause": "exited", "epoch": 1,
+                    "detail": "exited with code -9 (SIGKILL)", "exit_code": -9,
+                    "recovery_s": 0.3}],
 }  # fmt: skip
 FAULT = {"index": 0, "fault": "kill shard:0 at step 5", "action": "kill", "target": "shard:0",
-         "fired": True, "at_s": 1.0, "step": 5, "pid": 10, "error": None, "recovery_s": 0.3,
-         "heal": False}  # fmt: skip
+         "fired": True, "t": 1001.0, "at_s": 1.0, "step": 5, "pid": 10, "error": None,
+         "recovery_s": 0.3, "heal": False}  # fmt: skip
 
 
 def checks_of(scenario_text: str, tmp_path: Path, summary=None, baseline=None, faults=None,
@@ -168,9 +171,33 @@ def test_invariants_pass_on_a_good_run(tmp_path):
     checks = checks_of(ALL, tmp_path, SUMMARY, dict(SUMMARY, test_accuracy=0.96))
     assert set(checks) == {
         "faults_fired", "finished", "accuracy", "clock_gap", "ledger", "no_acked_loss",
-        "bit_identical", "recovery",
+        "bit_identical", "recovery", "no_spurious_restarts",
     }  # fmt: skip
     assert all(c.ok for c in checks.values()), checks
+
+
+def spurious(tmp_path, recoveries, faults):
+    checks = checks_of("", tmp_path, dict(SUMMARY, recoveries=recoveries), faults=faults)
+    return checks["no_spurious_restarts"]
+
+
+def test_no_spurious_restarts_matches_each_restart_to_a_fault_on_its_member(tmp_path):
+    kill = SUMMARY["recoveries"][0]
+    probe = dict(kill, id=1, t=1003.0, cause="probe_failed", detail="killed after failing ...")
+    pause = dict(FAULT, index=1, action="pause", target="shard:1", t=1002.0)
+    ok = spurious(tmp_path, [kill, probe], [FAULT, pause])
+    assert ok.ok and "2 restarts, each after a fault" in ok.detail
+    assert spurious(tmp_path, [], [FAULT]).detail == "no restarts"
+    # A restart of a member no fault touched, one before its fault, and a second restart that
+    # one fault cannot explain twice: each is named.
+    other = spurious(tmp_path, [dict(kill, role="worker")], [FAULT])
+    assert not other.ok and "worker:0 was restarted with no fault on it" in other.detail
+    early = spurious(tmp_path, [dict(kill, t=1000.5)], [FAULT])
+    assert not early.ok
+    twice = spurious(tmp_path, [kill, dict(kill, t=1009.0)], [FAULT])
+    assert not twice.ok and "exited with code -9 (SIGKILL)" in twice.detail
+    link = dict(FAULT, action="disable", target="links:worker:1")
+    assert not spurious(tmp_path, [dict(kill, role="worker", id=1)], [link]).ok
 
 
 @pytest.mark.parametrize(

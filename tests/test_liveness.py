@@ -93,7 +93,7 @@ def test_heartbeats_resuming_clear_the_suspicion():
 
 def test_a_stale_probe_result_is_dropped():
     d = serving_detector()
-    (_, first), = run_until(d, 6.5, 6.5)
+    ((_, first),) = run_until(d, 6.5, 6.5)
     assert isinstance(first, Probe)
     d.probe_result(KEY, first.number - 1, False, 6.6, "old")  # an older probe's answer
     assert d.members[KEY].failed_probes == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until
+from tether.status import run_status
 from tether.store import Member, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -161,8 +162,18 @@ def test_status_shows_epochs_and_restarts_while_the_run_goes_on(tether_cli, tmp_
         60,
         "the replacement of shard 1 to serve",
     )
+
+    def restart_causes():
+        return run_status(run_dir=run_dir, store_uri=None, run_id=None)["recoveries"]
+
+    wait_until(lambda: restart_causes(), 30, "the launcher to report the restart")
     status = tether_cli("status", "--json", "--run-dir", str(run_dir)).json()
     assert not status["finished"]
+    (restart,) = status["recoveries"]
+    assert (restart["role"], restart["id"], restart["epoch"]) == ("server", 1, 1)
+    assert restart["cause"] == "exited" and "(SIGKILL)" in restart["detail"]
+    text = tether_cli("status", "--run-dir", str(run_dir)).finish()[1]
+    assert "restart: shard 1 (epoch 1) exited with code -9 (SIGKILL)" in text
     shards = {m["id"]: m for m in status["members"] if m["role"] == "server"}
     assert (shards[1]["epoch"], shards[1]["restarts"], shards[1]["alive"]) == (2, 1, True)
     assert (shards[0]["epoch"], shards[0]["restarts"]) == (1, 0)

@@ -59,6 +59,10 @@ def run_status(
         store.close()
     now, host = time.time(), socket.gethostname()
     cfg = record.config
+    launcher = next((m for m in members if m.role == "launcher"), None)
+    summary = record.summary or {}
+    # Every restart and its cause: the launcher reports them as it goes, the summary at the end.
+    recoveries = summary.get("recoveries") or (launcher.info.get("recoveries") if launcher else [])
     return {
         "run_id": record.run_id,
         "store": store_uri,
@@ -78,6 +82,7 @@ def run_status(
                 "epoch": m.epoch,
                 "restarts": m.epoch - 1,  # every replacement registers the next epoch
                 "state": m.state,
+                "phase": m.info.get("phase"),
                 "alive": member_alive(m, now, host),
                 "heartbeat_age_s": round(now - m.heartbeat, 3),
                 "clock": m.info.get("clock"),
@@ -85,6 +90,7 @@ def run_status(
             }
             for m in members
         ],
+        "recoveries": recoveries or [],
         "summary": record.summary,
     }
 
@@ -105,6 +111,12 @@ def print_status(status: dict[str, Any]) -> None:
             f"{'yes' if m['alive'] else 'no':>6} {_dash(m['clock']):>6} "
             f"{_dash(m['version']):>8}  {m['address'] or '-'}"
         )
+    for r in status["recoveries"]:
+        role = "shard" if r["role"] == "server" else r["role"]
+        recovered = ""
+        if r["recovery_s"] is not None:
+            recovered = f"; serving again {r['recovery_s']:.2f}s later"
+        print(f"restart: {role} {r['id']} (epoch {r['epoch']}) {r['detail']}{recovered}")
 
 
 def _dash(v: Any) -> str:
