@@ -11,7 +11,6 @@ suspects a member whose heartbeats stop and confirms with a direct probe before 
 
 from __future__ import annotations
 
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -53,15 +52,14 @@ class Heartbeat:
             self._thread.join(timeout_s)
 
     def _run(self) -> None:
+        store: Store | None = None
         try:
-            store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
-        except StoreError as e:
-            print(f"tether {self.role}: heartbeat cannot open the store: {e}", file=sys.stderr)
-            return
-        with store:
             while True:
                 try:
-                    store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, self.info())
+                    if store is None:  # opened here, so a busy store at start is retried too
+                        store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
+                    info = {**self.info(), "heartbeats_skipped": self.skipped}
+                    store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1
                 except Fenced as e:
                     if self.on_fenced is not None:
@@ -69,7 +67,10 @@ class Heartbeat:
                     return
                 except StoreError:
                     self.skipped += 1  # busy or unreachable: the next beat tries again
-                if self.after_beat is not None:
+                if store is not None and self.after_beat is not None:
                     self.after_beat(store)
                 if self.stop.wait(self.interval_s):
                     return
+        finally:
+            if store is not None:
+                store.close()

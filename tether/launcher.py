@@ -34,7 +34,7 @@ import numpy as np
 from tether.config import RunConfig
 from tether.evaluator import Evaluator
 from tether.heartbeat import Heartbeat
-from tether.liveness import Cause, Detector, Kill, Probe, exit_cause
+from tether.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
 from tether.probe import Prober
 from tether.progress import ProgressView
 from tether.proto.ps_pb2 import InfoReply
@@ -168,6 +168,8 @@ class Launcher:
         self.prober = Prober(attempt_timeout_s=PROBE_ATTEMPT_S)
         self._kill_causes: dict[int, Cause] = {}  # pid -> why the detector killed it
         self.liveness: list[dict[str, Any]] = []  # what the detector saw of each ended process
+        self._beats_skipped: dict[tuple[str, int, int], int] = {}  # as members last reported
+        self.watch_max_gap_s = 0.0
         self.evaluator: Evaluator | None = None
         self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._requests_lock = threading.Lock()
@@ -265,7 +267,11 @@ class Launcher:
     def _unwatch(self, child: Child) -> None:
         watched = self.detector.forget(child.key)
         if watched is not None:
-            self.liveness.append(self.detector.report(watched))
+            self.liveness.append(self._process_report(watched))
+
+    def _process_report(self, watched: Watched) -> dict[str, Any]:
+        skipped = self._beats_skipped.pop(watched.key, 0)
+        return self.detector.report(watched) | {"heartbeats_skipped": skipped}
 
     def _check_children(self, roles: tuple[str, ...]) -> None:
         for child in self.children:
@@ -366,7 +372,12 @@ class Launcher:
         cfg = self.config
         done: set[int] = set()
         last_view = 0.0
+        last_pass = time.monotonic()
         while len(done) < cfg.workers:
+            now = time.monotonic()
+            # How far this loop fell behind its 20 ms: on a loaded machine, the launcher too.
+            self.watch_max_gap_s = max(self.watch_max_gap_s, now - last_pass)
+            last_pass = now
             self._serve_requests()
             for child in list(self.children):
                 rc = child.proc.poll()
@@ -444,6 +455,7 @@ class Launcher:
             if m is not None and m.state == "running":
                 serving = m.info.get(READY_FIELD[child.role]) is not None
                 self.detector.heartbeat(child.key, m.heartbeat, serving, now)
+                self._beats_skipped[child.key] = int(m.info.get("heartbeats_skipped", 0))
         for key, number, ok, error in self.prober.drain():
             self.detector.probe_result(key, number, ok, now, error)
         for action in self.detector.tick(now):
@@ -544,7 +556,7 @@ class Launcher:
     def _liveness_report(self) -> dict[str, Any]:
         """What the detector measured per process: start-up time, the longest heartbeat gap,
         suspicions and probes (the evidence that slow members were told from dead ones)."""
-        live = [self.detector.report(w) for w in self.detector.members.values()]
+        live = [self._process_report(w) for w in list(self.detector.members.values())]
         procs = sorted(self.liveness + live, key=lambda r: (r["role"], r["id"], r["pid"]))
         policy = self.config.liveness_policy
         return {
@@ -554,6 +566,8 @@ class Launcher:
             "max_heartbeat_gap_s": max((p["max_heartbeat_gap_s"] for p in procs), default=0.0),
             "suspicions": sum(p["suspicions"] for p in procs),
             "probes_failed": sum(p["probes_failed"] for p in procs),
+            "heartbeats_skipped": sum(p["heartbeats_skipped"] for p in procs),
+            "watch_loop_max_gap_s": round(self.watch_max_gap_s, 3),
             "processes": procs,
         }
 
