@@ -861,7 +861,14 @@ def test_old_chunks_are_collected(backend: Backend, store: Store) -> None:
     _assert_same(store.load_shard_state(RUN, 1), other)  # other shards are left alone
 
 
-def test_a_concurrent_reader_never_sees_a_torn_state(store_factory: StoreFactory) -> None:
+def test_a_concurrent_reader_never_sees_a_torn_state(
+    backend: Backend, store_factory: StoreFactory
+) -> None:
+    if backend.name == "mongomock":
+        # mongomock applies an update to the stored document field by field, in place, so a
+        # thread reading meanwhile can copy half of it; MongoDB's single-document writes are
+        # atomic. The MongoDB backend runs this test against a real replica set (mongod).
+        pytest.skip("mongomock's in-place updates are not atomic across threads")
     writer, reader = store_factory(), store_factory()
     writer.create_run(RUN, {})
     writer.claim_shard(RUN, 0, 1)
