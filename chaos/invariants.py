@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tether.chaos.scenario import Invariants
+from tether.chaos.scenario import Invariants, ProcessTarget
 from tether.config import RunConfig
 
 # Faults after which a member must be serving again at a newer epoch.
@@ -115,7 +115,7 @@ def _no_spurious_restarts(faults: list[dict[str, Any]], restarts: list[dict[str,
     ]  # fmt: skip
     problems, matched = [], []
     for r in sorted(restarts, key=lambda r: r["t"]):
-        target = f"{'shard' if r['role'] == 'server' else r['role']}:{r['id']}"
+        target = ProcessTarget(r["role"], r["id"]).describe()  # as faults name their target
         fault = next((f for f in unused if f["target"] == target and f["t"] <= r["t"]), None)
         if fault is None:
             problems.append(f"{target} was restarted with no fault on it: {r['detail']}")

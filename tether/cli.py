@@ -330,9 +330,10 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  restarts        {s['restarts']['server']} shard, {s['restarts']['worker']} worker\n"
         f"  run dir         {s['run_dir']}"
     )
+    from tether.supervisor import member_name
+
     for r in s.get("recoveries", []):
-        role = "shard" if r["role"] == "server" else r["role"]
-        print(f"    {role} {r['id']} (epoch {r['epoch']}): {r['detail']}")
+        print(f"    {member_name(r['role'], r['id'])} (epoch {r['epoch']}): {r['detail']}")
 
 
 def _server(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.store import Member, default_store_uri, open_store
+from tether.supervisor import member_name
 
 # A member whose last heartbeat is older than this is reported as not alive.
 HEARTBEAT_LEASE_S = 5.0
@@ -112,11 +113,11 @@ def print_status(status: dict[str, Any]) -> None:
             f"{_dash(m['version']):>8}  {m['address'] or '-'}"
         )
     for r in status["recoveries"]:
-        role = "shard" if r["role"] == "server" else r["role"]
         recovered = ""
         if r["recovery_s"] is not None:
             recovered = f"; serving again {r['recovery_s']:.2f}s later"
-        print(f"restart: {role} {r['id']} (epoch {r['epoch']}) {r['detail']}{recovered}")
+        who = member_name(r["role"], r["id"])
+        print(f"restart: {who} (epoch {r['epoch']}) {r['detail']}{recovered}")
 
 
 def _dash(v: Any) -> str:
