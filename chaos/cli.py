@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tether.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from tether.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

@@ -1,7 +1,7 @@
 """Store-member faults for chaos runs on a real MongoDB replica set (DESIGN §7).
 
 Only where `mongod` is on PATH: the runner starts a three-member set on loopback for the run
-(`tether.mongo_up.start_replica_set`), and faults kill, pause, resume or stop its members —
+(`replica_set.start_replica_set`), and faults kill, pause, resume or stop its members —
 ``store:N`` by index, ``store:primary`` for whichever member is primary when the fault fires. A
 paused member is what its peers and clients see of a partitioned one: it answers nothing. The
 recovery of a store fault is timed until a live member accepts writes as primary again.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tether.chaos.timeline import SIGNALS as TIMELINE_SIGNALS
-from tether.mongo_up import ReplicaSet, _direct
+from tether.devtools.replica_set import ReplicaSet, _direct
 
 # A store member is killed, paused, resumed or stopped, never replaced or restarted by the run.
 SIGNALS = {a: TIMELINE_SIGNALS[a] for a in ("kill", "pause", "resume", "stop")}

@@ -24,7 +24,7 @@ from tether.chaos.scenario import Scenario, run_config
 from tether.chaos.timeline import Timeline, progress_after
 from tether.config import RunConfig, new_run_id
 from tether.consistency.analysis import first_iteration_start
-from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+from tether.driver.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
 from tether.store import MetricRow, default_store_uri, open_store
 
 _baselines: dict[str, tuple[dict[str, Any], list[MetricRow]]] = {}
@@ -77,7 +77,7 @@ def _store_for(scenario: Scenario, run_dir: Path) -> Any:
         yield default_store_uri(run_dir), None
         return
     from tether.chaos.mongo import StoreMembers
-    from tether.mongo_up import start_replica_set
+    from tether.devtools.replica_set import start_replica_set
 
     rs = start_replica_set(run_dir / "mongo")
     try:

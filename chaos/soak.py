@@ -35,7 +35,7 @@ from typing import Any, TextIO
 from tether.chaos.runner import run_scenario
 from tether.chaos.scenario import Fault, Invariants, LinkTarget, ProcessTarget, Scenario, Toxic
 from tether.config import RunConfig, new_run_id
-from tether.launcher import Launcher, LaunchOptions, resolve_config
+from tether.driver.launcher import Launcher, LaunchOptions, resolve_config
 from tether.store import default_store_uri, open_store
 
 SAMPLE_S = 1.0

@@ -19,9 +19,9 @@ from typing import Any
 
 from tether.chaos.links import LinkPlan, ProxyAPIError, link_name
 from tether.chaos.scenario import Fault, LinkTarget, ProcessTarget
-from tether.launcher import Launcher
+from tether.driver.launcher import Launcher
+from tether.driver.supervisor import READY_FIELD
 from tether.store import Store, StoreError
-from tether.supervisor import READY_FIELD
 
 SIGNALS = {
     "kill": signal.SIGKILL,

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tether.cli import EXIT_FAILED, EXIT_OK
+from tether.exitcodes import EXIT_FAILED, EXIT_OK
 
 DEFAULT_DIR = Path("runs/experiments")
 

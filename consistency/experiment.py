@@ -193,7 +193,7 @@ def run_experiment(
     """Run the sweep; returns {experiment_id, runs, failed, findings, report}."""
     from tether.consistency.analysis import load_run
     from tether.consistency.report import render
-    from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
 
     exp_id = exp_id or "exp-" + new_run_id()
     points = plan(spec)

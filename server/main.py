@@ -25,9 +25,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.heartbeat import Heartbeat
+from tether.malloc import tune_allocator
+from tether.member.heartbeat import Heartbeat
 from tether.proto import ps_pb2_grpc
 from tether.server.replication import Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
@@ -45,7 +45,7 @@ def initial_params(config: RunConfig) -> np.ndarray:
     if config.model.startswith("vector"):
         # A bare vector with no model behind it: what `tether bench pushpull` moves around.
         return np.zeros(config.num_params, dtype=np.float32)
-    from tether.worker.models import build_model, parse_model  # JAX only when a model is used
+    from tether.tasks.models import build_model, parse_model  # JAX only when a model is used
 
     model = build_model(parse_model(config.model), config.in_dim, config.num_classes)
     return model.init_flat(config.seed)

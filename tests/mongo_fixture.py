@@ -3,7 +3,7 @@
 ``TETHER_TEST_MONGODB_URI`` names an existing replica set to test against (each test uses its
 own database ``tether_test_<random>`` and drops it afterwards). Otherwise, when ``mongod`` is on
 PATH, one three-member set is started on free loopback ports for the whole session, with
-:func:`tether.mongo_up.start_replica_set` (the code behind ``tether mongo up``): every member in
+:func:`replica_set.start_replica_set` (the code behind ``tether mongo up``): every member in
 its own process group, data in a temporary folder; it is stopped and reaped, and the folder
 removed, when the session ends. Without either, the tests that need it are skipped with
 :data:`SKIP_REASON` -- never faked.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tether.mongo_up import ReplicaSet, start_replica_set
+from tether.devtools.replica_set import ReplicaSet, start_replica_set
 
 ENV_URI = "TETHER_TEST_MONGODB_URI"
 SKIP_REASON = "mongod not on PATH and TETHER_TEST_MONGODB_URI not set"

@@ -7,7 +7,7 @@ import random
 import grpc
 import pytest
 
-from tether.worker.client import RetryPolicy, with_retry
+from tether.retry import RetryPolicy, with_retry
 
 
 class FakeRpcError(grpc.RpcError):

@@ -9,7 +9,7 @@ import numpy as np
 
 from helpers import RUN, wait_until
 from tether.consistency import Consistency, Mode
-from tether.heartbeat import BUSY_TIMEOUT_S, Heartbeat
+from tether.member.heartbeat import BUSY_TIMEOUT_S, Heartbeat
 from tether.server.optim import OptimizerConfig
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState

@@ -17,8 +17,8 @@ import pytest
 
 from helpers import wait_until
 from tether.server.optim import Optimizer, OptimizerConfig
-from tether.worker.data import batch_indices, load_dataset, partition
-from tether.worker.models import build_model, parse_model
+from tether.tasks.data import batch_indices, load_dataset, partition
+from tether.tasks.models import build_model, parse_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import wait_until
 from tether.config import RunConfig
-from tether.launcher import Launcher, LaunchOptions
+from tether.driver.launcher import Launcher, LaunchOptions
 
 
 def launcher(tmp_path: Path) -> Launcher:

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
-from tether.worker.data import Dataset, batch_indices, load_dataset, partition
-from tether.worker.models import Model, ModelSpec, build_model, parse_model
+from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
+from tether.tasks.models import Model, ModelSpec, build_model, parse_model
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def mlp(digits: Dataset) -> Model:
 
 
 def _reference_loss(params, x, y):
-    """The model's loss written out independently of tether.worker.models."""
+    """The model's loss written out independently of tether.tasks.models."""
     h = x
     for w, b in params[:-1]:
         h = jnp.maximum(h @ w + b, 0.0)
@@ -191,8 +191,8 @@ def test_gradients_are_bit_identical_across_calls_and_instances(
 def test_gradients_are_bit_identical_across_processes(mlp: Model, digits: Dataset) -> None:
     code = (
         "import hashlib, sys\n"
-        "from tether.worker.data import load_dataset\n"
-        "from tether.worker.models import build_model, parse_model\n"
+        "from tether.tasks.data import load_dataset\n"
+        "from tether.tasks.models import build_model, parse_model\n"
         "d = load_dataset('digits')\n"
         "m = build_model(parse_model('mlp:64'), d.in_dim, d.num_classes)\n"
         "loss, g = m.loss_and_grad(m.init_flat(5), d.x_train[:32], d.y_train[:32])\n"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 
-import tether.progress
+import tether.driver.progress
 from tether.config import RunConfig
-from tether.progress import ProgressView
+from tether.driver.progress import ProgressView
 from tether.store import Member
 
 
@@ -22,7 +22,7 @@ def line(clock: int) -> str:
 def run_view(monkeypatch, updates: list[tuple[float, int]]) -> list[str]:
     """Feed (time, clock) updates to a plain (non-terminal) view; return the printed lines."""
     now = [0.0]
-    monkeypatch.setattr(tether.progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(tether.driver.progress.time, "monotonic", lambda: now[0])
     out = io.StringIO()
     with ProgressView(RunConfig(run_id="r", steps=10), out) as view:
         for t, clock in updates:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tether.consistency import Consistency, Mode
+from tether.driver.supervisor import GiveUp, Restart, Supervisor
 from tether.server.optim import OptimizerConfig
 from tether.server.state import (
     Ack,
@@ -17,7 +18,6 @@ from tether.server.state import (
     ShardState,
 )
 from tether.store import Member
-from tether.supervisor import GiveUp, Restart, Supervisor
 
 RUN = "run-r"
 

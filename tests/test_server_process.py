@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import wait_until
 from tether.config import RunConfig
-from tether.launcher import resolve_config
+from tether.driver.launcher import resolve_config
 from tether.store import default_store_uri, open_store
 from tether.worker.client import ShardClient
 

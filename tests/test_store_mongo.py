@@ -32,7 +32,7 @@ from pymongo.errors import BulkWriteError, PyMongoError
 from pymongo.read_preferences import Primary, SecondaryPreferred
 
 import tether.store.mongo as mongo_backend
-from tether import mongo_up
+from tether.devtools import replica_set as mongo_up
 from tether.store import (
     Fenced,
     MongoStore,
@@ -452,7 +452,7 @@ def test_real_set_survives_a_primary_stepdown(real_uri: str) -> None:
 def _mongo_cli(*args: str, path: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PATH=path)
     return subprocess.run(
-        [sys.executable, "-m", "tether.mongo_up", *args],
+        [sys.executable, "-m", "tether.devtools.replica_set", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

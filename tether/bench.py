@@ -26,9 +26,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from tether.alloc import tune_allocator
 from tether.config import RunConfig, new_run_id
-from tether.launcher import Launcher, LaunchOptions
+from tether.driver.launcher import Launcher, LaunchOptions
+from tether.malloc import tune_allocator
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.store import default_store_uri
 from tether.wire import FLOAT

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.consistency import Consistency, parse_consistency
-from tether.liveness import LivenessPolicy
+from tether.driver.liveness import LivenessPolicy
 from tether.server.optim import OptimizerConfig
 from tether.server.state import ReplicationPolicy
 from tether.wire import DEFAULT_CHUNK_BYTES

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tether.driver.supervisor import member_name
 from tether.store import Member, default_store_uri, open_store
-from tether.supervisor import member_name
 
 # A member whose last heartbeat is older than this is reported as not alive.
 HEARTBEAT_LEASE_S = 5.0

@@ -1,46 +1,27 @@
 """Client side of the shard protocol: pull and push flat float32 slices over gRPC.
 
-Used by workers, the launcher (final parameters) and `tether bench`. Calls that fail with
-UNAVAILABLE are retried with bounded, jittered exponential backoff (STYLE.md §6); pushes are
-idempotent because they carry `(worker_id, seq)` and the shard de-duplicates (DESIGN §5).
+Used by workers, the driver (final parameters: `read_params`) and `tether bench`. Calls that
+fail with UNAVAILABLE are retried through `tether.retry` (STYLE §6); pushes are idempotent
+because they carry `(worker_id, seq)` and the shard de-duplicates (DESIGN §5).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 import grpc
 import numpy as np
 
+from tether.config import RunConfig
 from tether.proto import ps_pb2, ps_pb2_grpc
+from tether.proto.ps_pb2 import InfoReply
+from tether.retry import RetryPolicy, with_retry
+from tether.store import Member
 from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, chunk_bytes_of
-
-T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    attempts: int = 6
-    initial_s: float = 0.05
-    max_s: float = 1.0
-
-
-def with_retry(call: Callable[[], T], policy: RetryPolicy, rng: random.Random) -> T:
-    """Run `call`, retrying only UNAVAILABLE, with full-jitter exponential backoff."""
-    for attempt in range(policy.attempts):
-        try:
-            return call()
-        except grpc.RpcError as e:
-            if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == policy.attempts - 1:
-                raise
-            backoff = min(policy.max_s, policy.initial_s * 2**attempt)
-            time.sleep(rng.uniform(0, backoff))
-    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,3 +137,24 @@ class ShardClient:
             return self.stub.Info(  # type: ignore[no-any-return]
                 ps_pb2.InfoRequest(run_id=self.run_id), timeout=timeout_s
             )
+
+
+def read_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, list[InfoReply]]:
+    """Read the whole flat vector and each shard's statistics, outside the clock protocol."""
+    flat = np.empty(config.num_params, dtype=FLOAT)
+    infos = []
+    for m in sorted(shards, key=lambda m: m.member_id):
+        client = ShardClient(m.address, config.run_id, chunk_bytes=config.chunk_bytes)
+        rng = random.Random(m.member_id)
+        try:
+            info = with_retry(client.info, RetryPolicy(), rng)
+            view = flat[info.offset : info.offset + info.length]
+            with_retry(
+                functools.partial(client.pull_into, view, observer=True, timeout_s=60),
+                RetryPolicy(),
+                rng,
+            )
+            infos.append(info)
+        finally:
+            client.close()
+    return flat, infos

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
-from tether.alloc import tune_allocator
 from tether.config import RunConfig
-from tether.heartbeat import Heartbeat
-from tether.probe import serve_health
+from tether.driver.probe import serve_health
+from tether.malloc import tune_allocator
+from tether.member.heartbeat import Heartbeat
+from tether.retry import RetryPolicy, with_retry
 from tether.store import (
     Fenced,
     Member,
@@ -34,10 +35,10 @@ from tether.store import (
     StoreUnavailable,
     open_store,
 )
+from tether.tasks.data import batch_indices, load_dataset, partition
+from tether.tasks.models import build_model, parse_model
 from tether.wire import FLOAT
-from tether.worker.client import ChannelClosed, Pulled, RetryPolicy, ShardClient, with_retry
-from tether.worker.data import batch_indices, load_dataset, partition
-from tether.worker.models import build_model, parse_model
+from tether.worker.client import ChannelClosed, Pulled, ShardClient
 
 
 class WorkerFailed(RuntimeError):

@@ -32,7 +32,7 @@ operation and the pymongo error.
 One ``MongoClient`` per store object, made in the constructor, never at import. A store must not
 cross a fork (pymongo's sockets and threads do not survive it): children get ``store.uri``.
 
-Starting a local replica set for development: ``tether mongo up`` (see :mod:`tether.mongo_up`).
+Starting a local replica set for development: ``tether mongo up`` (tether.devtools.replica_set).
 """
 
 from __future__ import annotations

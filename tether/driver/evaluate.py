@@ -31,9 +31,9 @@ class Evaluator(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
-        from tether.launcher import fetch_params
-        from tether.worker.data import load_dataset
-        from tether.worker.models import build_model, parse_model
+        from tether.tasks.data import load_dataset
+        from tether.tasks.models import build_model, parse_model
+        from tether.worker.client import read_params
 
         cfg = self.config
         data = load_dataset(cfg.dataset)
@@ -44,7 +44,7 @@ class Evaluator(threading.Thread):
                 try:
                     shards = store.members(cfg.run_id, "server")
                     if len(shards) == cfg.shards:
-                        flat, infos = fetch_params(cfg, shards)
+                        flat, infos = read_params(cfg, shards)
                         loss, accuracy = model.evaluate(flat, data.x_train, data.y_train)
                         store.log_metrics(cfg.run_id, [self.row(loss, accuracy, infos)])
                 except Exception as e:  # noqa: BLE001 - a shard being replaced (a gRPC error),

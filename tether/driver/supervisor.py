@@ -1,7 +1,7 @@
 """Restart decisions of the launcher, as a small state machine with no I/O (DESIGN §5).
 
 The launcher reports what it observes — a child exited, and why (its exit code, or the liveness
-detector's decision that killed it, :mod:`tether.liveness`), a member's record in the store — and
+detector's decision that killed it, `driver.liveness`), a member's record in the store — and
 gets back what to do: restart the member, or fail the run naming it. Every restart keeps its
 cause, so a user can tell a real failure from a detector decision. Recoveries are timed from
 the moment the death was seen to the moment the replacement says it is serving again (a shard:
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from tether.liveness import Cause, exit_cause
+from tether.driver.liveness import Cause, exit_cause
 from tether.store import Member
 
 READY_FIELD = {"server": "serving_since", "worker": "resumed_at"}

@@ -191,7 +191,7 @@ def build_parser() -> Parser:
 
     from tether.chaos.cli import add_parser as add_chaos_parser
     from tether.consistency.cli import add_parser as add_experiment_parser
-    from tether.mongo_up import add_parser as add_mongo_parser
+    from tether.devtools.replica_set import add_parser as add_mongo_parser
 
     add_mongo_parser(sub)
     add_chaos_parser(sub)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return chaos_run(args)
         if args.command == "mongo":
-            from tether.mongo_up import run as mongo_run
+            from tether.devtools.replica_set import run as mongo_run
 
             return mongo_run(args)
     except (UsageError, ValueError, StoreError) as e:
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launch(args: argparse.Namespace) -> int:
     from tether.config import RunConfig, new_run_id, parse_straggler
-    from tether.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
     from tether.store import StoreError, default_store_uri
 
     lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 0.1)
@@ -330,7 +330,7 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"  restarts        {s['restarts']['server']} shard, {s['restarts']['worker']} worker\n"
         f"  run dir         {s['run_dir']}"
     )
-    from tether.supervisor import member_name
+    from tether.driver.supervisor import member_name
 
     for r in s.get("recoveries", []):
         print(f"    {member_name(r['role'], r['id'])} (epoch {r['epoch']}): {r['detail']}")

@@ -11,12 +11,10 @@ then the run fails with a message naming it.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import queue
-import random
 import signal
 import socket
 import subprocess
@@ -32,16 +30,16 @@ from typing import Any, TextIO
 import numpy as np
 
 from tether.config import RunConfig
-from tether.evaluator import Evaluator
-from tether.heartbeat import Heartbeat
-from tether.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
-from tether.probe import Prober
-from tether.progress import ProgressView
+from tether.driver.evaluate import Evaluator
+from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
+from tether.driver.probe import Prober
+from tether.driver.progress import ProgressView
+from tether.driver.supervisor import READY_FIELD, GiveUp, Supervisor, member_name
+from tether.member.heartbeat import Heartbeat
 from tether.proto.ps_pb2 import InfoReply
 from tether.store import Member, Store, open_store
-from tether.supervisor import READY_FIELD, GiveUp, Supervisor, member_name
 from tether.wire import FLOAT
-from tether.worker.client import RetryPolicy, ShardClient, with_retry
+from tether.worker.client import read_params
 
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
 PROBE_ATTEMPT_S = 2.0
@@ -110,8 +108,8 @@ def resolve_config(config: RunConfig) -> RunConfig:
     """Fill in the data set's and model's sizes (and validate both names) before the run starts."""
     from dataclasses import replace
 
-    from tether.worker.data import load_dataset
-    from tether.worker.models import build_model, parse_model
+    from tether.tasks.data import load_dataset
+    from tether.tasks.models import build_model, parse_model
 
     data = load_dataset(config.dataset)
     spec = parse_model(config.model)
@@ -125,27 +123,6 @@ def resolve_config(config: RunConfig) -> RunConfig:
         in_dim=data.in_dim,
         num_classes=data.num_classes,
     )
-
-
-def fetch_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, list[InfoReply]]:
-    """Read the whole flat vector and each shard's statistics, outside the clock protocol."""
-    flat = np.empty(config.num_params, dtype=FLOAT)
-    infos = []
-    for m in sorted(shards, key=lambda m: m.member_id):
-        client = ShardClient(m.address, config.run_id, chunk_bytes=config.chunk_bytes)
-        rng = random.Random(m.member_id)
-        try:
-            info = with_retry(client.info, RetryPolicy(), rng)
-            view = flat[info.offset : info.offset + info.length]
-            with_retry(
-                functools.partial(client.pull_into, view, observer=True, timeout_s=60),
-                RetryPolicy(),
-                rng,
-            )
-            infos.append(info)
-        finally:
-            client.close()
-    return flat, infos
 
 
 def params_sha256(flat: np.ndarray) -> str:
@@ -419,7 +396,7 @@ class Launcher:
         view.update(store.members(cfg.run_id, "worker"))
 
     def _keep_alive(self) -> Heartbeat:
-        """Heartbeat from a thread with its own store handle (tether.heartbeat); returns it.
+        """Heartbeat from a thread with its own store handle (tether.member.heartbeat); returns it.
 
         The watch loop only reads the store, so a member frozen while it holds SQLite's write
         lock (writes wait on it; WAL reads do not) cannot stop the launcher from seeing the
@@ -494,13 +471,13 @@ class Launcher:
         self._spawn(child.role, child.member_id)
 
     def _finish(self, store: Store, t_start: float, train_s: float) -> dict[str, Any]:
-        from tether.worker.data import load_dataset
-        from tether.worker.models import build_model, parse_model
+        from tether.tasks.data import load_dataset
+        from tether.tasks.models import build_model, parse_model
 
         cfg = self.config
         shards = store.members(cfg.run_id, "server")
         workers = store.members(cfg.run_id, "worker")
-        flat, infos = fetch_params(cfg, shards)
+        flat, infos = read_params(cfg, shards)
         recoveries = self.supervisor.recoveries
         data = load_dataset(cfg.dataset)
         model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)

@@ -15,7 +15,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tether.liveness import Key
+from tether.driver.liveness import Key
 
 
 def probe(address: str, timeout_s: float) -> tuple[bool, str]:

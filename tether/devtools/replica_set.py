@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from tether.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 DEFAULT_DIR = Path("tether-mongo")
 PIDS_FILE = "pids.json"
@@ -397,7 +397,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tether.mongo_up up|down ...`` (the same as ``tether mongo ...``)."""
+    """``python -m tether.devtools.replica_set up|down ...`` (the same as ``tether mongo ...``)."""
     parser = argparse.ArgumentParser(prog="tether")
     add_parser(parser.add_subparsers(dest="command", required=True))
     return run(parser.parse_args(argv))

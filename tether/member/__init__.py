@@ -1,0 +1,1 @@
+"""What every member process (shard or worker) runs beside its work: the heartbeat thread."""
