@@ -62,7 +62,8 @@ def bench_one(name: str, n: int, repeats: int, seed: int) -> dict[str, float]:
     import jax
     import optax
 
-    from tether.server.optim import Optimizer, OptimizerConfig
+    from tether.config import OptimizerConfig
+    from tether.server.optim import Optimizer
 
     config = OptimizerConfig(name=name)  # type: ignore[arg-type]
     rng = np.random.default_rng(seed)

@@ -27,15 +27,12 @@ uses the same ones; ``np.float32`` scalars keep numpy from promoting to float64.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, NamedTuple
 
 import numpy as np
 
-OptimizerName = Literal["sgd", "momentum", "adam"]
-OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+from tether.config import OptimizerConfig
 
 # Elements per block in `Optimizer.apply`. Adam makes 14 passes over its buffers; in blocks of
 # 128 Ki elements those passes reread data from cache instead of streaming the shard's whole
@@ -164,49 +161,6 @@ def chain(*transforms: Transform) -> Transform:
         return tuple(t.update(updates, s) for t, s in zip(transforms, state, strict=True))
 
     return Transform(init, update)
-
-
-@dataclass(frozen=True, slots=True)
-class OptimizerConfig:
-    """Which optimizer a run uses and its hyperparameters (identical on every shard)."""
-
-    name: OptimizerName = "adam"
-    lr: float = 0.01
-    momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        if self.name not in OPTIMIZER_NAMES:
-            raise ValueError(
-                f"unknown optimizer {self.name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}."
-            )
-        # Checked in float32 too: that is the precision the update runs in, and a value that
-        # rounds to 0 or 1 there (lr=1e-50, b2=0.99999999) would silently break the math.
-        for field in ("lr", "eps"):
-            v = _real(self, field)
-            if not (math.isfinite(v) and v > 0 and 0 < np.float32(v) < np.inf):
-                raise ValueError(
-                    f"optimizer {field} must be a finite number > 0 in float32, "
-                    f"got {getattr(self, field)!r}."
-                )
-        for field in ("momentum", "b1", "b2"):
-            v = _real(self, field)
-            if not (0.0 <= v < 1.0 and np.float32(v) < 1):
-                raise ValueError(
-                    f"optimizer {field} must be in [0, 1) in float32, got {getattr(self, field)!r}."
-                )
-
-
-def _real(config: OptimizerConfig, field: str) -> float:
-    value = getattr(config, field)
-    if isinstance(value, bool):
-        raise ValueError(f"optimizer {field} must be a number, got {value!r}.")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"optimizer {field} must be a number, got {value!r}.") from None
 
 
 def build(config: OptimizerConfig) -> Transform:

@@ -12,12 +12,13 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
+from tether.config import OptimizerConfig, ReplicationPolicy
 from tether.consistency import Consistency, blocking_workers, clock_gap, may_read
-from tether.server.optim import Optimizer, OptimizerConfig
+from tether.server.optim import Optimizer
 from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
 
 
@@ -76,26 +77,6 @@ class PushHeader:
     read_version: int
     epoch: int
     length: int
-
-
-ReplicationMode = Literal["off", "sync", "async"]
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationPolicy:
-    """How shard state reaches the store (DESIGN §5)."""
-
-    mode: ReplicationMode = "off"
-    every_updates: int = 50  # async: replicate at least every k applied updates...
-    interval_s: float = 0.1  # ...and at most t seconds after any change
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("off", "sync", "async"):
-            raise ValueError(f"--replication must be sync, async or off, got {self.mode!r}")
-        if self.every_updates < 1:
-            raise ValueError(f"--replicate-every must be >= 1, got {self.every_updates}")
-        if not 0 < self.interval_s <= 3600:
-            raise ValueError(f"--replicate-interval-ms must be > 0, got {self.interval_s * 1e3}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from helpers import RUN
+from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.server.main import add_services, create_server, pool_size
-from tether.server.optim import OptimizerConfig
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
 from tether.worker.client import ShardClient

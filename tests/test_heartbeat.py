@@ -8,9 +8,9 @@ import threading
 import numpy as np
 
 from helpers import RUN, wait_until
+from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.member.heartbeat import BUSY_TIMEOUT_S, Heartbeat
-from tether.server.optim import OptimizerConfig
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
 from tether.store import default_store_uri, open_store

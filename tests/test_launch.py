@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from helpers import wait_until
-from tether.server.optim import Optimizer, OptimizerConfig
+from tether.config import OptimizerConfig
+from tether.server.optim import Optimizer
 from tether.tasks.data import batch_indices, load_dataset, partition
 from tether.tasks.models import build_model, parse_model
 

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tether.driver.liveness import Detector, Kill, LivenessPolicy, Phase, Probe, exit_cause
+from tether.config import LivenessPolicy
+from tether.driver.liveness import Detector, Kill, Phase, Probe, exit_cause
 
 POLICY = LivenessPolicy(lease_s=5.0, probe_timeout_s=10.0, startup_timeout_s=60.0)
 KEY = ("server", 0, 1234)

@@ -18,11 +18,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.config import OPTIMIZER_NAMES, OptimizerConfig
 from tether.server import optim
 from tether.server.optim import (
     CHUNK,
     Optimizer,
-    OptimizerConfig,
     Transform,
     build,
     chain,
@@ -100,7 +100,7 @@ OPTAX_CASES: dict[str, tuple[OptimizerConfig, MakeOptax]] = {
 
 
 def test_the_sweep_covers_every_optimizer() -> None:
-    assert {config.name for config, _ in OPTAX_CASES.values()} == set(optim.OPTIMIZER_NAMES)
+    assert {config.name for config, _ in OPTAX_CASES.values()} == set(OPTIMIZER_NAMES)
 
 
 @pytest.mark.parametrize(("config", "make_optax"), OPTAX_CASES.values(), ids=OPTAX_CASES.keys())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.driver.supervisor import GiveUp, Restart, Supervisor
-from tether.server.optim import OptimizerConfig
 from tether.server.state import (
     Ack,
     Code,

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
-from tether.server.optim import OptimizerConfig
 from tether.server.state import (
     Ack,
     Code,

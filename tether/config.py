@@ -12,15 +12,100 @@ import math
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
+
+import numpy as np
 
 from tether.consistency import Consistency, parse_consistency
-from tether.driver.liveness import LivenessPolicy
-from tether.server.optim import OptimizerConfig
-from tether.server.state import ReplicationPolicy
 from tether.wire import DEFAULT_CHUNK_BYTES
 
 DEVICES = ("cpu", "gpu", "tpu")
+
+OptimizerName = Literal["sgd", "momentum", "adam"]
+OPTIMIZER_NAMES: tuple[str, ...] = get_args(OptimizerName)
+ReplicationMode = Literal["off", "sync", "async"]
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerConfig:
+    """Which optimizer a run uses and its hyperparameters (identical on every shard)."""
+
+    name: OptimizerName = "adam"
+    lr: float = 0.01
+    momentum: float = 0.9
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZER_NAMES:
+            raise ValueError(
+                f"unknown optimizer {self.name!r}; expected one of {', '.join(OPTIMIZER_NAMES)}."
+            )
+        # Checked in float32 too: that is the precision the update runs in, and a value that
+        # rounds to 0 or 1 there (lr=1e-50, b2=0.99999999) would silently break the math.
+        for name in ("lr", "eps"):
+            v = _real(self, name)
+            if not (math.isfinite(v) and v > 0 and 0 < np.float32(v) < np.inf):
+                raise ValueError(
+                    f"optimizer {name} must be a finite number > 0 in float32, "
+                    f"got {getattr(self, name)!r}."
+                )
+        for name in ("momentum", "b1", "b2"):
+            v = _real(self, name)
+            if not (0.0 <= v < 1.0 and np.float32(v) < 1):
+                raise ValueError(
+                    f"optimizer {name} must be in [0, 1) in float32, got {getattr(self, name)!r}."
+                )
+
+
+def _real(config: OptimizerConfig, field: str) -> float:
+    value = getattr(config, field)
+    if isinstance(value, bool):
+        raise ValueError(f"optimizer {field} must be a number, got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"optimizer {field} must be a number, got {value!r}.") from None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicationPolicy:
+    """How shard state reaches the store (DESIGN §5)."""
+
+    mode: ReplicationMode = "off"
+    every_updates: int = 50  # async: replicate at least every k applied updates...
+    interval_s: float = 0.1  # ...and at most t seconds after any change
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "sync", "async"):
+            raise ValueError(f"--replication must be sync, async or off, got {self.mode!r}")
+        if self.every_updates < 1:
+            raise ValueError(f"--replicate-every must be >= 1, got {self.every_updates}")
+        if not 0 < self.interval_s <= 3600:
+            raise ValueError(f"--replicate-interval-ms must be > 0, got {self.interval_s * 1e3}")
+
+
+@dataclass(frozen=True, slots=True)
+class LivenessPolicy:
+    lease_s: float = 5.0  # heartbeat silence that raises suspicion (the floor of the lease)
+    probe_timeout_s: float = 10.0  # how long probes must keep failing before a kill
+    startup_timeout_s: float = 120.0  # from spawn to serving
+    probe_interval_s: float = 1.0  # between the start of two probes of one suspect
+    min_failed_probes: int = 2
+    adaptive_factor: float = 4.0
+    lease_cap_s: float = 30.0
+    history: int = 32  # heartbeat intervals remembered per member
+
+    def __post_init__(self) -> None:
+        for name in ("lease_s", "probe_timeout_s", "startup_timeout_s", "probe_interval_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.lease_cap_s < self.lease_s:
+            raise ValueError(f"lease_cap_s ({self.lease_cap_s}) is below lease_s ({self.lease_s})")
+        if self.min_failed_probes < 1 or self.history < 1 or self.adaptive_factor < 1:
+            raise ValueError("min_failed_probes and history must be >= 1, adaptive_factor >= 1")
 
 
 def new_run_id() -> str:

@@ -26,39 +26,18 @@ The rules (docs/liveness.md explains why each exists):
 
 from __future__ import annotations
 
-import math
 import signal
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
+from tether.config import LivenessPolicy
+
 # (role, member id, pid): one process of one member. A restarted member is a new key.
 Key = tuple[str, int, int]
 
 CauseKind = Literal["exited", "probe_failed", "startup_deadline"]
-
-
-@dataclass(frozen=True, slots=True)
-class LivenessPolicy:
-    lease_s: float = 5.0  # heartbeat silence that raises suspicion (the floor of the lease)
-    probe_timeout_s: float = 10.0  # how long probes must keep failing before a kill
-    startup_timeout_s: float = 120.0  # from spawn to serving
-    probe_interval_s: float = 1.0  # between the start of two probes of one suspect
-    min_failed_probes: int = 2
-    adaptive_factor: float = 4.0
-    lease_cap_s: float = 30.0
-    history: int = 32  # heartbeat intervals remembered per member
-
-    def __post_init__(self) -> None:
-        for name in ("lease_s", "probe_timeout_s", "startup_timeout_s", "probe_interval_s"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.lease_cap_s < self.lease_s:
-            raise ValueError(f"lease_cap_s ({self.lease_cap_s}) is below lease_s ({self.lease_s})")
-        if self.min_failed_probes < 1 or self.history < 1 or self.adaptive_factor < 1:
-            raise ValueError("min_failed_probes and history must be >= 1, adaptive_factor >= 1")
 
 
 @dataclass(frozen=True, slots=True)
