@@ -1,16 +1,20 @@
-"""Controlling a launcher from another thread (chaos runs): requests only while it trains."""
+"""Controlling a driver from another thread (chaos runs): requests only while it trains.
+
+The driver's watch loop serves its `Mailbox` between passes; these tests drive a mailbox from a
+stand-in loop thread, and check that a launcher outside training refuses requests at once.
+"""
 
 from __future__ import annotations
 
 import io
 import threading
-from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
 
 from helpers import wait_until
 from tether.config import RunConfig
+from tether.driver.control import Mailbox
 from tether.driver.launcher import Launcher, LaunchOptions
 
 
@@ -24,24 +28,45 @@ def test_a_request_outside_training_fails_at_once(tmp_path):
         launcher(tmp_path).call(lambda: 1, timeout_s=30)
 
 
-def test_requests_are_served_by_the_loop_and_failed_when_it_ends(tmp_path):
-    la = launcher(tmp_path)
+def test_requests_are_served_by_the_loop_and_failed_when_it_ends():
+    mailbox = Mailbox()
     finish = threading.Event()
-    late: Future[object] = Future()
+    served_by: list[str] = []
+    late = []
 
-    def watch_members(store, view):  # stands in for the real loop: serve until told to end
-        while not finish.is_set():
-            la._serve_requests()
-        la._requests.put((lambda: "late", late))  # arrived just as the loop ended
+    def watch_loop():  # stands in for the driver's loop: serve until told to end
+        with mailbox.open():
+            while not finish.is_set():
+                mailbox.serve()
+            late.append(mailbox.post(lambda: "late"))  # arrived just as the loop ended
 
-    la._watch_members = watch_members  # type: ignore[method-assign]
-    loop = threading.Thread(target=la._watch, args=(None, None))
+    loop = threading.Thread(target=watch_loop, name="watch")
     loop.start()
-    wait_until(lambda: la._watching, what="the watch loop to start")
-    assert la.call(lambda: 42, timeout_s=30) == 42  # run by the loop's thread
+    wait_until(lambda: mailbox.is_open, what="the watch loop to start")
+    assert mailbox.call(lambda: served_by.append(threading.current_thread().name) or 42) == 42
+    assert served_by == ["watch"]  # run by the loop's thread
     finish.set()
     loop.join(30)
     with pytest.raises(LookupError, match="finished before the request was served"):
-        late.result(timeout=1)
+        late[0].result(timeout=1)
     with pytest.raises(LookupError, match="not training now"):
-        la.call(lambda: 1)
+        mailbox.call(lambda: 1)
+
+
+def test_an_exception_in_a_request_goes_to_the_caller_and_the_loop_goes_on():
+    mailbox = Mailbox()
+    finish = threading.Event()
+
+    def watch_loop():
+        with mailbox.open():
+            while not finish.is_set():
+                mailbox.serve()
+
+    loop = threading.Thread(target=watch_loop)
+    loop.start()
+    wait_until(lambda: mailbox.is_open, what="the watch loop to start")
+    with pytest.raises(ZeroDivisionError):
+        mailbox.call(lambda: 1 / 0)
+    assert mailbox.call(lambda: "still serving") == "still serving"
+    finish.set()
+    loop.join(30)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from helpers import wait_until
-from tether.status import run_status
+from tether.cli.status import run_status
 from tether.store import Member, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]

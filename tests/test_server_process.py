@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers import wait_until
 from tether.config import RunConfig
-from tether.driver.launcher import resolve_config
 from tether.store import default_store_uri, open_store
+from tether.tasks.build import resolve_config
 from tether.worker.client import ShardClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]

@@ -18,21 +18,17 @@ sentence and exit 2.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from tether.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 
 DEFAULT_DIR = Path("tether-mongo")
 PIDS_FILE = "pids.json"
@@ -258,23 +254,23 @@ def mongo_up(dbpath: Path, ports: tuple[int, int, int] | None, replset: str = "r
     again on its recorded ports (its data and replica set config are kept per port).
     """
     dbpath = dbpath.expanduser().resolve()
-    record = _recorded(dbpath)
+    record = recorded(dbpath)
     if record is not None:
-        if _running(dbpath):
+        if is_running(dbpath):
             return str(record["uri"])
         ports = ports or tuple(record["ports"])  # type: ignore[assignment]
     return start_replica_set(dbpath, ports, replset).uri
 
 
-def _running(dbpath: Path) -> bool:
-    record = _recorded(dbpath)
+def is_running(dbpath: Path) -> bool:
+    record = recorded(dbpath)
     pids = [] if record is None else record["pids"]
     return bool(pids) and all(_is_our_mongod(pid, dbpath) for pid in pids)
 
 
 def mongo_down(dbpath: Path, timeout_s: float = 30.0) -> list[int]:
     """Stop exactly the mongod processes recorded in ``dbpath``/pids.json; return their pids."""
-    record = _recorded(dbpath)
+    record = recorded(dbpath)
     if record is None:
         raise FileNotFoundError(f"no replica set was started in {dbpath} (no {PIDS_FILE} there)")
     ours = [pid for pid in record["pids"] if _is_our_mongod(pid, dbpath)]
@@ -290,7 +286,7 @@ def mongo_down(dbpath: Path, timeout_s: float = 30.0) -> list[int]:
     return ours
 
 
-def _recorded(dbpath: Path) -> dict[str, Any] | None:
+def recorded(dbpath: Path) -> dict[str, Any] | None:
     try:
         record: dict[str, Any] = json.loads((dbpath / PIDS_FILE).read_text())
     except FileNotFoundError:
@@ -324,84 +320,3 @@ def _is_our_mongod(pid: int, dbpath: Path) -> bool:
         and Path(args[0]).name == "mongod"
         and any(a == root or a.startswith(root + os.sep) for a in args)
     )
-
-
-# -- command line -------------------------------------------------------------------------------
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``mongo up|down`` to the ``tether`` subparsers; dispatch with :func:`run`."""
-    mongo = subparsers.add_parser(
-        "mongo",
-        help="a local MongoDB replica set for --store (needs mongod)",
-        description="Start or stop a local three-member MongoDB replica set on 127.0.0.1.",
-    )
-    sub = mongo.add_subparsers(dest="mongo_command", required=True, parser_class=type(mongo))
-    up = sub.add_parser(
-        "up",
-        help="start the replica set and print its store URI",
-        description="Start three mongod processes (--replSet rs0) in the background, initiate "
-        "the set, wait for a primary and print the mongodb:// URI.",
-    )
-    down = sub.add_parser("down", help="stop the replica set started in --dir")
-    for p in (up, down):
-        p.add_argument(
-            "--dir", type=Path, default=DEFAULT_DIR, help=f"data, logs and pids ({DEFAULT_DIR})"
-        )
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
-    up.add_argument(
-        "--ports", type=_ports, default=None, help="three ports P1,P2,P3 (default: free ones)"
-    )
-    return mongo  # type: ignore[no-any-return]
-
-
-def _ports(text: str) -> tuple[int, int, int]:
-    try:
-        ports = tuple(int(p) for p in text.split(","))
-    except ValueError:
-        ports = ()
-    if len(ports) != 3 or len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
-        raise argparse.ArgumentTypeError(f"expected three distinct ports P1,P2,P3; got {text!r}")
-    return ports  # type: ignore[return-value]
-
-
-def run(args: argparse.Namespace) -> int:
-    """Execute ``tether mongo up|down``; returns the exit code."""
-    prog = f"tether mongo {args.mongo_command}"
-    try:
-        folder = args.dir.expanduser().resolve()
-        if args.mongo_command == "up":
-            find_mongod()
-            if _running(folder):
-                print(f"{prog}: the replica set in {args.dir} is already running", file=sys.stderr)
-            else:
-                print(f"{prog}: starting a replica set in {args.dir} ...", file=sys.stderr)
-            uri = mongo_up(folder, args.ports)
-            pids = (_recorded(folder) or {}).get("pids", [])
-            hint = f"stop it with `tether mongo down --dir {args.dir}`"
-            print(f"{prog}: up, with a primary; {hint}", file=sys.stderr)
-            result = {"uri": uri, "pids": pids, "dir": str(folder)}
-            print(json.dumps(result, sort_keys=True) if args.json else uri, flush=True)
-            return EXIT_OK
-        stopped = mongo_down(folder)
-        print(f"{prog}: stopped {len(stopped)} mongod process(es)", file=sys.stderr)
-        if args.json:
-            print(json.dumps({"dir": str(folder), "stopped": stopped}), flush=True)
-        return EXIT_OK
-    except (MongodMissing, FileNotFoundError, ValueError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ReplicaSetError, OSError) as e:
-        print(f"{prog}: {e}", file=sys.stderr)
-        return EXIT_FAILED
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m tether.devtools.replica_set up|down ...`` (the same as ``tether mongo ...``)."""
-    parser = argparse.ArgumentParser(prog="tether")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

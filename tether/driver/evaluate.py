@@ -31,13 +31,12 @@ class Evaluator(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
-        from tether.tasks.data import load_dataset
-        from tether.tasks.models import build_model, parse_model
+        from tether.tasks.build import build_task
         from tether.worker.client import read_params
 
         cfg = self.config
-        data = load_dataset(cfg.dataset)
-        model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
+        task = build_task(cfg)
+        model, data = task.model, task.data
         store = open_store(self.store_uri)
         try:
             while True:

@@ -1,28 +1,27 @@
-"""`tether launch`: one run on this machine, through the same entry points a scheduler would use.
+"""The run driver behind `tether launch`: one run, through the entry points a scheduler would use.
 
-The launcher writes the run's config to the store, starts S `tether server` and W `tether worker`
-child processes (each in this launcher's process group, with its log in <run-dir>/logs), watches
-them, shows progress, and when the workers are done reads the final parameters from the shards,
-evaluates them, stops the shards and writes the summary (DESIGN §1, §9). A member that exits, or
-that the liveness detector finds frozen (tether/liveness.py: late heartbeats raise suspicion,
-failed direct probes confirm it), is restarted with its cause recorded, up to --max-restarts;
-then the run fails with a message naming it.
+The driver writes the run's config to the store, starts S `tether server` and W `tether worker`
+members through a `Spawner` (the local one: child processes in this process group, logs in
+<run-dir>/logs), watches them, shows progress, and when the workers are done reads the final
+parameters from the shards, evaluates them, stops the shards and writes the `RunSummary`
+(DESIGN §1, §9, §12). The decisions are made by pure objects and carried out here:
+- what an exit means and whether to restart (`policy.classify_exit`, `policy.Supervisor`);
+- which silent member to probe or kill (`liveness.Detector`: late heartbeats raise suspicion,
+  failed direct probes confirm it);
+- control requests from other threads (chaos timelines) run in the watch loop (`control.Mailbox`).
+A member is restarted with its cause recorded, up to --max-restarts; then the run fails with a
+message naming it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import queue
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -30,15 +29,28 @@ from typing import Any, TextIO
 import numpy as np
 
 from tether.config import RunConfig
+from tether.driver.control import Mailbox
 from tether.driver.evaluate import Evaluator
 from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
+from tether.driver.policy import (
+    READY_FIELD,
+    Crashed,
+    FailedAtStart,
+    Finished,
+    GiveUp,
+    Replaced,
+    Supervisor,
+    classify_exit,
+    member_name,
+)
 from tether.driver.probe import Prober
 from tether.driver.progress import ProgressView
-from tether.driver.supervisor import READY_FIELD, GiveUp, Supervisor, member_name
+from tether.driver.spawner import Handle, LocalSpawner, MemberSpec, Spawner, stop_all
+from tether.driver.summary import Outcome, RunSummary, summarise
 from tether.member.heartbeat import Heartbeat
-from tether.proto.ps_pb2 import InfoReply
-from tether.store import Member, Store, open_store
-from tether.wire import FLOAT
+from tether.retry import PollTimeout, poll_until
+from tether.store import Member, Role, Store, open_store
+from tether.tasks.build import build_task
 from tether.worker.client import read_params
 
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
@@ -66,10 +78,11 @@ class LaunchOptions:
 
 @dataclass(slots=True)
 class Child:
-    role: str
+    """One member process the driver started."""
+
+    role: Role
     member_id: int
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    handle: Handle
     # Replaced while still alive (a pause followed by a replacement): its exit is expected and
     # restarts nothing; if it runs again it is a zombie the store fences (DESIGN §5).
     superseded: bool = False
@@ -79,61 +92,26 @@ class Child:
         return member_name(self.role, self.member_id)
 
     @property
+    def pid(self) -> int:
+        return self.handle.pid
+
+    @property
     def key(self) -> tuple[str, int, int]:
-        return (self.role, self.member_id, self.proc.pid)
+        return (self.role, self.member_id, self.handle.pid)
 
-    def log_tail(self, lines: int = 8) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return "\n".join("    " + line for line in text[-lines:])
-
-
-def member_command(
-    role: str, store_uri: str, run_id: str, member_id: int, routes: dict[int, str] | None = None
-) -> list[str]:
-    """The exact command line a cluster scheduler would run for this member (DESIGN §1)."""
-    flag = "--shard-id" if role == "server" else "--worker-id"
-    cmd = [
-        sys.executable, "-m", "tether", role,
-        "--store", store_uri, "--run", run_id, flag, str(member_id),
-    ]  # fmt: skip
-    for shard, address in sorted((routes or {}).items()):
-        cmd += ["--route", f"{shard}={address}"]
-    return cmd
-
-
-def resolve_config(config: RunConfig) -> RunConfig:
-    """Fill in the data set's and model's sizes (and validate both names) before the run starts."""
-    from dataclasses import replace
-
-    from tether.tasks.data import load_dataset
-    from tether.tasks.models import build_model, parse_model
-
-    data = load_dataset(config.dataset)
-    spec = parse_model(config.model)
-    model = build_model(spec, data.in_dim, data.num_classes, device=config.device)
-    if config.shards > model.num_params:
-        raise ValueError(f"--shards {config.shards} exceeds the {model.num_params} parameters")
-    return replace(
-        config,
-        model=spec.describe(),
-        num_params=model.num_params,
-        in_dim=data.in_dim,
-        num_classes=data.num_classes,
-    )
-
-
-def params_sha256(flat: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(flat, dtype=FLOAT).tobytes()).hexdigest()
+    def failure(self, what: str) -> str:
+        """`what` happened to this member, with the last lines of its log."""
+        return f"{what}; last lines of {self.handle.log_path}:\n{self.handle.log_tail()}"
 
 
 class Launcher:
-    def __init__(self, opts: LaunchOptions, err: TextIO = sys.stderr) -> None:
+    def __init__(
+        self, opts: LaunchOptions, err: TextIO = sys.stderr, spawner: Spawner | None = None
+    ) -> None:
         self.opts = opts
         self.config = opts.config
         self.err = err
+        self.spawner: Spawner = spawner or LocalSpawner(opts.run_dir)
         self.children: list[Child] = []
         self.store: Store | None = None
         self.epoch = 0  # the launcher's own membership epoch
@@ -148,9 +126,7 @@ class Launcher:
         self._beats_skipped: dict[tuple[str, int, int], int] = {}  # as members last reported
         self.watch_max_gap_s = 0.0
         self.evaluator: Evaluator | None = None
-        self._requests: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
-        self._requests_lock = threading.Lock()
-        self._watching = False
+        self.mailbox = Mailbox()
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -158,60 +134,44 @@ class Launcher:
     def _event(self, kind: str, child: Child, **detail: Any) -> None:
         self.events.append(
             {"t": time.time(), "kind": kind, "role": child.role, "id": child.member_id,
-             "pid": child.proc.pid, **detail}
+             "pid": child.pid, **detail}
         )  # fmt: skip
 
     # -- control from another thread (chaos runs), executed by the watch loop ---------------
 
     def call(self, fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-        """Run `fn` in the launcher's watch loop (which owns the children) and return its result.
+        """Run `fn` in the driver's watch loop (which owns the children) and return its result.
 
         Raises LookupError when the loop is not running (before training or after the workers
         finished), rather than waiting for a loop that will not serve it.
         """
-        future: Future[Any] = Future()
-        with self._requests_lock:
-            if not self._watching:
-                raise LookupError("the run is not training now (not started, or finished)")
-            self._requests.put((fn, future))
-        return future.result(timeout=timeout_s)
-
-    def _serve_requests(self) -> None:
-        while True:
-            try:
-                fn, future = self._requests.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                future.set_result(fn())
-            except BaseException as e:  # handed to the caller, not fatal to the run
-                future.set_exception(e)
+        return self.mailbox.call(fn, timeout_s)
 
     def live_child(self, role: str, member_id: int) -> Child:
         """The current (not superseded) process of a member; call from the watch loop."""
         for child in self.children:
             if (child.role, child.member_id) == (role, member_id) and not child.superseded:
-                if child.proc.poll() is None:
+                if child.handle.poll() is None:
                     return child
         raise LookupError(f"{member_name(role, member_id)} has no live process right now")
 
     def signal_member(self, role: str, member_id: int, sig: int) -> int:
         """Send `sig` to a member's current process; returns its pid (call via `call`)."""
         child = self.live_child(role, member_id)
-        child.proc.send_signal(sig)
+        child.handle.send_signal(sig)
         self._event("signal", child, signal=signal.Signals(sig).name)
-        return child.proc.pid
+        return child.pid
 
     def signal_pid(self, pid: int, sig: int) -> None:
-        """Send `sig` to one of this launcher's children by pid (e.g. resume a superseded one)."""
+        """Send `sig` to one of this driver's children by pid (e.g. resume a superseded one)."""
         for child in self.children:
-            if child.proc.pid == pid and child.proc.poll() is None:
-                child.proc.send_signal(sig)
+            if child.pid == pid and child.handle.poll() is None:
+                child.handle.send_signal(sig)
                 self._event("signal", child, signal=signal.Signals(sig).name)
                 return
         raise LookupError(f"pid {pid} is not a live child of this launcher")
 
-    def replace_member(self, role: str, member_id: int) -> int:
+    def replace_member(self, role: Role, member_id: int) -> int:
         """Start a replacement while the current process lives on (paused or partitioned).
 
         The replacement registers the next epoch; the old process is superseded: its exit
@@ -222,20 +182,15 @@ class Launcher:
         self._unwatch(old)  # left alive on purpose: a zombie for the store to fence
         self._event("superseded", old)
         new = self._spawn(role, member_id)
-        self._event("replacement", new, replaces=old.proc.pid)
-        return new.proc.pid
+        self._event("replacement", new, replaces=old.pid)
+        return new.pid
 
-    def _spawn(self, role: str, member_id: int) -> Child:
-        logs = self.opts.run_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        log_path = logs / f"{role}-{member_id}.log"
-        routes = self.opts.routes.get(member_id) if role == "worker" else None
-        cmd = member_command(role, self.opts.store_uri, self.config.run_id, member_id, routes)
-        with open(log_path, "ab") as log:
-            # stdin closed; children share the launcher's process group so one signal to the
-            # group (Ctrl-C, a test's teardown) reaches all of them.
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        child = Child(role, member_id, proc, log_path)
+    # -- starting members ----------------------------------------------------------------------
+
+    def _spawn(self, role: Role, member_id: int) -> Child:
+        routes = self.opts.routes.get(member_id, {}) if role == "worker" else {}
+        spec = MemberSpec(role, member_id, self.opts.store_uri, self.config.run_id, routes)
+        child = Child(role, member_id, self.spawner.start(spec))
         self.children.append(child)
         self.detector.spawned(child.key, time.monotonic())
         self._event("start", child)
@@ -250,27 +205,31 @@ class Launcher:
         skipped = self._beats_skipped.pop(watched.key, 0)
         return self.detector.report(watched) | {"heartbeats_skipped": skipped}
 
-    def _check_children(self, roles: tuple[str, ...]) -> None:
+    def _check_children(self) -> None:
+        """Before training: any shard exit, or a worker's failure, fails the run."""
         for child in self.children:
-            rc = child.proc.poll()
-            if rc is None or child.role not in roles:
+            rc = child.handle.poll()
+            if rc is None:
                 continue
-            if child.role == "server" or rc != 0:
-                raise RunFailed(
-                    f"{child.name} (pid {child.proc.pid}) exited with code {rc}; "
-                    f"last lines of {child.log_path}:\n{child.log_tail()}"
-                )
+            if isinstance(classify_exit(child.role, rc, child.superseded, False), FailedAtStart):
+                what = f"{child.name} (pid {child.pid}) exited with code {rc}"
+                raise RunFailed(child.failure(what))
 
     def _wait_for(self, what: str, ready: Callable[[], bool]) -> None:
         timeout_s = self.config.startup_timeout_s
-        deadline = time.monotonic() + timeout_s
-        while not ready():
-            self._check_children(("server", "worker"))
-            if time.monotonic() > deadline:
-                raise RunFailed(
-                    f"{what} did not happen within {timeout_s:.0f}s (--startup-timeout)"
-                )
-            time.sleep(0.05)
+
+        def check() -> bool:
+            if ready():
+                return True
+            self._check_children()
+            return False
+
+        try:
+            poll_until(check, timeout_s, what, interval_s=0.05)
+        except PollTimeout:
+            raise RunFailed(
+                f"{what} did not happen within {timeout_s:.0f}s (--startup-timeout)"
+            ) from None
 
     def start_shards(self) -> list[Member]:
         """Create the run in the store, start its shards and wait until all registered."""
@@ -289,7 +248,9 @@ class Launcher:
         )
         return store.members(cfg.run_id, "server")
 
-    def run(self) -> dict[str, Any]:
+    # -- the run -------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
         cfg = self.config
         t_start = time.monotonic()
         self.say(
@@ -300,8 +261,7 @@ class Launcher:
         )
         try:
             shards = self.start_shards()
-            store = self.store
-            assert store is not None
+            store = self._open_store()
             if self.opts.before_workers is not None:
                 self.opts.before_workers(shards)
             for w in range(cfg.workers):
@@ -313,8 +273,8 @@ class Launcher:
                 evaluator = Evaluator(cfg, self.opts.store_uri, self.opts.eval_interval_s)
                 evaluator.start()
             try:
-                with ProgressView(cfg, self.err) as view:
-                    self._watch(store, view)
+                with ProgressView(cfg, self.err) as view, self.mailbox.open():
+                    self._watch_members(store, view)
             finally:
                 beating.close()
                 if evaluator is not None:
@@ -326,68 +286,38 @@ class Launcher:
             self.stop_children()
             raise
         self.stop_children()
+        result = summary.to_json()
         store.set_member_state(cfg.run_id, "launcher", 0, self.epoch, "exited")
-        store.finish_run(cfg.run_id, summary)
-        (self.opts.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        store.finish_run(cfg.run_id, result)
+        (self.opts.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         store.close()
         return summary
 
-    def _watch(self, store: Store, view: ProgressView) -> None:
-        """Until every worker finished: restart dead members, time recoveries, show progress."""
-        with self._requests_lock:
-            self._watching = True
-        try:
-            self._watch_members(store, view)
-        finally:
-            with self._requests_lock:
-                self._watching = False
-            while not self._requests.empty():
-                _, future = self._requests.get_nowait()
-                future.set_exception(LookupError("the run finished before the request was served"))
+    def _open_store(self) -> Store:
+        if self.store is None:
+            raise RunFailed("the run's store is not open (start_shards did not run)")
+        return self.store
 
     def _watch_members(self, store: Store, view: ProgressView) -> None:
+        """Until every worker finished: restart dead members, time recoveries, show progress."""
         cfg = self.config
         done: set[int] = set()
         last_view = 0.0
         last_pass = time.monotonic()
         while len(done) < cfg.workers:
             now = time.monotonic()
-            # How far this loop fell behind its 20 ms: on a loaded machine, the launcher too.
+            # How far this loop fell behind its 20 ms: on a loaded machine, the driver too.
             self.watch_max_gap_s = max(self.watch_max_gap_s, now - last_pass)
             last_pass = now
-            self._serve_requests()
+            self.mailbox.serve()
             for child in list(self.children):
-                rc = child.proc.poll()
+                rc = child.handle.poll()
                 if rc is None or child.member_id in done and child.role == "worker":
                     continue
-                self._unwatch(child)
-                if child.superseded:
-                    self.children.remove(child)
-                    self._event("exit", child, exit_code=rc, superseded=True)
-                    self.say(
-                        f"tether: {child.name} (pid {child.proc.pid}, replaced) exited with "
-                        f"code {rc}"
-                    )
-                    continue
-                if child.role == "worker" and rc == 0:
-                    done.add(child.member_id)
-                    self._event("exit", child, exit_code=0)
-                    continue
-                cause = self._kill_causes.pop(child.proc.pid, None) or exit_cause(rc)
-                self._event("exit", child, exit_code=rc, cause=cause.kind)
-                self._restart(store, child, rc, cause)
+                self._exited(store, child, rc, done)
             members = store.members(cfg.run_id)
             self._detect(members)
-            for m in members:
-                if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
-                    self.events.append(
-                        {"t": time.time(), "kind": "serving", "role": m.role, "id": m.member_id,
-                         "pid": m.pid, "epoch": m.epoch, "recovery_s": rec.recovery_s}
-                    )  # fmt: skip
-                    self.say(
-                        f"tether: {member_name(rec.role, rec.member_id)} serving again at epoch "
-                        f"{m.epoch}, {rec.recovery_s:.2f}s after its exit was seen"
-                    )
+            self._observe_recoveries(members)
             now = time.monotonic()
             if now - last_view > 0.25:
                 last_view = now
@@ -395,11 +325,38 @@ class Launcher:
             time.sleep(0.02)
         view.update(store.members(cfg.run_id, "worker"))
 
+    def _exited(self, store: Store, child: Child, rc: int, done: set[int]) -> None:
+        self._unwatch(child)
+        meaning = classify_exit(child.role, rc, child.superseded, True)
+        if isinstance(meaning, Replaced):
+            self.children.remove(child)
+            self._event("exit", child, exit_code=rc, superseded=True)
+            self.say(f"tether: {child.name} (pid {child.pid}, replaced) exited with code {rc}")
+        elif isinstance(meaning, Finished):
+            done.add(child.member_id)
+            self._event("exit", child, exit_code=0)
+        elif isinstance(meaning, Crashed):
+            cause = self._kill_causes.pop(child.pid, None) or exit_cause(rc)
+            self._event("exit", child, exit_code=rc, cause=cause.kind)
+            self._restart(store, child, rc, cause)
+
+    def _observe_recoveries(self, members: list[Member]) -> None:
+        for m in members:
+            if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
+                self.events.append(
+                    {"t": time.time(), "kind": "serving", "role": m.role, "id": m.member_id,
+                     "pid": m.pid, "epoch": m.epoch, "recovery_s": rec.recovery_s}
+                )  # fmt: skip
+                self.say(
+                    f"tether: {member_name(rec.role, rec.member_id)} serving again at epoch "
+                    f"{m.epoch}, {rec.recovery_s:.2f}s after its exit was seen"
+                )
+
     def _keep_alive(self) -> Heartbeat:
         """Heartbeat from a thread with its own store handle (tether.member.heartbeat); returns it.
 
         The watch loop only reads the store, so a member frozen while it holds SQLite's write
-        lock (writes wait on it; WAL reads do not) cannot stop the launcher from seeing the
+        lock (writes wait on it; WAL reads do not) cannot stop the driver from seeing the
         frozen member, probing it and killing it, which frees the lock.
         """
 
@@ -444,43 +401,39 @@ class Launcher:
 
     def _kill(self, action: Kill) -> None:
         for child in self.children:
-            if child.key == action.key and child.proc.poll() is None:
-                self.say(f"tether: {child.name} (pid {child.proc.pid}) {action.cause.detail}")
-                self._kill_causes[child.proc.pid] = action.cause
+            if child.key == action.key and child.handle.poll() is None:
+                self.say(f"tether: {child.name} (pid {child.pid}) {action.cause.detail}")
+                self._kill_causes[child.pid] = action.cause
                 self._event("liveness_kill", child, cause=action.cause.kind,
                             detail=action.cause.detail)  # fmt: skip
-                child.proc.kill()
+                child.handle.kill()
                 return
 
     def _restart(self, store: Store, child: Child, rc: int, cause: Cause) -> None:
         cfg = self.config
-        member = store.member(cfg.run_id, child.role, child.member_id)  # type: ignore[arg-type]
+        member = store.member(cfg.run_id, child.role, child.member_id)
         epoch = member.epoch if member is not None else 0
         decision = self.supervisor.member_exited(
             child.role, child.member_id, rc, time.time(), epoch, cause
         )
         if isinstance(decision, GiveUp):
-            raise RunFailed(
-                f"{decision.message}; last lines of {child.log_path}:\n{child.log_tail()}"
-            )
+            raise RunFailed(child.failure(decision.message))
         self.children.remove(child)
         self.say(
-            f"tether: {child.name} (pid {child.proc.pid}) {cause.detail}; restarting "
+            f"tether: {child.name} (pid {child.pid}) {cause.detail}; restarting "
             f"({decision.attempt}/{cfg.max_restarts})"
         )
         self._spawn(child.role, child.member_id)
 
-    def _finish(self, store: Store, t_start: float, train_s: float) -> dict[str, Any]:
-        from tether.tasks.data import load_dataset
-        from tether.tasks.models import build_model, parse_model
+    # -- the end of the run --------------------------------------------------------------------
 
+    def _finish(self, store: Store, t_start: float, train_s: float) -> RunSummary:
         cfg = self.config
         shards = store.members(cfg.run_id, "server")
         workers = store.members(cfg.run_id, "worker")
         flat, infos = read_params(cfg, shards)
-        recoveries = self.supervisor.recoveries
-        data = load_dataset(cfg.dataset)
-        model = build_model(parse_model(cfg.model), data.in_dim, data.num_classes)
+        task = build_task(cfg)
+        model, data = task.model, task.data
         final_loss, train_accuracy = model.evaluate(flat, data.x_train, data.y_train)
         if self.evaluator is not None:  # the last point of the loss curve: the final parameters
             store.log_metrics(cfg.run_id, [self.evaluator.row(final_loss, train_accuracy, infos)])
@@ -488,47 +441,25 @@ class Launcher:
         if self.opts.export is not None:
             self.opts.export.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.opts.export, params=flat)
-        samples = cfg.workers * cfg.steps * cfg.batch_size
-        return {
-            "run_id": cfg.run_id,
-            "run_dir": str(self.opts.run_dir),
-            "store": self.opts.store_uri,
-            "mode": cfg.mode,
-            "staleness": cfg.staleness,
-            "shards": cfg.shards,
-            "workers": cfg.workers,
-            "steps": cfg.steps,
-            "batch_size": cfg.batch_size,
-            "model": cfg.model,
-            "dataset": cfg.dataset,
-            "num_params": cfg.num_params,
-            "optimizer": cfg.optimizer,
-            "lr": cfg.lr,
-            "seed": cfg.seed,
-            "final_loss": float(final_loss),
-            "test_accuracy": float(test_accuracy),
-            "updates_applied": min(i.updates_applied for i in infos),
-            "pushes_accepted": sum(i.pushes_accepted for i in infos),
-            "max_clock_gap": max(i.max_clock_gap for i in infos),
-            "clock_gap_hist": _sum_hists([list(i.clock_gap_hist) for i in infos]),
-            "version_staleness_hist": _sum_hists([list(i.staleness_hist) for i in infos]),
-            "pull_wait_s": sum(i.pull_wait_s for i in infos),
-            "wall_s": time.monotonic() - t_start,
-            "train_s": train_s,
-            "samples_per_s": samples / train_s,
-            "params_sha256": params_sha256(flat),
-            "replication": cfg.replication,
-            "restarts": self.supervisor.counts(),
-            "recovery_s": [r.recovery_s for r in recoveries if r.recovery_s is not None],
-            "recoveries": [r.to_json() for r in recoveries],
-            "liveness": self._liveness_report(),
-            "lost_updates": lost_updates(workers),
-            "ledger": audit_ledger(cfg.steps, infos, workers),
-            "events": self.events,
-            "durable_versions": [i.durable_version for i in infos],
-            "replication_lag_max_s": max(i.replication_lag_max_s for i in infos),
-            "export": str(self.opts.export) if self.opts.export else None,
-        }
+        return summarise(
+            cfg,
+            Outcome(
+                run_dir=str(self.opts.run_dir),
+                store_uri=self.opts.store_uri,
+                export=str(self.opts.export) if self.opts.export else None,
+                final_loss=float(final_loss),
+                test_accuracy=float(test_accuracy),
+                wall_s=time.monotonic() - t_start,
+                train_s=train_s,
+            ),
+            flat,
+            infos,
+            workers,
+            recoveries=[r.to_json() for r in self.supervisor.recoveries],
+            restarts=self.supervisor.counts(),
+            liveness=self._liveness_report(),
+            events=self.events,
+        )
 
     def _liveness_report(self) -> dict[str, Any]:
         """What the detector measured per process: start-up time, the longest heartbeat gap,
@@ -551,82 +482,4 @@ class Launcher:
     def stop_children(self, grace_s: float = 5.0) -> None:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
         self.prober.close()
-        for child in self.children:
-            if child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
-                child.proc.send_signal(signal.SIGCONT)  # a paused child handles it too
-        deadline = time.monotonic() + grace_s
-        for child in self.children:
-            try:
-                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
-
-
-def lost_updates(workers: list[Member]) -> int:
-    """Acknowledged updates that recoveries lost, from the workers' ack ledgers (DESIGN §5).
-
-    Each worker reports, per shard recovery (shard:epoch), how far the restored version fell
-    behind the highest version it had been acknowledged; the largest report per recovery counts.
-    """
-    worst: dict[str, int] = {}
-    for m in workers:
-        for key, n in (m.info.get("lost_updates") or {}).items():
-            worst[key] = max(worst.get(key, 0), int(n))
-    return sum(worst.values())
-
-
-def audit_ledger(steps: int, infos: list[InfoReply], workers: list[Member]) -> dict[str, Any]:
-    """The workers' ack ledgers against the shards' applied logs (DESIGN §7).
-
-    A shard's log of worker w is its de-duplication entry: how many of w's pushes it accepted
-    and the highest seq among them. Seqs are the iterations 0..steps-1, pushed in order, so after
-    a complete run every shard must hold exactly `steps` pushes of every worker with last seq
-    steps-1: fewer means a push is missing, more means one was applied twice. Every seq a worker
-    saw acknowledged must be in the final log, and no recovery may have restored a log without
-    a push that had been acknowledged (`lost_acked`, reported by the workers as they reconnect).
-    """
-    problems: list[str] = []
-    by_id = {m.member_id: m for m in workers}
-    applied = 0
-    for info in infos:
-        for entry in info.workers:
-            applied += entry.clock
-            where = f"shard {info.shard_id}, worker {entry.worker_id}"
-            if entry.clock != entry.last_seq + 1:
-                problems.append(
-                    f"{where}: {entry.clock} pushes accepted but the last seq is "
-                    f"{entry.last_seq} (a push applied twice or skipped)"
-                )
-            elif entry.clock != steps:
-                problems.append(f"{where}: {entry.clock} of {steps} pushes in the log")
-            member = by_id.get(entry.worker_id)
-            acked = (member.info.get("acked_seqs") or []) if member else []
-            if info.shard_id < len(acked) and acked[info.shard_id] > entry.last_seq:
-                problems.append(
-                    f"{where}: seq {acked[info.shard_id]} was acknowledged but the log ends "
-                    f"at {entry.last_seq}"
-                )
-    lost = {
-        f"worker {m.member_id} shard:epoch {key}": int(n)
-        for m in workers
-        for key, n in (m.info.get("lost_acked") or {}).items()
-    }
-    # `ok` is the log's consistency; acknowledged pushes lost to a crash are reported apart, as
-    # async replication may lose its window by design (DESIGN §5) while sync must lose none.
-    return {
-        "ok": not problems,
-        "problems": problems,
-        "pushes_in_logs": applied,
-        "lost_acked_pushes": sum(lost.values()),
-        "lost_acked": lost,
-    }
-
-
-def _sum_hists(hists: list[list[int]]) -> list[int]:
-    out = [0] * max((len(h) for h in hists), default=0)
-    for h in hists:
-        for i, v in enumerate(h):
-            out[i] += v
-    return out
+        stop_all([c.handle for c in self.children], grace_s)

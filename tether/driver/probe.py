@@ -1,4 +1,4 @@
-"""Direct liveness probes: the gRPC health service every member serves (DESIGN §5).
+"""Direct liveness probes of the gRPC health service every member serves (DESIGN §5).
 
 A shard answers on its own gRPC server; a worker runs a small health server of its own whose
 address it registers in the store. The probe asks whether the *process* is alive and not frozen:
@@ -13,7 +13,7 @@ import queue
 from concurrent import futures
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tether.driver.liveness import Key
 
@@ -59,17 +59,3 @@ class Prober:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def serve_health(host: str = "127.0.0.1") -> tuple[grpc.Server, str]:
-    """A health server for a process that serves nothing else (a worker); returns it, started,
-    and the ``host:port`` it listens on."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    port = server.add_insecure_port(f"{host}:0")
-    if port == 0:
-        raise OSError(f"cannot listen on {host}:0 for the liveness probe")
-    servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    server.start()
-    return server, f"{host}:{port}"

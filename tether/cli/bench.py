@@ -14,6 +14,7 @@ Reported figures are medians over the timed rounds, in gigabits per second.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import tempfile
@@ -26,8 +27,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from tether.cli.common import Parser, emit_json
 from tether.config import RunConfig, new_run_id
 from tether.driver.launcher import Launcher, LaunchOptions
+from tether.exitcodes import EXIT_OK
 from tether.malloc import tune_allocator
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.store import default_store_uri
@@ -196,3 +199,38 @@ def print_bench(r: dict[str, Any]) -> None:
         f"  pull {r['pull_gbps']:7.2f} Gbit/s   raw {r['raw_pull_gbps']:7.2f}   "
         f"ratio {r['pull_ratio']:.2f}"
     )
+
+
+def add_parser(sub: Any) -> None:
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
+    pushpull = bench_sub.add_parser(
+        "pushpull", help="push/pull throughput of shards against raw gRPC bytes"
+    )
+    pushpull.add_argument("--size-mb", type=float, default=16.0, help="vector size in MiB (16)")
+    pushpull.add_argument("--shards", type=int, default=1, help="shards to spread it over (1)")
+    pushpull.add_argument("--repeats", type=int, default=20, help="timed rounds (20)")
+    pushpull.add_argument(
+        "--optimizer",
+        choices=("sgd", "momentum", "adam"),
+        default="sgd",
+        help="optimizer applied on push (sgd)",
+    )
+    pushpull.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = bench_pushpull(
+        BenchOptions(
+            size_mb=args.size_mb,
+            shards=args.shards,
+            repeats=args.repeats,
+            optimizer=args.optimizer,
+        ),
+        err=sys.stderr,
+    )
+    if args.json:
+        emit_json(result)
+    else:
+        print_bench(result)
+    return EXIT_OK

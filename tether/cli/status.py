@@ -6,13 +6,16 @@ on, after it ended, and when members are dead.
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import time
 from pathlib import Path
 from typing import Any
 
-from tether.driver.supervisor import member_name
+from tether.cli.common import add_store_run, emit_json
+from tether.driver.policy import member_name
+from tether.exitcodes import EXIT_OK
 from tether.store import Member, default_store_uri, open_store
 
 # A member whose last heartbeat is older than this is reported as not alive.
@@ -122,3 +125,24 @@ def print_status(status: dict[str, Any]) -> None:
 
 def _dash(v: Any) -> str:
     return "-" if v is None else str(v)
+
+
+def add_parser(sub: Any) -> None:
+    status = sub.add_parser("status", help="members of a run and whether it finished")
+    status.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="run folder (its tether.db); the newest run in it",
+    )
+    add_store_run(status, required=False)
+    status.add_argument("--json", action="store_true", help="print status as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    status = run_status(run_dir=args.run_dir, store_uri=args.store, run_id=args.run)
+    if args.json:
+        emit_json(status)
+    else:
+        print_status(status)
+    return EXIT_OK

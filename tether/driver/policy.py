@@ -1,11 +1,13 @@
-"""Restart decisions of the launcher, as a small state machine with no I/O (DESIGN §5).
+"""The driver's decisions about member exits, with no I/O (DESIGN §5, §12).
 
-The launcher reports what it observes — a child exited, and why (its exit code, or the liveness
-detector's decision that killed it, `driver.liveness`), a member's record in the store — and
-gets back what to do: restart the member, or fail the run naming it. Every restart keeps its
-cause, so a user can tell a real failure from a detector decision. Recoveries are timed from
-the moment the death was seen to the moment the replacement says it is serving again (a shard:
-state loaded and gRPC up; a worker: clock read back from the shards).
+`classify_exit` says what an exit means (a finished worker, a replaced process ending, a failure
+before training that fails the run, or a crash to restart); `Supervisor` decides restarts. The
+driver reports what it observes — a child exited, and why (its exit code, or the liveness detector's
+decision that killed it, `driver.liveness`), a member's record in the store — and gets back what to
+do: restart the member, or fail the run naming it. Every restart keeps its cause, so a user can tell
+a real failure from a detector decision. Recoveries are timed from the moment the death was seen to
+the moment the replacement says it is serving again (a shard: state loaded and gRPC up; a worker:
+clock read back from the shards).
 """
 
 from __future__ import annotations
@@ -103,3 +105,39 @@ class Supervisor:
         for (role, _), n in self.restarts.items():
             out[role] += n
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A worker completed its steps (exit code 0)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Replaced:
+    """A process that had been replaced while alive ended: expected, it restarts nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailedAtStart:
+    """A member died before training began (any shard exit, a worker's non-zero one)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Crashed:
+    """A member died during training: `Supervisor.member_exited` decides its restart."""
+
+
+ExitMeaning = Finished | Replaced | FailedAtStart | Crashed
+
+
+def classify_exit(role: str, exit_code: int, superseded: bool, training: bool) -> ExitMeaning:
+    """What a member's exit means. Before training a shard must not exit at all (it serves
+    until told to stop), and a worker only by finishing; during training a crash of either is
+    restarted within the budget."""
+    if superseded:
+        return Replaced()
+    if role == "worker" and exit_code == 0:
+        return Finished()
+    if not training:
+        return FailedAtStart()
+    return Crashed()

@@ -1,0 +1,216 @@
+"""`tether launch`: one run on this machine (DESIGN §9): flags to a `RunConfig`, then the driver."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tether.cli.common import UsageError, emit_json
+from tether.exitcodes import EXIT_FAILED, EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    launch = sub.add_parser(
+        "launch",
+        help="train one model across shard and worker processes on this machine",
+        description="Start shards and workers as child processes, watch them, print progress "
+        "and a summary. With no options: a small MLP on the bundled digits data set, "
+        "2 shards, 2 workers, BSP.",
+    )
+    launch.add_argument("--shards", type=int, default=2, help="parameter-server shards (2)")
+    launch.add_argument("--workers", type=int, default=2, help="JAX worker processes (2)")
+    launch.add_argument(
+        "--mode",
+        choices=("bsp", "ssp", "asp"),
+        default="bsp",
+        help="consistency: bsp (strong), ssp (bounded staleness), asp (eventual)",
+    )
+    launch.add_argument(
+        "--staleness",
+        type=int,
+        default=None,
+        help="SSP bound s: a worker may be at most s clocks ahead (ssp only)",
+    )
+    launch.add_argument("--model", default="mlp:64", help="logreg | mlp | mlp:H1xH2... (mlp:64)")
+    launch.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (bundled) | synthetic[:FEATURES[:SAMPLES]] (digits)",
+    )
+    launch.add_argument("--steps", type=int, default=200, help="iterations per worker (200)")
+    launch.add_argument("--batch-size", type=int, default=32, help="mini-batch per worker (32)")
+    launch.add_argument(
+        "--optimizer",
+        choices=("sgd", "momentum", "adam"),
+        default="adam",
+        help="server-side optimizer (adam)",
+    )
+    launch.add_argument(
+        "--lr", type=float, default=None, help="learning rate (adam 0.01, sgd/momentum 0.1)"
+    )
+    launch.add_argument("--seed", type=int, default=0, help="seed of every random source (0)")
+    launch.add_argument(
+        "--store", default=None, help="store URI (default sqlite:///<run-dir>/tether.db)"
+    )
+    launch.add_argument("--run-dir", type=Path, default=None, help="run folder (runs/<run-id>)")
+    launch.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="write the final parameters to this .npz (flat vector `params`)",
+    )
+    launch.add_argument(
+        "--straggler",
+        action="append",
+        default=[],
+        metavar="ID:MS",
+        help="delay worker ID by MS milliseconds per step (repeatable)",
+    )
+    launch.add_argument(
+        "--device",
+        choices=("cpu", "gpu", "tpu"),
+        default="cpu",
+        help="JAX device of the workers (cpu)",
+    )
+    launch.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=60.0,
+        help="deadline in seconds of any wait for slower workers (60)",
+    )
+    launch.add_argument(
+        "--replication",
+        choices=("sync", "async", "off"),
+        default=None,
+        help="shard state to the store: sync (acknowledge only durable updates; default for "
+        "bsp), async (in the background; default for ssp/asp), off (no recovery)",
+    )
+    launch.add_argument(
+        "--replicate-every",
+        type=int,
+        default=50,
+        metavar="K",
+        help="async: replicate at least every K applied updates (50)",
+    )
+    launch.add_argument(
+        "--replicate-interval-ms",
+        type=float,
+        default=100.0,
+        metavar="T",
+        help="async: replicate at most T ms after a change (100)",
+    )
+    launch.add_argument(
+        "--max-restarts",
+        type=int,
+        default=3,
+        metavar="N",
+        help="restarts per member before the run fails (3)",
+    )
+    launch.add_argument(
+        "--lease",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="heartbeat silence after which a serving member is probed (5; it adapts upwards to "
+        "the intervals observed)",
+    )
+    launch.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a suspect member is killed only after its liveness probes failed this long (10)",
+    )
+    launch.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="deadline from starting a member to its serving (120)",
+    )
+    launch.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tether.config import RunConfig, new_run_id, parse_straggler
+    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
+    from tether.store import StoreError, default_store_uri
+    from tether.tasks.build import resolve_config
+
+    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 0.1)
+    stragglers = dict(parse_straggler(s) for s in args.straggler)
+    staleness = args.staleness
+    if args.mode == "ssp" and staleness is None:
+        raise UsageError("--mode ssp needs --staleness s (the bound, e.g. 2)")
+    config = RunConfig(
+        run_id=new_run_id(),
+        shards=args.shards,
+        workers=args.workers,
+        mode=args.mode,
+        staleness=staleness or 0,
+        model=args.model,
+        dataset=args.dataset,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=lr,
+        seed=args.seed,
+        device=args.device,
+        stragglers=stragglers,
+        wait_timeout_s=args.wait_timeout,
+        replication=args.replication or ("sync" if args.mode == "bsp" else "async"),
+        replicate_every=args.replicate_every,
+        replicate_interval_ms=args.replicate_interval_ms,
+        max_restarts=args.max_restarts,
+        lease_s=args.lease,
+        probe_timeout_s=args.probe_timeout,
+        startup_timeout_s=args.startup_timeout,
+    )
+    if args.mode != "ssp" and args.staleness not in (None, 0):
+        raise UsageError(f"--staleness applies to --mode ssp only, not {args.mode}")
+    config = resolve_config(config)
+    run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
+    store_uri = args.store or default_store_uri(run_dir)
+    opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)
+    try:
+        summary = Launcher(opts).run().to_json()
+    except RunFailed as e:
+        print(f"tether launch: run {config.run_id} failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (KeyboardInterrupt, UsageError, ValueError, StoreError):
+        raise
+    except Exception as e:  # an internal error: one line here, the traceback in the run dir
+        log = run_dir / "logs" / "launcher.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(traceback.format_exc())
+        print(f"tether launch: run {config.run_id} failed: {e!r} (traceback in {log})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    if args.json:
+        emit_json(summary)
+    else:
+        print_summary(summary)
+    return EXIT_OK
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    mode = s["mode"] + (f"({s['staleness']})" if s["mode"] == "ssp" else "")
+    print(
+        f"run {s['run_id']} finished: {mode}, {s['shards']} shards, {s['workers']} workers, "
+        f"seed {s['seed']}\n"
+        f"  final loss      {s['final_loss']:.4f}\n"
+        f"  test accuracy   {s['test_accuracy']:.4f}\n"
+        f"  updates applied {s['updates_applied']}\n"
+        f"  max clock gap   {s['max_clock_gap']}\n"
+        f"  wall time       {s['wall_s']:.1f}s ({s['samples_per_s']:.0f} samples/s)\n"
+        f"  params sha256   {s['params_sha256']}\n"
+        f"  restarts        {s['restarts']['server']} shard, {s['restarts']['worker']} worker\n"
+        f"  run dir         {s['run_dir']}"
+    )
+    from tether.driver.policy import member_name
+
+    for r in s.get("recoveries", []):
+        print(f"    {member_name(r['role'], r['id'])} (epoch {r['epoch']}): {r['detail']}")
