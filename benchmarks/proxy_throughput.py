@@ -107,7 +107,7 @@ def api(base: str, method: str, path: str, body: Any = None) -> Any:
 def start_proxy() -> tuple[subprocess.Popen[str], str]:
     code = (
         "import sys\n"
-        "from tether.chaos.api import serve\n"
+        "from tether.chaos.toxiproxy.api import serve\n"
         "serve('127.0.0.1:0', ready=lambda a: print(a, flush=True))\n"
     )
     proc = subprocess.Popen(

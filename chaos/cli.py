@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    from tether.chaos.api import serve
+    from tether.chaos.toxiproxy.api import serve
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,7 +138,7 @@ def _soak(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tether.chaos.runner import run_scenario
+    from tether.chaos.runner import BaselineCache, run_scenario
     from tether.chaos.scenario import ScenarioError, load_scenario, resolve_path, shipped
 
     paths = [resolve_path(name) for name in args.scenarios]
@@ -151,7 +151,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.ci and not args.all:
         scenarios = [s for s in scenarios if s.ci or s.path in paths[: len(args.scenarios)]]
     out = args.out.resolve()
-    results = [run_scenario(s, out / s.name, prefer_binary=not args.no_binary) for s in scenarios]
+    baselines = BaselineCache()  # one fault-free run per distinct run options, for them all
+    results = [
+        run_scenario(s, out / s.name, prefer_binary=not args.no_binary, baselines=baselines)
+        for s in scenarios
+    ]
     failed = [r["scenario"] for r in results if r["ok"] is False]
     if len(results) > 1:
         skipped = [r["scenario"] for r in results if r["ok"] is None]

@@ -18,14 +18,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from tether.retry import PollTimeout, poll_until
 from tether.store import Member, StoreError, open_store
 
+BINARY_START_S = 10.0  # how long a toxiproxy-server is given to answer its API
 # A proxy needs an upstream before its shard exists; connections to it are refused until the
 # shard registers and the follower points the proxy at it.
 UNROUTED = "127.0.0.1:9"
@@ -86,6 +87,28 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _started(api: ToxiproxyAPI, proc: subprocess.Popen[bytes], binary: str, port: int) -> str:
+    """Wait for a toxiproxy-server just started to answer its API; what it is, with its version.
+
+    ProxyAPIError if it exits first or does not answer within BINARY_START_S.
+    """
+
+    def version() -> str | None:
+        try:
+            return f"toxiproxy-server {api.version()}".strip()  # never empty
+        except ProxyAPIError:
+            if proc.poll() is not None:
+                raise ProxyAPIError(f"{binary} did not start on port {port}") from None
+            return None
+
+    try:
+        kind = poll_until(version, BINARY_START_S, f"{binary} on port {port}", 0.05)
+    except PollTimeout:
+        raise ProxyAPIError(f"{binary} did not start on port {port}") from None
+    assert kind is not None  # no stop event: a value or PollTimeout
+    return kind
+
+
 @contextlib.contextmanager
 def fault_proxy(seed: int, prefer_binary: bool = True) -> Iterator[tuple[ToxiproxyAPI, str]]:
     """A running fault proxy on loopback: (API client, what it is)."""
@@ -100,16 +123,7 @@ def fault_proxy(seed: int, prefer_binary: bool = True) -> Iterator[tuple[Toxipro
         )
         try:
             api = ToxiproxyAPI(f"127.0.0.1:{port}")
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    version = api.version()
-                    break
-                except ProxyAPIError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise ProxyAPIError(f"{binary} did not start on port {port}") from None
-                    time.sleep(0.05)
-            yield api, f"toxiproxy-server {version}".strip()
+            yield api, _started(api, proc, binary, port)
         finally:
             proc.terminate()
             try:
@@ -118,7 +132,7 @@ def fault_proxy(seed: int, prefer_binary: bool = True) -> Iterator[tuple[Toxipro
                 proc.kill()
                 proc.wait()
         return
-    from tether.chaos.api import ProxyServer
+    from tether.chaos.toxiproxy.api import ProxyServer
 
     server = ProxyServer("127.0.0.1:0", seed=seed)
     address = server.start()

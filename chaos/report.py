@@ -13,8 +13,8 @@ from typing import Any
 
 from tether.chaos.invariants import Check
 from tether.chaos.scenario import Scenario
-from tether.consistency.analysis import first_iteration_start
 from tether.store import MetricRow
+from tether.store.metrics import first_iteration_start
 
 FIGURE = "timeline.png"
 

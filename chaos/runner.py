@@ -23,11 +23,29 @@ from tether.chaos.report import write_report
 from tether.chaos.scenario import Scenario, run_config
 from tether.chaos.timeline import Timeline, progress_after
 from tether.config import RunConfig, new_run_id
-from tether.consistency.analysis import first_iteration_start
-from tether.driver.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
 from tether.store import MetricRow, default_store_uri, open_store
+from tether.store.metrics import first_iteration_start
+from tether.tasks.build import resolve_config
 
-_baselines: dict[str, tuple[dict[str, Any], list[MetricRow]]] = {}
+Baseline = tuple[dict[str, Any], list[MetricRow]]  # the fault-free run's summary and metrics
+
+
+class BaselineCache:
+    """Fault-free runs by their run options: one invocation runs each distinct baseline once."""
+
+    def __init__(self) -> None:
+        self._runs: dict[str, Baseline] = {}
+
+    @staticmethod
+    def key(scenario: Scenario) -> str:
+        return json.dumps(scenario.run, sort_keys=True)
+
+    def get(self, scenario: Scenario) -> Baseline | None:
+        return self._runs.get(self.key(scenario))
+
+    def put(self, scenario: Scenario, baseline: Baseline) -> None:
+        self._runs[self.key(scenario)] = baseline
 
 
 def replay_command(scenario: Scenario) -> str:
@@ -52,22 +70,20 @@ def _launch(
     return Launcher(opts, err)
 
 
-def run_baseline(
-    scenario: Scenario, out_dir: Path, err: TextIO
-) -> tuple[dict[str, Any], list[MetricRow]]:
-    """The fault-free run with the scenario's options and seed (cached per options)."""
-    key = json.dumps(scenario.run, sort_keys=True)
-    if key in _baselines:
-        print(f"chaos: fault-free baseline reused ({_baselines[key][0]['run_id']})", file=err)
-        return _baselines[key]
+def run_baseline(scenario: Scenario, out_dir: Path, err: TextIO, cache: BaselineCache) -> Baseline:
+    """The fault-free run with the scenario's options and seed (from `cache` if it has run)."""
+    if (cached := cache.get(scenario)) is not None:
+        print(f"chaos: fault-free baseline reused ({cached[0]['run_id']})", file=err)
+        return cached
     config = resolve_config(run_config(scenario, new_run_id()))
     run_dir = out_dir / "baseline"
     shutil.rmtree(run_dir, ignore_errors=True)
     store_uri = default_store_uri(run_dir)
     print(f"chaos: fault-free baseline run {config.run_id}", file=err, flush=True)
-    summary = _launch(config, run_dir, store_uri, err).run()
-    _baselines[key] = (summary, _metrics(store_uri, config.run_id))
-    return _baselines[key]
+    summary = _launch(config, run_dir, store_uri, err).run().to_json()
+    baseline = (summary, _metrics(store_uri, config.run_id))
+    cache.put(scenario, baseline)
+    return baseline
 
 
 @contextlib.contextmanager
@@ -76,7 +92,7 @@ def _store_for(scenario: Scenario, run_dir: Path) -> Any:
     if not scenario.needs_mongod:
         yield default_store_uri(run_dir), None
         return
-    from tether.chaos.mongo import StoreMembers
+    from tether.chaos.store_faults import StoreMembers
     from tether.devtools.replica_set import start_replica_set
 
     rs = start_replica_set(run_dir / "mongo")
@@ -87,9 +103,18 @@ def _store_for(scenario: Scenario, run_dir: Path) -> Any:
 
 
 def run_scenario(
-    scenario: Scenario, out_dir: Path, err: TextIO = sys.stderr, *, prefer_binary: bool = True
+    scenario: Scenario,
+    out_dir: Path,
+    err: TextIO = sys.stderr,
+    *,
+    prefer_binary: bool = True,
+    baselines: BaselineCache | None = None,
 ) -> dict[str, Any]:
-    """Run one scenario; the result names every invariant with ok and detail."""
+    """Run one scenario; the result names every invariant with ok and detail.
+
+    Pass the same `baselines` to every scenario of one invocation so that scenarios with the
+    same run options share one fault-free run; without it, this call runs its own.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"chaos: scenario {scenario.name} — {scenario.description}\n"
@@ -107,8 +132,12 @@ def run_scenario(
         reason = "skipped: needs a MongoDB replica set and `mongod` is not on PATH"
         print(f"chaos: {scenario.name} {reason}", file=err)
         return result | {"ok": None, "skipped": reason, "invariants": []}
+    if baselines is None:
+        baselines = BaselineCache()
     baseline, base_metrics = (
-        run_baseline(scenario, out_dir, err) if scenario.invariants.needs_baseline else (None, [])
+        run_baseline(scenario, out_dir, err, baselines)
+        if scenario.invariants.needs_baseline
+        else (None, [])
     )
     config = resolve_config(run_config(scenario, new_run_id()))
     run_dir = out_dir / "run"
@@ -135,7 +164,7 @@ def run_scenario(
         print(f"chaos: faulted run {config.run_id}", file=err, flush=True)
         timeline.start()
         try:
-            summary = launcher.run()
+            summary = launcher.run().to_json()
         except RunFailed as e:
             failure = str(e)
         finally:

@@ -96,7 +96,9 @@ class LinkTarget:
 
 
 @dataclass(frozen=True, slots=True)
-class Toxic:
+class ToxicSpec:
+    """A toxic as a scenario file gives it: the body of Toxiproxy's ``POST .../toxics``."""
+
     type: str
     name: str
     stream: str = "downstream"
@@ -114,13 +116,15 @@ class Toxic:
 
 
 @dataclass(frozen=True, slots=True)
-class Fault:
+class FaultSpec:
+    """One ``[[fault]]`` of a scenario: what to do to which target, and when."""
+
     action: str
     target: ProcessTarget | LinkTarget
     at_step: int | None = None
     at_s: float | None = None
     after_s: float | None = None
-    toxic: Toxic | None = None  # add_toxic
+    toxic: ToxicSpec | None = None  # add_toxic
     toxic_name: str | None = None  # remove_toxic
 
     def describe(self) -> str:
@@ -165,7 +169,7 @@ class Scenario:
     ci: bool
     run: dict[str, Any]
     proxy_workers: bool
-    faults: tuple[Fault, ...]
+    faults: tuple[FaultSpec, ...]
     invariants: Invariants
     needs_mongod: bool
 
@@ -319,7 +323,7 @@ def parse_target(text: str, action: str, where: str) -> ProcessTarget | LinkTarg
 
 def _fault(
     f: dict[str, Any], i: int, where: str, workers: int, shards: int, store: str, proxied: bool
-) -> Fault:
+) -> FaultSpec:
     where = f"{where}: fault {i + 1}"
     _no_unknown(
         f,
@@ -360,7 +364,7 @@ def _fault(
     toxic_name = f.get("toxic_name")
     if action == "remove_toxic" and not toxic_name:
         raise ScenarioError(f"{where}: remove_toxic needs toxic_name")
-    return Fault(
+    return FaultSpec(
         action=action,
         target=target,
         at_step=f.get("at_step"),
@@ -371,7 +375,7 @@ def _fault(
     )
 
 
-def _toxic(t: Any, where: str) -> Toxic:
+def _toxic(t: Any, where: str) -> ToxicSpec:
     if not isinstance(t, dict):
         raise ScenarioError(f"{where}: add_toxic needs toxic = {{ type = ..., attributes = ... }}")
     _no_unknown(t, {"type", "name", "stream", "toxicity", "attributes"}, where, "toxic")
@@ -383,7 +387,7 @@ def _toxic(t: Any, where: str) -> Toxic:
     toxicity = float(t.get("toxicity", 1.0))
     if not 0.0 <= toxicity <= 1.0:
         raise ScenarioError(f"{where}: toxicity must be within 0..1, got {toxicity}")
-    return Toxic(
+    return ToxicSpec(
         type=kind,
         name=str(t.get("name", f"{kind}_{stream}")),
         stream=stream,
@@ -394,7 +398,7 @@ def _toxic(t: Any, where: str) -> Toxic:
 
 def _random_faults(
     r: dict[str, Any], seed: int, where: str, workers: int, shards: int
-) -> list[Fault]:
+) -> list[FaultSpec]:
     """Seeded random process faults at steps drawn from a range (replayable with the seed)."""
     where = f"{where}: [random]"
     _no_unknown(r, {"action", "targets", "count", "steps"}, where, "[random]")
@@ -413,4 +417,4 @@ def _random_faults(
             raise ScenarioError(f"{where}: {t.describe()} is not a shard or worker of the run")
     rng = random.Random(seed)
     steps = sorted(rng.randrange(lo, hi) for _ in range(count))
-    return [Fault(action=action, target=rng.choice(targets), at_step=s) for s in steps]
+    return [FaultSpec(action=action, target=rng.choice(targets), at_step=s) for s in steps]

@@ -32,11 +32,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from tether.chaos.runner import run_scenario
-from tether.chaos.scenario import Fault, Invariants, LinkTarget, ProcessTarget, Scenario, Toxic
+from tether.chaos.runner import BaselineCache, run_scenario
+from tether.chaos.scenario import (
+    FaultSpec,
+    Invariants,
+    LinkTarget,
+    ProcessTarget,
+    Scenario,
+    ToxicSpec,
+)
 from tether.config import RunConfig, new_run_id
-from tether.driver.launcher import Launcher, LaunchOptions, resolve_config
+from tether.driver.launcher import Launcher, LaunchOptions
 from tether.store import default_store_uri, open_store
+from tether.tasks.build import resolve_config
 
 SAMPLE_S = 1.0
 MIN_FAULT_GAP_S = 8.0
@@ -70,13 +78,13 @@ PHASES = (
 
 def fault_plan(
     rng: random.Random, duration_s: float, workers: int, shards: int, detect_s: float
-) -> list[Fault]:
+) -> list[FaultSpec]:
     """Faults at seeded times within the first 70 % of the run, at least MIN_FAULT_GAP_S apart.
 
     ``detect_s`` (lease + probe timeout) is how long a paused shard stalls the run before it is
     replaced; a pause is planned only when the run is long enough to absorb it.
     """
-    faults: list[Fault] = []
+    faults: list[FaultSpec] = []
     t = max(5.0, 0.1 * duration_s)
     end = 0.7 * duration_s
     paused = False
@@ -91,22 +99,22 @@ def fault_plan(
         links = LinkTarget(worker_id, None)
         gap = MIN_FAULT_GAP_S
         if kind == "kill_shard":
-            faults.append(Fault("kill", shard, at_s=round(t, 2)))
+            faults.append(FaultSpec("kill", shard, at_s=round(t, 2)))
         elif kind == "kill_worker":
-            faults.append(Fault("kill", worker, at_s=round(t, 2)))
+            faults.append(FaultSpec("kill", worker, at_s=round(t, 2)))
         elif kind == "stop_worker":
-            faults.append(Fault("stop", worker, at_s=round(t, 2)))
+            faults.append(FaultSpec("stop", worker, at_s=round(t, 2)))
         elif kind == "pause_shard":
-            faults.append(Fault("pause", shard, at_s=round(t, 2)))
+            faults.append(FaultSpec("pause", shard, at_s=round(t, 2)))
             paused = True
             gap += detect_s
         elif kind == "latency":
-            toxic = Toxic("latency", "soak-latency", attributes={"latency": 30, "jitter": 10})
-            faults.append(Fault("add_toxic", links, at_s=round(t, 2), toxic=toxic))
-            faults.append(Fault("remove_toxic", links, after_s=3.0, toxic_name="soak-latency"))
+            toxic = ToxicSpec("latency", "soak-latency", attributes={"latency": 30, "jitter": 10})
+            faults.append(FaultSpec("add_toxic", links, at_s=round(t, 2), toxic=toxic))
+            faults.append(FaultSpec("remove_toxic", links, after_s=3.0, toxic_name="soak-latency"))
         else:
-            faults.append(Fault("disable", links, at_s=round(t, 2)))
-            faults.append(Fault("enable", links, after_s=2.0))
+            faults.append(FaultSpec("disable", links, at_s=round(t, 2)))
+            faults.append(FaultSpec("enable", links, after_s=2.0))
         t += gap + rng.uniform(0, MIN_FAULT_GAP_S)
     return faults
 
@@ -225,6 +233,7 @@ def soak(minutes: float, seed: int, out: Path, err: TextIO) -> dict[str, Any]:
           f"--minutes {minutes:g} --seed {seed})", file=err, flush=True)  # fmt: skip
     results = []
     fds_before: dict[int, str] | None = None
+    baselines = BaselineCache()  # the phases' run options differ: one baseline each
     for phase in PHASES:
         budget_s = minutes * 60 * phase.share
         rate = calibrate(phase.run, seed, out / phase.name, err)
@@ -252,7 +261,7 @@ def soak(minutes: float, seed: int, out: Path, err: TextIO) -> dict[str, Any]:
         sampler.start()
         started = time.monotonic()
         try:
-            result = run_scenario(scenario, out / phase.name, err)
+            result = run_scenario(scenario, out / phase.name, err, baselines=baselines)
         finally:
             sampler.stop.set()
             sampler.join(10)

@@ -14,14 +14,17 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from tether.chaos.links import LinkPlan, ProxyAPIError, link_name
-from tether.chaos.scenario import Fault, LinkTarget, ProcessTarget
-from tether.driver.launcher import Launcher
-from tether.driver.supervisor import READY_FIELD
-from tether.store import Store, StoreError
+from tether.chaos.scenario import FaultSpec, LinkTarget, ProcessTarget
+from tether.driver.policy import READY_FIELD
+from tether.retry import PollTimeout, poll_until
+from tether.store import Member, MetricRow, Store, StoreError
+
+T = TypeVar("T")
 
 SIGNALS = {
     "kill": signal.SIGKILL,
@@ -34,10 +37,22 @@ POLL_S = 0.02
 TARGET_WAIT_S = 20.0  # how long a fault waits for its target to have a live process
 
 
+class Controller(Protocol):
+    """What the timeline needs of the process that owns the run's children (the launcher)."""
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` in the loop that owns the children; LookupError when it is not running."""
+        ...
+
+    def signal_member(self, role: str, member_id: int, sig: int) -> int: ...
+    def signal_pid(self, pid: int, sig: int) -> None: ...
+    def replace_member(self, role: str, member_id: int) -> int: ...
+
+
 @dataclass(slots=True)
 class FaultRecord:
     index: int
-    fault: Fault
+    fault: FaultSpec
     t: float | None = None  # unix time it fired
     step: int | None = None  # the slowest worker's clock when it fired
     pid: int | None = None
@@ -62,16 +77,27 @@ class FaultRecord:
         }
 
 
+Watch = Callable[[Callable[[], None]], None]  # runs a recovery watcher in its own thread
+
+
+class StoreFaults(Protocol):
+    """Faults of the store's own members (``store_faults.StoreMembers``)."""
+
+    def fire(
+        self, record: FaultRecord, action: str, member_id: int | None, watch: Watch
+    ) -> None: ...
+
+
 class Timeline(threading.Thread):
     def __init__(
         self,
-        faults: tuple[Fault, ...],
-        launcher: Launcher,
+        faults: tuple[FaultSpec, ...],
+        launcher: Controller,
         store: Store,
         run_id: str,
         workers: int,
         links: LinkPlan | None,
-        store_members: Any = None,  # chaos.mongo.StoreMembers for store faults
+        store_members: StoreFaults | None = None,  # for store faults
     ) -> None:
         super().__init__(name="chaos-timeline", daemon=True)
         self.faults = faults
@@ -94,12 +120,15 @@ class Timeline(threading.Thread):
             return None
         return min(int(m.info.get("clock") or 0) for m in workers)
 
-    def _wait(self, ready: Any) -> bool:
-        while not self.done.is_set():
-            if ready():
-                return True
-            time.sleep(POLL_S)
-        return False
+    def _until_done(self, value: Callable[[], T | None], what: str) -> T | None:
+        """Poll `value` until it is truthy and return it; None once the run has ended. The end
+        is looked at first: a trigger reached as the run ends does not fire."""
+        return poll_until(
+            lambda: None if self.done.is_set() else value(), None, what, POLL_S, stop=self.done
+        )
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
+        return bool(self._until_done(ready, "a fault's trigger"))
 
     # -- the timeline ---------------------------------------------------------------------
 
@@ -144,6 +173,7 @@ class Timeline(threading.Thread):
         if isinstance(f.target, LinkTarget):
             self._fire_link(record, f.target)
         elif f.target.role == "store":
+            assert self.store_members is not None  # a scenario with store faults runs a set
             self.store_members.fire(record, f.action, f.target.member_id, self._watch_thread)
         else:
             self._fire_member(record, f.target)
@@ -171,18 +201,29 @@ class Timeline(threading.Thread):
                 self.paused[key] = record.pid
         self._watch_thread(lambda: self._recovered(record, role, member_id, epoch))
 
-    def _retry(self, fn: Any) -> int:
-        """Run `fn` in the launcher's loop; a target being restarted is waited for."""
-        deadline = time.monotonic() + TARGET_WAIT_S
-        while True:
-            try:
-                return int(self.launcher.call(fn))
-            except LookupError:
-                if time.monotonic() > deadline or self.done.is_set():
-                    raise
-                time.sleep(POLL_S)
+    def _retry(self, fn: Callable[[], int]) -> int:
+        """Run `fn` in the launcher's loop; a target being restarted is waited for, up to
+        TARGET_WAIT_S or the end of the run, after which its last LookupError is raised."""
+        failure: LookupError | None = None
 
-    def _watch_thread(self, fn: Any) -> None:
+        def attempt() -> tuple[int] | None:
+            nonlocal failure
+            try:
+                return (self.launcher.call(fn),)
+            except LookupError as e:
+                failure = e
+                return None
+
+        try:
+            got = poll_until(attempt, TARGET_WAIT_S, "a live target", POLL_S, stop=self.done)
+        except PollTimeout:
+            got = None
+        if got is None:
+            assert failure is not None
+            raise failure
+        return got[0]
+
+    def _watch_thread(self, fn: Callable[[], None]) -> None:
         t = threading.Thread(target=fn, name="chaos-recovery", daemon=True)
         t.start()
         self._watchers.append(t)
@@ -191,12 +232,15 @@ class Timeline(threading.Thread):
         """Time the recovery: the member serving again at an epoch newer than at the fault."""
         assert record.t is not None
         field_name = READY_FIELD[role]
-        while not self.done.is_set():
+
+        def serving() -> Member | None:
             m = self.store.member(self.run_id, role, member_id)  # type: ignore[arg-type]
             if m is not None and m.epoch > epoch and m.info.get(field_name) is not None:
-                record.recovery_s = max(0.0, float(m.info[field_name]) - record.t)
-                return
-            time.sleep(POLL_S)
+                return m
+            return None
+
+        if (m := self._until_done(serving, f"{role} {member_id} serving again")) is not None:
+            record.recovery_s = max(0.0, float(m.info[field_name]) - record.t)
 
     def _fire_link(self, record: FaultRecord, target: LinkTarget) -> None:
         assert self.links is not None
@@ -218,7 +262,7 @@ class Timeline(threading.Thread):
             record.heal_workers = sorted({w for w, _ in pairs})
 
 
-def progress_after(metrics: list[Any], workers: list[int], t: float) -> float | None:
+def progress_after(metrics: list[MetricRow], workers: list[int], t: float) -> float | None:
     """Seconds from `t` until every worker in `workers` completed an iteration after it."""
     firsts = []
     for w in workers:

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from tether.chaos.api import ProxyServer
 from tether.chaos.links import UNROUTED, LinkPlan, ProxyAPIError, ToxiproxyAPI, link_name
+from tether.chaos.toxiproxy.api import ProxyServer
 from tether.store import Member
 
 

@@ -24,7 +24,7 @@ from toxiproxy import Toxiproxy
 from toxiproxy.api import APIConsumer
 from toxiproxy.exceptions import InvalidToxic, NotFound, ProxyExists
 
-from tether.chaos.api import VERSION, ProxyServer, serve
+from tether.chaos.toxiproxy.api import VERSION, ProxyServer, serve
 
 Handler = Callable[[socket.socket], None]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -266,3 +267,17 @@ def test_zombie_fenced_reads_the_launcher_events(tmp_path):
     alive = checks_of(text, tmp_path, dict(SUMMARY, events=events), faults=[resume])
     assert good["zombie_fenced"].ok and "exited with code 1" in good["zombie_fenced"].detail
     assert not alive["zombie_fenced"].ok and "kept running" in alive["zombie_fenced"].detail
+
+
+def test_baselines_are_shared_by_run_options_only():
+    from tether.chaos.runner import BaselineCache
+
+    kill = load_scenario(resolve_path("shard-kill"))
+    same_run = dataclasses.replace(kill, name="other", faults=())
+    other_run = dataclasses.replace(kill, run={**kill.run, "steps": 7})
+    cache = BaselineCache()
+    assert cache.get(kill) is None
+    baseline: tuple[dict, list] = ({"run_id": "r1"}, [])
+    cache.put(kill, baseline)
+    assert cache.get(same_run) is baseline and cache.get(other_run) is None
+    assert BaselineCache().get(kill) is None  # each invocation has its own

@@ -4,7 +4,7 @@ Everything runs on one asyncio loop. A :class:`Proxy` accepts clients and dials 
 client; a :class:`Connection` owns two :class:`Link` objects, ``upstream`` (client -> server) and
 ``downstream`` (server -> client). A link with no toxics is a straight copy: what a socket read
 returns is written to the other transport at once, flow-controlled by pausing the reader while
-the writer's buffer is full. With toxics, chunks go through a chain of ``toxics.Stage`` tasks,
+the writer's buffer is full. With toxics, chunks go through a chain of ``stage.Stage`` tasks,
 one per toxic, each with a bounded inbox (the sender is back-pressured, never buffered unbounded).
 
 Toxics are added, updated and removed on live links as Toxiproxy does. A removed stage forwards
@@ -26,17 +26,15 @@ import threading
 import time
 from typing import Any, cast
 
+from .stage import INBOX_LIMIT, Stage, wake
 from .toxics import (
-    INBOX_LIMIT,
     InvalidStream,
     InvalidType,
-    Stage,
     Stream,
     ToxicExists,
     ToxicSpec,
     parse_spec,
     updated_spec,
-    wake,
 )
 
 log = logging.getLogger(__name__)

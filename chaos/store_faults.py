@@ -9,18 +9,22 @@ recovery of a store fault is timed until a live member accepts writes as primary
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
-from typing import Any
 
 from tether.chaos.timeline import SIGNALS as TIMELINE_SIGNALS
+from tether.chaos.timeline import FaultRecord, Watch
 from tether.devtools.replica_set import ReplicaSet, _direct
+from tether.retry import PollTimeout, poll_until
 
 # A store member is killed, paused, resumed or stopped, never replaced or restarted by the run.
 SIGNALS = {a: TIMELINE_SIGNALS[a] for a in ("kill", "pause", "resume", "stop")}
+RECOVERY_WAIT_S = 120.0  # a store fault's recovery is left untimed after this long
 
 
 class StoreMembers:
+    """The members of the run's replica set, as the timeline's `StoreFaults`."""
+
     def __init__(self, rs: ReplicaSet) -> None:
         self.rs = rs
         self.down: set[int] = set()  # members killed, stopped or paused by this run
@@ -42,10 +46,10 @@ class StoreMembers:
 
     def fire(
         self,
-        record: Any,
+        record: FaultRecord,
         action: str,
         member_id: int | None,
-        watch: Callable[[Callable[[], None]], None],
+        watch: Watch,
     ) -> None:
         if action not in SIGNALS:
             raise LookupError(f"store members can be {', '.join(SIGNALS)}ed, not {action}")
@@ -70,13 +74,11 @@ class StoreMembers:
             return
         self.down.add(index)
         t = record.t
+        assert t is not None
 
         def recovered() -> None:
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                if self.primary() is not None:
-                    record.recovery_s = time.time() - t
-                    return
-                time.sleep(0.1)
+            with contextlib.suppress(PollTimeout):
+                poll_until(lambda: self.primary() is not None, RECOVERY_WAIT_S, "a primary", 0.1)
+                record.recovery_s = time.time() - t
 
         watch(recovered)

@@ -1,0 +1,1 @@
+"""The Toxiproxy-compatible fault proxy: toxics, their per-link engine and the HTTP API."""
