@@ -14,12 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from tether.cli.common import add_store_run, emit_json
+from tether.config import LivenessPolicy
 from tether.driver.policy import member_name
 from tether.exitcodes import EXIT_OK
 from tether.store import Member, default_store_uri, open_store
-
-# A member whose last heartbeat is older than this is reported as not alive.
-HEARTBEAT_LEASE_S = 5.0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -32,8 +30,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def member_alive(m: Member, now: float, host: str) -> bool:
-    if m.state != "running" or now - m.heartbeat > HEARTBEAT_LEASE_S:
+def member_alive(m: Member, now: float, host: str, lease_s: float) -> bool:
+    """Running, heard from within the run's lease (`RunConfig.lease_s`) and, on this host, a
+    live pid."""
+    if m.state != "running" or now - m.heartbeat > lease_s:
         return False
     return m.host != host or _pid_alive(m.pid)  # the pid can only be checked on its own host
 
@@ -63,6 +63,7 @@ def run_status(
         store.close()
     now, host = time.time(), socket.gethostname()
     cfg = record.config
+    lease_s = float(cfg.get("lease_s", LivenessPolicy().lease_s))  # the run's own, as launched
     launcher = next((m for m in members if m.role == "launcher"), None)
     summary = record.summary or {}
     # Every restart and its cause: the launcher reports them as it goes, the summary at the end.
@@ -87,7 +88,7 @@ def run_status(
                 "restarts": m.epoch - 1,  # every replacement registers the next epoch
                 "state": m.state,
                 "phase": m.info.get("phase"),
-                "alive": member_alive(m, now, host),
+                "alive": member_alive(m, now, host, lease_s),
                 "heartbeat_age_s": round(now - m.heartbeat, 3),
                 "clock": m.info.get("clock"),
                 "version": m.info.get("version"),

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.retry import PollTimeout, poll_until
+
 DEFAULT_DIR = Path("tether-mongo")
 PIDS_FILE = "pids.json"
 NO_MONGOD = (
@@ -190,21 +192,23 @@ def _wait_accepting(
     from pymongo.errors import PyMongoError
 
     client = _direct(port)
+
+    def accepting() -> bool:
+        if proc.poll() is not None:
+            raise ReplicaSetError(
+                f"mongod on port {port} exited with code {proc.returncode}; see "
+                f"{dbpath / f'mongod-{port}.log'}:\n{_log_tail(dbpath, port)}"
+            )
+        try:
+            client.admin.command("ping")
+            return True
+        except PyMongoError:
+            return False
+
     try:
-        while True:
-            if proc.poll() is not None:
-                raise ReplicaSetError(
-                    f"mongod on port {port} exited with code {proc.returncode}; see "
-                    f"{dbpath / f'mongod-{port}.log'}:\n{_log_tail(dbpath, port)}"
-                )
-            try:
-                client.admin.command("ping")
-                return
-            except PyMongoError:
-                pass
-            if time.monotonic() > deadline:
-                raise ReplicaSetError(f"mongod on port {port} did not accept connections in time")
-            time.sleep(0.1)
+        poll_until(accepting, max(0.0, deadline - time.monotonic()), "a ping", interval_s=0.1)
+    except PollTimeout:
+        raise ReplicaSetError(f"mongod on port {port} did not accept connections in time") from None
     finally:
         client.close()
 
@@ -229,22 +233,25 @@ def _wait_for_primary(rs: ReplicaSet, deadline: float) -> None:
 
     client = _direct(rs.ports[0])
     states: list[str] = []
+
+    def ready() -> bool:
+        nonlocal states
+        try:
+            status = client.admin.command("replSetGetStatus")
+            states = sorted(m["stateStr"] for m in status["members"])
+        except PyMongoError as e:
+            states = [f"{type(e).__name__}: {e}"]
+        return states == ["PRIMARY", "SECONDARY", "SECONDARY"]
+
     try:
-        while time.monotonic() < deadline:
-            try:
-                status = client.admin.command("replSetGetStatus")
-                states = sorted(m["stateStr"] for m in status["members"])
-                if states == ["PRIMARY", "SECONDARY", "SECONDARY"]:
-                    return
-            except PyMongoError as e:
-                states = [f"{type(e).__name__}: {e}"]
-            time.sleep(0.2)
+        poll_until(ready, max(0.0, deadline - time.monotonic()), "a primary", interval_s=0.2)
+    except PollTimeout:
+        raise ReplicaSetError(
+            f"replica set {rs.replset} had no primary and two secondaries in time (last seen: "
+            f"{', '.join(states) or 'nothing'}); logs in {rs.dir}"
+        ) from None
     finally:
         client.close()
-    raise ReplicaSetError(
-        f"replica set {rs.replset} had no primary and two secondaries in time (last seen: "
-        f"{', '.join(states) or 'nothing'}); logs in {rs.dir}"
-    )
 
 
 def mongo_up(dbpath: Path, ports: tuple[int, int, int] | None, replset: str = "rs0") -> str:
