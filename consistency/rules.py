@@ -1,4 +1,4 @@
-"""The one consistency rule core (DESIGN.md §3, STYLE.md "One consistency core").
+"""The one consistency rule core (DESIGN §3).
 
 Pure functions over an explicit clock table: a worker's clock is the number of iterations the
 shard has received from it. BSP, SSP(s) and ASP are configurations of the same read rule:
@@ -6,6 +6,11 @@ shard has received from it. BSP, SSP(s) and ASP are configurations of the same r
 - BSP reads like SSP(0) and additionally aggregates a clock's gradients before applying them;
 - SSP(s) serves a pull at clock c only when ``c - min_w(clock_w) <= s``;
 - ASP is SSP with no bound (SSP(inf)).
+
+The *apply* half of BSP is not here: holding each worker's pending gradient of the open clock,
+summing them in fixed worker-id order and keeping the previous parameters for a restarted
+worker is the shard state's work (server/state.py). The rules decide who may read and whether a
+clock's gradients are aggregated; the state that owns the parameters applies the decision.
 """
 
 from __future__ import annotations
@@ -29,10 +34,7 @@ class Consistency:
     staleness: int = 0
 
     def __post_init__(self) -> None:
-        if self.mode is Mode.SSP and self.staleness < 0:
-            raise ValueError(f"staleness must be >= 0 for SSP, got {self.staleness}")
-        if self.mode is not Mode.SSP and self.staleness != 0:
-            raise ValueError(f"--staleness applies to --mode ssp only, not {self.mode.value}")
+        check_staleness(self.mode, self.staleness)
 
     @property
     def read_bound(self) -> int | None:
@@ -50,17 +52,36 @@ class Consistency:
         return f"ssp({self.staleness})" if self.mode is Mode.SSP else self.mode.value
 
 
-def parse_consistency(mode: str, staleness: int | None = None) -> Consistency:
-    """Read the dial from command-line values; raises ValueError with one clear sentence."""
+def parse_mode(mode: str) -> Mode:
+    """A mode name, in any case; raises ValueError naming the valid modes."""
     try:
-        m = Mode(mode.lower())
+        return Mode(mode.lower())
     except ValueError:
         raise ValueError(f"unknown mode {mode!r}: choose bsp, ssp or asp") from None
+
+
+def check_staleness(mode: Mode | str, staleness: int | None) -> None:
+    """The one check of a mode's staleness bound; raises ValueError with one clear sentence.
+
+    `staleness` None means "not given": SSP needs its bound stated, the other modes take none.
+    """
+    m = parse_mode(mode)
     if m is Mode.SSP:
-        return Consistency(m, 0 if staleness is None else staleness)
-    if staleness not in (None, 0):
+        if staleness is None:
+            raise ValueError("--mode ssp needs --staleness s (the bound, e.g. 2)")
+        if staleness < 0:
+            raise ValueError(f"staleness must be >= 0 for SSP, got {staleness}")
+    elif staleness not in (None, 0):
         raise ValueError(f"--staleness applies to --mode ssp only, not {m.value}")
-    return Consistency(m)
+
+
+def parse_consistency(mode: str, staleness: int | None = None) -> Consistency:
+    """Read the dial from command-line values; raises ValueError with one clear sentence.
+
+    A caller may leave SSP's bound out (it is then 0; the command line insists on it before it
+    gets here). The staleness is checked once, by `check_staleness` in `Consistency`.
+    """
+    return Consistency(parse_mode(mode), 0 if staleness is None else staleness)
 
 
 def clock_gap(clock: int, clocks: Sequence[int]) -> int:

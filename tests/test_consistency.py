@@ -10,9 +10,11 @@ from tether.consistency import (
     Consistency,
     Mode,
     blocking_workers,
+    check_staleness,
     clock_gap,
     may_read,
     parse_consistency,
+    parse_mode,
 )
 
 clock_tables = st.lists(st.integers(min_value=0, max_value=50), min_size=1, max_size=8)
@@ -76,3 +78,39 @@ def test_parse_consistency_and_errors():
         parse_consistency("bsp", 2)
     with pytest.raises(ValueError, match=">= 0"):
         parse_consistency("ssp", -1)
+
+
+# The command line prints these sentences as they are (tether launch exits 2 with one line).
+STALENESS_ERRORS = [
+    ("ssp", None, "--mode ssp needs --staleness s (the bound, e.g. 2)"),
+    ("ssp", -1, "staleness must be >= 0 for SSP, got -1"),
+    ("bsp", 2, "--staleness applies to --mode ssp only, not bsp"),
+    ("asp", 1, "--staleness applies to --mode ssp only, not asp"),
+    ("eventual", 0, "unknown mode 'eventual': choose bsp, ssp or asp"),
+]
+
+
+@pytest.mark.parametrize("mode, staleness, message", STALENESS_ERRORS)
+def test_check_staleness_is_the_one_check_with_the_command_line_messages(mode, staleness, message):
+    with pytest.raises(ValueError) as e:
+        check_staleness(mode, staleness)
+    assert str(e.value) == message
+    if staleness is not None:
+        # The dial and its parser refuse the same values with the same sentence.
+        with pytest.raises(ValueError) as parsed:
+            parse_consistency(mode, staleness)
+        assert str(parsed.value) == message
+        if mode != "eventual":
+            with pytest.raises(ValueError) as built:
+                Consistency(Mode(mode), staleness)
+            assert str(built.value) == message
+
+
+@pytest.mark.parametrize(
+    "mode, staleness", [("ssp", 0), ("ssp", 3), ("SSP", 1), ("bsp", None), ("bsp", 0), ("asp", 0)]
+)
+def test_check_staleness_accepts_valid_settings(mode, staleness):
+    check_staleness(mode, staleness)
+    check_staleness(parse_mode(mode), staleness)
+    # A library caller may leave SSP's bound out; the command line may not.
+    assert parse_consistency("ssp") == Consistency(Mode.SSP, 0)

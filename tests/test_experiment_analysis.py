@@ -12,7 +12,7 @@ import math
 import matplotlib.image
 import pytest
 
-from tether.consistency.analysis import (
+from tether.consistency.experiments.analysis import (
     RunData,
     default_target,
     group,
@@ -25,15 +25,15 @@ from tether.consistency.analysis import (
     time_to_target,
     worker_wait,
 )
-from tether.consistency.experiment import (
+from tether.consistency.experiments.plots import read_png_data
+from tether.consistency.experiments.report import FIGURES, render
+from tether.consistency.experiments.sweep import (
     ExperimentSpec,
     parse_modes,
     parse_stragglers,
     plan,
     run_config,
 )
-from tether.consistency.plots import read_png_data
-from tether.consistency.report import FIGURES, render
 from tether.store import MetricRow
 
 
@@ -223,7 +223,7 @@ def test_a_report_needs_runs(tmp_path):
 def test_staleness_effect_fits_the_loss_per_update_against_staleness():
     from dataclasses import replace
 
-    from tether.consistency.analysis import staleness_effect
+    from tether.consistency.experiments.analysis import staleness_effect
 
     def with_staleness(run, hist):
         return replace(run, summary=dict(run.summary, version_staleness_hist=hist))

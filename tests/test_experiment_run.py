@@ -12,8 +12,8 @@ import shutil
 import pytest
 
 from tether.config import RunConfig
-from tether.consistency.plots import read_png_data
-from tether.consistency.report import FIGURES
+from tether.consistency.experiments.plots import read_png_data
+from tether.consistency.experiments.report import FIGURES
 from tether.store import open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

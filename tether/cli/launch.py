@@ -136,6 +136,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tether.config import RunConfig, new_run_id, parse_straggler
+    from tether.consistency import check_staleness
     from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
     from tether.store import StoreError, default_store_uri
     from tether.tasks.build import resolve_config
@@ -143,8 +144,8 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 0.1)
     stragglers = dict(parse_straggler(s) for s in args.straggler)
     staleness = args.staleness
-    if args.mode == "ssp" and staleness is None:
-        raise UsageError("--mode ssp needs --staleness s (the bound, e.g. 2)")
+    if staleness is None:
+        check_staleness(args.mode, None)  # the rest of the check runs as RunConfig is built
     config = RunConfig(
         run_id=new_run_id(),
         shards=args.shards,
@@ -169,8 +170,6 @@ def run(args: argparse.Namespace) -> int:
         probe_timeout_s=args.probe_timeout,
         startup_timeout_s=args.startup_timeout,
     )
-    if args.mode != "ssp" and args.staleness not in (None, 0):
-        raise UsageError(f"--staleness applies to --mode ssp only, not {args.mode}")
     config = resolve_config(config)
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
     store_uri = args.store or default_store_uri(run_dir)

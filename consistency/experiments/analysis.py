@@ -12,11 +12,11 @@ averages one gradient of every worker; an SSP/ASP step applies one gradient).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from tether.store import MetricRow, Store
+from tether.store.metrics import first_iteration_start
 
 EVAL = "eval"
 
@@ -63,13 +63,6 @@ def load_run(store: Store, run_id: str) -> RunData:
         summary=record.summary,
         metrics=tuple(store.metrics(run_id)),
     )
-
-
-def first_iteration_start(rows: Iterable[MetricRow]) -> float | None:
-    """Unix time the first iteration of any worker began (a worker row's time less its
-    duration); None without worker rows."""
-    starts = [r.t - r.values.get("step_s", 0.0) for r in rows if r.source.startswith("worker:")]
-    return min(starts, default=None)
 
 
 def run_start(run: RunData) -> float:

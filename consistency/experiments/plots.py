@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tether.consistency.analysis import (
+from tether.consistency.experiments.analysis import (
     RunData,
     group,
     loss_at_updates,

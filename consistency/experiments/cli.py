@@ -112,7 +112,7 @@ def _emit(obj: dict[str, Any]) -> None:
 
 
 def _consistency(args: argparse.Namespace, store: str) -> int:
-    from tether.consistency.experiment import (
+    from tether.consistency.experiments.sweep import (
         ExperimentSpec,
         parse_modes,
         parse_stragglers,
@@ -243,8 +243,8 @@ def _show(args: argparse.Namespace, uri: str) -> int:
 
 
 def _report(args: argparse.Namespace, uri: str) -> int:
-    from tether.consistency.analysis import load_run
-    from tether.consistency.report import render
+    from tether.consistency.experiments.analysis import load_run
+    from tether.consistency.experiments.report import render
     from tether.store import open_store
 
     with open_store(uri) as store:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tether.consistency.analysis import (
+from tether.consistency.experiments.analysis import (
     RunData,
     default_target,
     group,
@@ -24,7 +24,7 @@ from tether.consistency.analysis import (
     time_to_target,
     worker_wait,
 )
-from tether.consistency.plots import (
+from tether.consistency.experiments.plots import (
     plot_histograms,
     plot_loss,
     plot_progress_vs_staleness,

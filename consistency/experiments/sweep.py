@@ -158,7 +158,7 @@ def provenance() -> dict[str, Any]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = None
-    source = Path(__file__).resolve().parent.parent
+    source = Path(__file__).resolve().parents[2]  # the checkout, if this is one
     commit: str | None = None
     dirty: bool | None = None
     try:
@@ -191,9 +191,10 @@ def run_experiment(
     exp_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the sweep; returns {experiment_id, runs, failed, findings, report}."""
-    from tether.consistency.analysis import load_run
-    from tether.consistency.report import render
-    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed, resolve_config
+    from tether.consistency.experiments.analysis import load_run
+    from tether.consistency.experiments.report import render
+    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
+    from tether.tasks.build import resolve_config
 
     exp_id = exp_id or "exp-" + new_run_id()
     points = plan(spec)
@@ -224,7 +225,7 @@ def run_experiment(
                 eval_interval_s=spec.eval_interval_s,
             )  # fmt: skip
             try:
-                summary = Launcher(opts, log).run()
+                summary = Launcher(opts, log).run().to_json()
                 outcome = {"status": "finished", "wall_s": summary["wall_s"],
                            "final_loss": summary["final_loss"]}  # fmt: skip
             except RunFailed as e:

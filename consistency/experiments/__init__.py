@@ -1,0 +1,1 @@
+"""Consistency sweeps over mode/staleness/workers/stragglers: analysis, plots, reports, CLI."""
