@@ -1,9 +1,13 @@
-"""The `tether worker` process: one independent JAX program on one device (DESIGN.md §1, §3).
+"""The `tether worker` process: one independent JAX program on one device (DESIGN §1, §3).
 
 Iteration c: pull every shard's slice (the shard serves it when the consistency rule admits
 clock c), compute the gradient on the mini-batch that (seed, worker id, c) selects, push each
 slice of the gradient back with `(worker_id, clock=c, seq=c)`. The worker holds nothing that
 cannot be rebuilt from the shards: its clock is read back from them at start (DESIGN §5).
+
+This module is the I/O loop. Finding the shards again after a failure, and which failures call
+for it, is `resolve.py`; what was acknowledged and what recoveries lost is the pure `AckLedger`
+in `ledger.py`.
 """
 
 from __future__ import annotations
@@ -22,13 +26,12 @@ import grpc
 import numpy as np
 
 from tether.config import RunConfig
-from tether.driver.probe import serve_health
 from tether.malloc import tune_allocator
+from tether.member.health import serve_health
 from tether.member.heartbeat import Heartbeat
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
     Fenced,
-    Member,
     MetricRow,
     Store,
     StoreError,
@@ -38,18 +41,18 @@ from tether.store import (
 from tether.tasks.data import batch_indices, load_dataset, partition
 from tether.tasks.models import build_model, parse_model
 from tether.wire import FLOAT
-from tether.worker.client import ChannelClosed, Pulled, ShardClient
+from tether.worker.client import ChannelClosed, Pulled
+from tether.worker.ledger import AckLedger
+from tether.worker.resolve import (
+    Fatal,
+    GiveUp,
+    ResolvedShards,
+    StaleShard,
+    WorkerFailed,
+    after_failure,
+    status_of,
+)
 
-
-class WorkerFailed(RuntimeError):
-    """The run cannot go on from this worker; the message names the cause."""
-
-
-class StaleShard(RuntimeError):
-    """A reply came from an older epoch than the store names: a fenced shard (zombie)."""
-
-
-MAX_RESOLVES_WITHOUT_PROGRESS = 20
 EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 
 
@@ -70,40 +73,6 @@ class WorkerOptions:
     # in front of this worker's link to that shard (DESIGN §7). The store still names the shard
     # and its epoch; only the dialled address changes.
     routes: dict[int, str] = field(default_factory=dict)
-
-
-# Codes after which the shard may have been replaced: look its address up again and redo the
-# iteration (pushes are idempotent by (worker_id, seq), DESIGN §5). CANCELLED is what a call
-# gets from a shard process whose server shut down under it.
-RESOLVE_CODES = (
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.ABORTED,
-)
-
-
-def wait_for_shards(
-    store: Store, config: RunConfig, timeout_s: float, min_epochs: dict[int, int] | None = None
-) -> list[Member]:
-    """The shards' members once all are registered and serving, at epochs >= `min_epochs`."""
-    deadline = time.monotonic() + timeout_s
-    floor = min_epochs or {}
-    while True:
-        shards = [
-            m
-            for m in store.members(config.run_id, "server")
-            if m.state == "running" and m.epoch >= floor.get(m.member_id, 0)
-        ]
-        if len(shards) == config.shards:
-            return sorted(shards, key=lambda m: m.member_id)
-        if time.monotonic() >= deadline:
-            have = sorted(m.member_id for m in shards)
-            raise WorkerFailed(
-                f"worker could not reach all {config.shards} shards within {timeout_s:.0f}s: "
-                f"only shards {have} are registered and running"
-            )
-        time.sleep(0.02)
 
 
 class Worker:
@@ -130,24 +99,22 @@ class Worker:
         self.delay_s = config.stragglers.get(self.wid, 0) / 1000
         self.rng = random.Random(config.seed * 1_000_003 + self.wid)  # retry jitter only
         self.stop = threading.Event()
-        self.clients: list[ShardClient] = []
-        self.epochs: list[int] = []  # each shard's epoch as last resolved from the store
         # Transient UNAVAILABLE is retried briefly; longer outages go through re-resolution.
         self.policy = RetryPolicy(attempts=3, initial_s=0.02, max_s=0.1)
-        self.acked_versions: list[int] = []  # per shard: highest version a push was acked at
-        self.lost_updates: dict[str, int] = {}  # "shard:epoch" -> acknowledged updates lost
-        # The ack ledger (DESIGN §7): per shard, the highest seq of this worker's pushes the shard
-        # acknowledged; audited against the shards' applied log (their de-dup table).
-        self.acked_seqs: list[int] = []
-        self.lost_acked: dict[str, int] = {}  # "shard:epoch" -> this worker's acked pushes lost
+        self.shards = ResolvedShards(store, config, opts.routes, self.policy, self.rng)
+        # The ack ledger (DESIGN §7): what the shards acknowledged, audited against their applied
+        # logs, and what their recoveries lost.
+        self.ledger = AckLedger(config.shards)
         self.metric_rows: list[MetricRow] = []  # per-step metrics not yet in the store
         self.reconnects = 0
-        # connect() replaces the clients while the heartbeat thread may be watching them.
-        self.lock = threading.Lock()
-        self.connecting = False
         self.epoch = 0  # this worker's membership epoch, set when it registers
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
+        # The parameters as pulled, one view per shard's slice (set once the ranges are known).
+        self.flat = np.empty(config.num_params, dtype=FLOAT)
+        self.views: list[np.ndarray] = []
+        # Threads start on first use; one per shard, so every pull and push runs at once.
+        self.pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="io")
 
     def connect(self) -> None:
         """Resolve every shard from the store and read this worker's clock back from them.
@@ -155,53 +122,16 @@ class Worker:
         The clock is the smallest any shard holds: iterations some shards already have are
         redone, and their pushes there are acknowledged as duplicates (DESIGN §5).
         """
-        with self.lock:
-            self.connecting = True
-        try:
-            self._connect()
-        finally:
-            with self.lock:
-                self.connecting = False
-
-    def _connect(self) -> None:
-        floor = dict(enumerate(self.epochs))
-        deadline = time.monotonic() + self.config.wait_timeout_s
-        while True:
-            remaining = deadline - time.monotonic()
-            shards = wait_for_shards(self.store, self.config, max(remaining, 0.0), floor)
-            for c in self.clients:
-                c.close()
-            self.clients = [
-                ShardClient(
-                    self.opts.routes.get(m.member_id, m.address),
-                    self.config.run_id,
-                    chunk_bytes=self.config.chunk_bytes,
-                )
-                for m in shards
-            ]
-            try:
-                infos = [with_retry(c.info, self.policy, self.rng) for c in self.clients]
-                break
-            except grpc.RpcError as e:
-                if e.code() not in RESOLVE_CODES or time.monotonic() > deadline:
-                    raise
+        shards, infos = self.shards.resolve()
         self.ranges = [(i.offset, i.length) for i in infos]
-        if not self.acked_versions:
-            self.acked_versions = [-1] * len(infos)
-            self.acked_seqs = [-1] * len(infos)
         for i, (m, info) in enumerate(zip(shards, infos, strict=True)):
-            if not self.epochs or m.epoch <= self.epochs[i]:
-                continue
-            key = f"{i}:{info.epoch}"
-            if self.acked_versions[i] > info.version:
-                # The replacement restored an older state than this worker saw acknowledged.
-                lost = self.acked_versions[i] - info.version
-                self.lost_updates[key] = max(self.lost_updates.get(key, 0), lost)
-            restored_seq = info.workers[self.wid].last_seq
-            if self.acked_seqs[i] > restored_seq:
-                # Pushes of this worker the shard acknowledged are not in its restored log.
-                self.lost_acked[key] = self.acked_seqs[i] - restored_seq
-        self.epochs = [m.epoch for m in shards]
+            self.ledger.resolved(
+                i,
+                epoch=m.epoch,
+                served_epoch=info.epoch,
+                version=info.version,
+                last_seq=info.workers[self.wid].last_seq,
+            )
         self.clock = min(i.workers[self.wid].clock for i in infos)
 
     def _pull_all(self, clock: int) -> list[Pulled]:
@@ -209,7 +139,7 @@ class Worker:
 
         def pull(i: int) -> Pulled:
             got = with_retry(
-                lambda: self.clients[i].pull_into(
+                lambda: self.shards.clients[i].pull_into(
                     self.views[i],
                     worker_id=self.wid,
                     clock=clock,
@@ -218,12 +148,13 @@ class Worker:
                 self.policy,
                 self.rng,
             )
-            if got.epoch < self.epochs[i]:
+            resolved_at = self.shards.epochs[i]
+            if got.epoch < resolved_at:
                 # A zombie answered: its parameters are stale and must not be used (DESIGN §5).
-                raise StaleShard(f"shard {i} answered at epoch {got.epoch} < {self.epochs[i]}")
+                raise StaleShard(f"shard {i} answered at epoch {got.epoch} < {resolved_at}")
             return got
 
-        return list(self.pool.map(pull, range(len(self.clients))))
+        return list(self.pool.map(pull, range(len(self.shards.clients))))
 
     def _push_all(self, grad: np.ndarray, clock: int, pulled: list[Pulled], loss: float) -> None:
         """Push each slice of the gradient to its shard, in parallel; retries reuse the seq."""
@@ -231,7 +162,7 @@ class Worker:
         def push(i: int) -> None:
             o, n = self.ranges[i]
             reply = with_retry(
-                lambda: self.clients[i].push(
+                lambda: self.shards.clients[i].push(
                     grad[o : o + n],
                     worker_id=self.wid,
                     clock=clock,
@@ -243,19 +174,16 @@ class Worker:
                 self.policy,
                 self.rng,
             )
-            self.acked_versions[i] = max(self.acked_versions[i], reply.version)
-            self.acked_seqs[i] = max(self.acked_seqs[i], clock)
+            self.ledger.acked(i, seq=clock, version=reply.version)
 
-        list(self.pool.map(push, range(len(self.clients))))
+        list(self.pool.map(push, range(len(self.shards.clients))))
 
     def run(self) -> None:
         config = self.config
-        self.flat = np.empty(config.num_params, dtype=FLOAT)
         self.views = [self.flat[o : o + n] for o, n in self.ranges]
-        self.pool = ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="io")
         x, y = self.dataset.x_train, self.dataset.y_train
         samples, wait_s, last_beat, t0 = 0, 0.0, 0.0, time.monotonic()
-        failures_in_a_row = 0
+        failures = 0  # failed attempts at the current clock
         try:
             while self.clock < config.steps and not self.stop.is_set():
                 clock = self.clock
@@ -270,19 +198,19 @@ class Worker:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
                     self._push_all(grad, clock, pulled, loss)
                 except (grpc.RpcError, StaleShard, ChannelClosed) as e:
-                    code = e.code() if isinstance(e, grpc.RpcError) else None
-                    if isinstance(e, grpc.RpcError) and code not in RESOLVE_CODES:
+                    decision = after_failure(status_of(e), failures)
+                    if isinstance(decision, Fatal):
                         raise
-                    failures_in_a_row += 1
-                    if failures_in_a_row > MAX_RESOLVES_WITHOUT_PROGRESS:
+                    if isinstance(decision, GiveUp):
                         raise WorkerFailed(
                             f"worker {self.wid} made no progress at clock {clock} after "
-                            f"{failures_in_a_row - 1} re-resolutions; last error: {_describe(e)}"
+                            f"{decision.resolutions} re-resolutions; last error: {_describe(e)}"
                         ) from e
+                    failures += 1
                     self.reconnects += 1
                     self.connect()  # a shard may have been replaced: resolve, re-read the clock
                     continue
-                failures_in_a_row = 0
+                failures = 0
                 self.clock = clock + 1
                 samples += len(idx)
                 now = time.monotonic()
@@ -303,13 +231,12 @@ class Worker:
                 )
                 if now - last_beat >= self.opts.heartbeat_s or self.clock == config.steps:
                     last_beat = now
-                    self.beat(loss, samples / max(now - t0, 1e-9), wait_s)
+                    self.report_progress(loss, samples / max(now - t0, 1e-9), wait_s)
         finally:
             self.pool.shutdown(wait=True)
-            for c in self.clients:
-                c.close()
+            self.shards.close()
 
-    def keep_alive(self) -> Heartbeat:
+    def start_heartbeat(self) -> Heartbeat:
         """Heartbeat from a thread with its own store connection, so a worker waiting at a
         barrier, compiling or flushing metrics still shows it is alive (DESIGN §5)."""
 
@@ -318,7 +245,8 @@ class Worker:
 
         return Heartbeat(
             self.opts.store_uri, self.config.run_id, "worker", self.wid, self.epoch,
-            interval_s=self.opts.heartbeat_s, after_beat=self.watch_shards, on_fenced=on_fenced,
+            interval_s=self.opts.heartbeat_s, after_beat=self.shards.close_replaced,
+            on_fenced=on_fenced,
         ).start()  # fmt: skip
 
     def flush_metrics(self) -> None:
@@ -336,33 +264,15 @@ class Worker:
             return
         self.metric_rows = []
 
-    def watch_shards(self, store: Store) -> None:
-        """Close the channel to a shard the store says was replaced, so that a call waiting on
-        the old process (paused, partitioned: it never answers) ends now and the loop looks the
-        shard up again, instead of at the call's deadline (DESIGN §5)."""
-        try:
-            members = store.members(self.config.run_id, "server")
-        except StoreError:
-            return
-        with self.lock:
-            if self.connecting:
-                return
-            for m in members:
-                i = m.member_id
-                serving = m.info.get("serving_since") is not None
-                if i < len(self.epochs) and m.epoch > self.epochs[i] and serving:
-                    if not self.clients[i].closed:
-                        self.clients[i].close()
-
-    def beat(self, loss: float, samples_per_s: float, wait_s: float) -> None:
+    def report_progress(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.flush_metrics()
         try:
-            self._report(loss, samples_per_s, wait_s)
+            self._write_progress(loss, samples_per_s, wait_s)
         except StoreUnavailable as e:
             # Progress reports are observations: training goes on and the next beat reports.
             print(f"tether worker: heartbeat not written: {e}", file=sys.stderr, flush=True)
 
-    def _report(self, loss: float, samples_per_s: float, wait_s: float) -> None:
+    def _write_progress(self, loss: float, samples_per_s: float, wait_s: float) -> None:
         self.store.heartbeat(
             self.config.run_id,
             "worker",
@@ -374,9 +284,9 @@ class Worker:
                 "samples_per_s": samples_per_s,
                 "wait_s": wait_s,
                 "reconnects": self.reconnects,
-                "lost_updates": self.lost_updates,
-                "acked_seqs": self.acked_seqs,
-                "lost_acked": self.lost_acked,
+                "lost_updates": self.ledger.lost_updates,
+                "acked_seqs": self.ledger.acked_seqs,
+                "lost_acked": self.ledger.lost_acked,
             },
         )
 
@@ -410,7 +320,7 @@ def run_worker(opts: WorkerOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
-    beat = worker.keep_alive()
+    beat = worker.start_heartbeat()
     try:
         return _work(worker, store, opts, config)
     finally:
