@@ -1,4 +1,4 @@
-"""The `tether server` process: one shard of one run (DESIGN.md §1).
+"""The `tether server` process: one shard of one run (DESIGN §1).
 
 It reads the run's config from the store, registers its address and epoch, starts heartbeating
 (from its own thread and store connection, so that neither building or loading a large state nor
@@ -29,6 +29,8 @@ from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.heartbeat import Heartbeat
 from tether.proto import ps_pb2_grpc
+from tether.server.codec import from_replica
+from tether.server.host import ShardHost
 from tether.server.replication import Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
 from tether.server.state import ShardSpec, ShardState, split_ranges
@@ -45,10 +47,9 @@ def initial_params(config: RunConfig) -> np.ndarray:
     if config.model.startswith("vector"):
         # A bare vector with no model behind it: what `tether bench pushpull` moves around.
         return np.zeros(config.num_params, dtype=np.float32)
-    from tether.tasks.models import build_model, parse_model  # JAX only when a model is used
+    from tether.tasks.build import build_model_of  # JAX only when a model is used
 
-    model = build_model(parse_model(config.model), config.in_dim, config.num_classes)
-    return model.init_flat(config.seed)
+    return build_model_of(config).init_flat(config.seed)
 
 
 def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
@@ -119,7 +120,7 @@ def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -
     if snapshot is None:
         params = initial_params(config)[spec.offset : spec.offset + spec.length]
         return ShardState(spec, params, epoch=epoch)
-    return ShardState.from_replica(spec, epoch, snapshot.meta, snapshot.arrays)
+    return from_replica(spec, epoch, snapshot.meta, snapshot.arrays)
 
 
 def serve(opts: ServerOptions) -> int:
@@ -157,9 +158,9 @@ def serve(opts: ServerOptions) -> int:
         interval_s=opts.heartbeat_s, info=beat_info, on_fenced=on_fenced,
     ).start()  # fmt: skip
     state = load_or_init(store, config, spec, epoch)
-    restored = state.version if state.revision > 0 else -1
-    servicer = ShardServicer(state, wait_timeout_s=config.wait_timeout_s)
-    servicer.restored_version = restored
+    restored = state.restored_version
+    shard = ShardHost(state)  # the one lock the servicer and the replicator share
+    servicer = ShardServicer(shard, wait_timeout_s=config.wait_timeout_s)
     health_servicer = add_services(server, servicer)
     server.start()
     for name in ("", SERVICE_NAME):
@@ -176,7 +177,7 @@ def serve(opts: ServerOptions) -> int:
 
     replicator = None
     if spec.replication.mode != "off":
-        replicator = Replicator(servicer, store, on_failure=on_failure, seed=config.seed)
+        replicator = Replicator(shard, store, on_failure=on_failure, seed=config.seed)
         replicator.start()
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
@@ -188,7 +189,7 @@ def serve(opts: ServerOptions) -> int:
     )
     stop.wait()
     beat.close()
-    servicer.stop_serving(fenced=bool(fenced))
+    shard.stop(fenced=bool(fenced))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     if replicator is not None:

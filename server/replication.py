@@ -1,13 +1,15 @@
 """The replication adapter: executes the shard core's "replicate now" decisions (DESIGN §5).
 
 One background thread per shard. Under the shard's lock it asks the core whether a write is due
-(``replication_due``) and, if so, copies the state (``to_replica``); the store write happens
+(``replication_due``) and, if so, copies the state (``codec.to_replica``); the store write happens
 outside the lock, so requests keep flowing while it runs. Writes are group commits: every push
 accepted before the copy is covered by it. Completion goes back to the core as an event
 (``replicated``) and wakes the pushes whose acknowledgement waits for durability (sync mode).
 
-Failures are data (STYLE.md §4): a store that is briefly unavailable is retried with bounded,
-jittered backoff; a Fenced write means a newer epoch owns the shard, so this one stops serving.
+Failures are data (STYLE §4): a store that is briefly unavailable is retried with bounded,
+jittered backoff (``tether.retry.Backoff``); a Fenced write means a newer epoch owns the shard,
+which the core learns as a fenced stop. The replicator shares the shard's lock through its
+``ShardHost`` and knows nothing of the gRPC servicer.
 """
 
 from __future__ import annotations
@@ -18,26 +20,30 @@ import threading
 import time
 from collections.abc import Callable
 
-from tether.server.servicer import ShardServicer
+from tether.retry import Backoff, RetryPolicy
+from tether.server.codec import to_replica
+from tether.server.host import ShardHost
 from tether.store import Fenced, ShardSnapshot, Store, StoreUnavailable
 
 log = logging.getLogger("tether.server.replication")
 
 _IDLE_WAKE_S = 1.0
-_BACKOFF_MAX_S = 0.5
+# Waits of up to 0.02, 0.04, ... 0.5 s between writes to an unavailable store. `attempts` does not
+# apply: the shard keeps serving and the replicator keeps trying until it stops.
+STORE_BACKOFF = RetryPolicy(initial_s=0.02, max_s=0.5)
 
 
 class Replicator:
     def __init__(
         self,
-        servicer: ShardServicer,
+        host: ShardHost,
         store: Store,
         *,
         on_failure: Callable[[BaseException], None],
         now: Callable[[], float] = time.time,
         seed: int = 0,
     ) -> None:
-        self.servicer = servicer
+        self.host = host
         self.store = store
         self.on_failure = on_failure  # Fenced, or an error the shard cannot serve past
         self.now = now
@@ -51,9 +57,9 @@ class Replicator:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Flush what is not durable yet, then end the thread."""
-        with self.servicer.cond:
+        with self.host.locked():
             self._stopping = True
-            self.servicer.cond.notify_all()
+            self.host.notify_all()
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
@@ -62,38 +68,35 @@ class Replicator:
         except BaseException as e:  # surfaced by the process, never swallowed
             self.error = e
             log.exception("replication failed")
-            self.servicer.stop_serving(fenced=False)
+            self.host.stop(fenced=False)
             self.on_failure(e)
 
     def _loop(self) -> None:
-        cond, state = self.servicer.cond, self.servicer.state
-        spec = state.spec
-        failures = 0
+        spec = self.host.state.spec
+        backoff = Backoff(STORE_BACKOFF, self._rng)
         while True:
-            with cond:
+            with self.host.locked() as state:
                 while not state.replication_due(self.now()):
                     if self._stopping:
                         if state.revision == state.durable_revision:
                             return
                         break  # final flush on a graceful stop
                     wait = state.replication_wait_s(self.now())
-                    cond.wait(_IDLE_WAKE_S if wait is None else max(wait, 1e-3))
-                meta, arrays = state.to_replica()
+                    self.host.wait(_IDLE_WAKE_S if wait is None else max(wait, 1e-3))
+                meta, arrays = to_replica(state)
                 revision, version, epoch = state.revision, state.version, state.epoch
             snapshot = ShardSnapshot(spec.run_id, spec.shard_id, epoch, version, meta, arrays)
             try:
                 self.store.save_shard_state(snapshot)
             except Fenced as e:
-                self.servicer.stop_serving(fenced=True)
+                self.host.stop(fenced=True)  # a newer epoch owns the shard (DESIGN §5)
                 self.on_failure(e)
                 return
             except StoreUnavailable as e:
-                failures += 1
-                backoff = min(_BACKOFF_MAX_S, 0.01 * 2**failures)
                 log.warning("replication of shard %d failed (%s); retrying", spec.shard_id, e)
-                time.sleep(self._rng.uniform(0, backoff))
+                time.sleep(backoff.failed())
                 continue
-            failures = 0
-            with cond:
+            backoff.succeeded()
+            with self.host.locked() as state:
                 state.replicated(revision, version, self.now())
-                cond.notify_all()
+                self.host.notify_all()  # pushes waiting for durability ask the core again

@@ -1,15 +1,15 @@
-"""gRPC adapter around the sans-I/O shard state (STYLE.md: thin servicers over typed functions).
+"""gRPC adapter around the sans-I/O shard state (STYLE §2: thin servicers over typed functions).
 
 It only translates: wire messages into events for ``ShardState``, its instructions into replies,
-waits or statuses. One lock (a Condition) guards the state; no I/O happens while holding it except
-copying bytes. A waiting pull sleeps on the condition with a deadline, so pushes from other
-workers (which notify it) are never starved; the server's thread pool is sized above the number of
-workers so every worker can have a pull waiting and a push in flight at once (DESIGN §3).
+waits or statuses. The lock (a Condition) is the ``ShardHost``'s, shared with the replicator; no
+I/O happens while holding it except copying bytes. A waiting pull sleeps on the condition with a
+deadline, so pushes from other workers (which notify it) are never starved; the server's thread
+pool is sized above the number of workers so every worker can have a pull waiting and a push in
+flight at once (DESIGN §3).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
@@ -17,7 +17,8 @@ from typing import Any, NoReturn
 import grpc
 
 from tether.proto import ps_pb2, ps_pb2_grpc
-from tether.server.state import Ack, Code, PushHeader, Reject, Serve, ShardState, Wait
+from tether.server.host import ShardHost
+from tether.server.state import Ack, Code, PushHeader, Reject, Serve, Wait
 from tether.wire import Assembler, WireError
 
 # How often a waiting pull checks that its client is still there (a cancelled pull must not keep
@@ -26,7 +27,7 @@ _LIVENESS_CHECK_S = 0.5
 
 
 def _abort(context: grpc.ServicerContext, rejected: Reject) -> NoReturn:
-    """The one place an error becomes a gRPC status (STYLE.md §5)."""
+    """The one place an error becomes a gRPC status (STYLE §5)."""
     context.abort(grpc.StatusCode[rejected.code.value], rejected.message)
     raise AssertionError("grpc's abort raises")  # for type checkers: abort never returns
 
@@ -34,20 +35,16 @@ def _abort(context: grpc.ServicerContext, rejected: Reject) -> NoReturn:
 class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
     def __init__(
         self,
-        state: ShardState,
+        host: ShardHost,
         *,
         wait_timeout_s: float,
         now: Callable[[], float] = time.time,
     ) -> None:
-        self.state = state
-        self.cond = threading.Condition()
+        self.host = host
         self._wait_timeout_s = wait_timeout_s
         self._now = now
         self.pull_wait_s = 0.0
         self.waiting = 0  # pulls currently waiting for slower workers
-        self.serving = True  # cleared when the shard is stopping
-        self.fenced = False  # set when the store says a newer epoch replaced this shard
-        self.restored_version = -1  # the replicated version this shard started from
         self.serving_since: float | None = None  # set by the process once it serves
         self._last_info: dict[str, Any] = {}
 
@@ -55,9 +52,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         """What the shard's heartbeat reports. Never waits long on the shard's lock: when a long
         apply or state copy holds it, the last statistics are reported again, so the beat (the
         proof of life) goes out on time (DESIGN §5 Liveness)."""
-        if self.cond.acquire(timeout=lock_timeout_s):
-            try:
-                state = self.state
+        with self.host.locked_within(lock_timeout_s) as state:
+            if state is not None:
                 self._last_info = {
                     "version": state.version,
                     "durable_version": state.durable_version,
@@ -65,53 +61,28 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                     "clocks": state.clocks,
                     "max_clock_gap": state.stats.max_clock_gap,
                 }
-            finally:
-                self.cond.release()
         return {
             **self._last_info,
             "phase": "serving",
             "serving_since": self.serving_since,
-            "restored_version": self.restored_version,
+            "restored_version": self.host.state.restored_version,  # fixed when it was built
         }
-
-    def _not_serving(self) -> Reject | None:
-        if self.fenced:
-            return Reject(
-                Code.FAILED_PRECONDITION,
-                f"shard {self.state.spec.shard_id} at epoch {self.state.epoch} was replaced by a "
-                "newer epoch; re-resolve it from the store",
-            )
-        if not self.serving:
-            return Reject(Code.UNAVAILABLE, "shard is stopping; re-resolve it from the store")
-        return None
-
-    def _check_serving(self, context: grpc.ServicerContext) -> None:
-        if rejected := self._not_serving():
-            _abort(context, rejected)
-
-    def stop_serving(self, *, fenced: bool) -> None:
-        """Fail every waiting call and refuse new ones (stop, or a zombie learning its fate)."""
-        with self.cond:
-            self.serving = False
-            self.fenced = self.fenced or fenced
-            self.cond.notify_all()
 
     # -- Pull -----------------------------------------------------------------------------
 
     def Pull(  # noqa: N802 - gRPC method name
         self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[ps_pb2.PullChunk]:
-        self._check_serving(context)
         if request.observer:
-            with self.cond:
-                decision: Serve | Wait | Reject = self.state.observe()
+            with self.host.locked() as state:
+                decision: Serve | Wait | Reject = state.observe()
         else:
             decision = self._wait_for_read(request, context)
         if isinstance(decision, Reject):
             _abort(context, decision)
             return
         assert isinstance(decision, Serve)
-        spec = self.state.spec
+        spec = self.host.state.spec
         header = ps_pb2.PullHeader(
             shard_id=spec.shard_id,
             epoch=decision.epoch,
@@ -131,19 +102,14 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         timeout = timeout or self._wait_timeout_s
         start = time.monotonic()
         deadline = start + timeout
-        with self.cond:
+        with self.host.locked() as state:
             while True:
-                if rejected := self._not_serving():
-                    decision = rejected
-                    break
-                decision = self.state.pull(
-                    request.run_id, request.worker_id, request.clock, self._now()
-                )
+                decision = state.pull(request.run_id, request.worker_id, request.clock, self._now())
                 if not isinstance(decision, Wait):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    decision = self.state.pull_timed_out(
+                    decision = state.pull_timed_out(
                         request.worker_id, request.clock, time.monotonic() - start, self._now()
                     )
                     break
@@ -151,7 +117,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                     decision = Reject(Code.ABORTED, "the pull was cancelled by the client")
                     break
                 self.waiting += 1
-                self.cond.wait(min(remaining, _LIVENESS_CHECK_S))
+                self.host.wait(min(remaining, _LIVENESS_CHECK_S))
                 self.waiting -= 1
             self.pull_wait_s += time.monotonic() - start
         return decision
@@ -161,7 +127,9 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
     def Push(  # noqa: N802 - gRPC method name
         self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext
     ) -> ps_pb2.PushReply:
-        self._check_serving(context)
+        # Read without the lock: the core repeats the check under it once the header is here.
+        if rejected := self.host.state.not_serving():
+            _abort(context, rejected)
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             _abort(context, Reject(Code.INVALID_ARGUMENT, "a push must start with its header"))
@@ -175,8 +143,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             epoch=h.epoch,
             length=h.length,
         )
-        with self.cond:
-            rejected = self.state.check_push_header(header)
+        with self.host.locked() as state:
+            rejected = state.check_push_header(header)
         if rejected is not None:
             _abort(context, rejected)
         try:
@@ -189,11 +157,11 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             grad = assembler.result()
         except WireError as e:
             _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
-        with self.cond:
-            result = self.state.push(header, grad, self._now())
+        with self.host.locked() as state:
+            result: Ack | Reject = state.push(header, grad, self._now())
             if isinstance(result, Ack) and not result.duplicate:
-                self.cond.notify_all()  # clocks moved: waiting pulls re-check the read rule
-            if isinstance(result, Ack) and result.durable_needed > self.state.durable_version:
+                self.host.notify_all()  # clocks moved: waiting pulls re-check the read rule
+            if isinstance(result, Ack):
                 result = self._wait_durable(header, result)
         if isinstance(result, Reject):
             _abort(context, result)
@@ -206,66 +174,59 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         )
 
     def _wait_durable(self, header: PushHeader, ack: Ack) -> Ack | Reject:
-        """Sync replication: hold the acknowledgement until its version is durable (DESIGN §5).
-
-        Called with the lock held; the replication adapter notifies the condition.
-        """
+        """Sync replication: hold the acknowledgement until the core says its version is durable
+        (DESIGN §5). Called with the lock held; the replicator notifies the condition."""
+        state = self.host.state
         start = time.monotonic()
         deadline = start + self._wait_timeout_s
-        while self.state.durable_version < ack.durable_needed:
-            if rejected := self._not_serving():
-                return rejected
+        decision = state.durable_ack(ack)
+        while isinstance(decision, Wait):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self.state.push_timed_out(
+                return state.push_timed_out(
                     header.worker_id, header.clock, time.monotonic() - start
                 )
-            self.cond.wait(min(remaining, _LIVENESS_CHECK_S))
-        # BSP: by now the clock is applied; report the version the worker will read next.
-        return Ack(self.state.version, self.state.epoch, applied=True, duplicate=ack.duplicate)
+            self.host.wait(min(remaining, _LIVENESS_CHECK_S))
+            decision = state.durable_ack(ack, waited=True)
+        return decision
 
     # -- Info -----------------------------------------------------------------------------
 
     def Info(  # noqa: N802 - gRPC method name
         self, request: ps_pb2.InfoRequest, context: grpc.ServicerContext
     ) -> ps_pb2.InfoReply:
-        with self.cond:
-            return self.info_locked(request.run_id, context)
-
-    def info_locked(
-        self, run_id: str, context: grpc.ServicerContext | None = None
-    ) -> ps_pb2.InfoReply:
-        state, spec, stats = self.state, self.state.spec, self.state.stats
-        if run_id and run_id != spec.run_id and context is not None:
-            _abort(context, Reject(Code.INVALID_ARGUMENT, f"unknown run {run_id!r}"))
-        return ps_pb2.InfoReply(
-            shard_id=spec.shard_id,
-            epoch=state.epoch,
-            version=state.version,
-            offset=spec.offset,
-            length=spec.length,
-            mode=spec.consistency.mode.value,
-            staleness=spec.consistency.staleness,
-            updates_applied=stats.updates_applied,
-            pushes_accepted=stats.pushes_accepted,
-            max_clock_gap=stats.max_clock_gap,
-            clock_gap_hist=stats.clock_gap_hist,
-            staleness_hist=stats.staleness_hist,
-            workers=[
-                ps_pb2.WorkerClock(
-                    worker_id=w, clock=e.clock, last_seq=e.last_seq, last_seen=e.last_seen
-                )
-                for w, e in enumerate(state.workers)
-            ],
-            pulls_served=stats.pulls_served,
-            pull_wait_s=self.pull_wait_s,
-            replication=spec.replication.mode,
-            durable_version=state.durable_version,
-            replications=stats.replications,
-            replication_lag_max_s=stats.replication_lag_max_s,
-            replication_lag_mean_s=stats.replication_lag_sum_s / max(stats.replications, 1),
-            restored_version=self.restored_version,
-        )
+        with self.host.locked() as state:
+            if rejected := state.check_info(request.run_id):
+                _abort(context, rejected)
+            spec, stats = state.spec, state.stats
+            return ps_pb2.InfoReply(
+                shard_id=spec.shard_id,
+                epoch=state.epoch,
+                version=state.version,
+                offset=spec.offset,
+                length=spec.length,
+                mode=spec.consistency.mode.value,
+                staleness=spec.consistency.staleness,
+                updates_applied=stats.updates_applied,
+                pushes_accepted=stats.pushes_accepted,
+                max_clock_gap=stats.max_clock_gap,
+                clock_gap_hist=stats.clock_gap_hist,
+                staleness_hist=stats.staleness_hist,
+                workers=[
+                    ps_pb2.WorkerClock(
+                        worker_id=w, clock=e.clock, last_seq=e.last_seq, last_seen=e.last_seen
+                    )
+                    for w, e in enumerate(state.workers)
+                ],
+                pulls_served=stats.pulls_served,
+                pull_wait_s=self.pull_wait_s,
+                replication=spec.replication.mode,
+                durable_version=state.durable_version,
+                replications=stats.replications,
+                replication_lag_max_s=stats.replication_lag_max_s,
+                replication_lag_mean_s=stats.replication_lag_sum_s / max(stats.replications, 1),
+                restored_version=state.restored_version,
+            )
 
 
 class RawBytesServicer(ps_pb2_grpc.RawBytesServicer):

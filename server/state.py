@@ -1,18 +1,19 @@
-"""The sans-I/O shard state machine (STYLE.md "A sans-I/O shard").
+"""The sans-I/O shard state machine (STYLE §2).
 
-Events go in (a push, a pull, a pull's deadline passing), instructions come out (acknowledge,
-serve, wait, reject). The gRPC servicer and, in the next issue, the store replication are adapters
-around it; every consistency, de-duplication, fencing and barrier decision lives here and is
-tested with no sockets and no database. ``validate()`` checks the invariants after every event.
+Events go in (a push, a pull, a pull's deadline passing, a replication completing, the shard
+stopping), instructions come out (acknowledge, serve, wait, reject, stop). The gRPC servicer and
+the store replicator are adapters around it that share one lock through ``ShardHost``; every
+consistency, de-duplication, fencing, durability and barrier decision lives here and is tested
+with no sockets and no database. The replica's encoding for the store is in ``codec``.
+``validate()`` checks the invariants after every event.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Literal
 
 import numpy as np
 
@@ -54,6 +55,9 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class Serve:
+    """Send these parameters. The core cuts them into wire chunks itself, under the shard's lock,
+    on purpose: it is the one copy a read makes, and no update can interleave with it."""
+
     version: int
     epoch: int
     clock_gap: int
@@ -62,7 +66,17 @@ class Serve:
 
 @dataclass(frozen=True, slots=True)
 class Wait:
-    waiting_for: tuple[int, ...]  # worker ids whose clocks hold the pull back
+    waiting_for: tuple[int, ...]  # whose clocks hold a pull back; (): an ack awaits durability
+
+
+# serving -> stopped -> fenced, never back: a stopped shard never serves again (DESIGN §5).
+Status = Literal["serving", "stopped", "fenced"]
+_STATUS_ORDER: tuple[Status, ...] = ("serving", "stopped", "fenced")
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    refusal: Reject  # the shard stopped serving: wake every waiting call, each now gets this
 
 
 # ---- events --------------------------------------------------------------------------------
@@ -131,7 +145,9 @@ def split_ranges(total: int, parts: int) -> list[tuple[int, int]]:
 class ShardState:
     """One shard's parameters, optimizer state, version, epoch, clock and de-dup tables."""
 
-    def __init__(self, spec: ShardSpec, params: np.ndarray, epoch: int = 1) -> None:
+    def __init__(
+        self, spec: ShardSpec, params: np.ndarray, epoch: int = 1, restored_version: int = -1
+    ) -> None:
         if params.shape != (spec.length,):
             raise ValueError(
                 f"shard {spec.shard_id} expects {spec.length} params, got {params.shape}"
@@ -155,14 +171,39 @@ class ShardState:
         self.dirty_since: float | None = None  # time of the first change not yet durable
         self.last_replicated_at = 0.0
         self.updates_at_replication = 0
-        self._validated_version = 0  # what validate() saw last, to prove monotonicity
-        self._validated_seqs = [-1] * spec.num_workers
+        self.restored_version = restored_version  # the replicated version it started from; -1
+        self.status: Status = "serving"  # fenced: the store says a newer epoch replaced it
+        self.rebase_invariants()
+
+    def rebase_invariants(self) -> None:
+        """Take the state as it is now as validate()'s baseline (also after a restore)."""
+        self._validated_version = self.version  # what validate() saw last, for monotonicity
+        self._validated_seqs = [w.last_seq for w in self.workers]
+        self._validated_status = self.status
 
     # -- queries --------------------------------------------------------------------------
 
     @property
     def clocks(self) -> list[int]:
         return [w.clock for w in self.workers]
+
+    def not_serving(self) -> Reject | None:
+        """The refusal every push and pull gets once the shard stopped serving (DESIGN §5)."""
+        if self.status == "fenced":
+            return Reject(
+                Code.FAILED_PRECONDITION,
+                f"shard {self.spec.shard_id} at epoch {self.epoch} was replaced by a "
+                "newer epoch; re-resolve it from the store",
+            )
+        if self.status == "stopped":
+            return Reject(Code.UNAVAILABLE, "shard is stopping; re-resolve it from the store")
+        return None
+
+    def check_info(self, run_id: str) -> Reject | None:
+        """A status read names the run it means, or none; it is answered while stopping too."""
+        if run_id and run_id != self.spec.run_id:
+            return Reject(Code.INVALID_ARGUMENT, f"unknown run {run_id!r}")
+        return None
 
     def _check_member(self, run_id: str, worker_id: int) -> Reject | None:
         if run_id != self.spec.run_id:
@@ -180,6 +221,8 @@ class ShardState:
 
     def check_push_header(self, h: PushHeader) -> Reject | None:
         """Everything about a push that can be judged before its bytes arrive."""
+        if rejected := self.not_serving():
+            return rejected
         if rejected := self._check_member(h.run_id, h.worker_id):
             return rejected
         if h.epoch != self.epoch:
@@ -227,13 +270,11 @@ class ShardState:
         if h.seq <= entry.last_seq:
             # A retry: acknowledged once what it was part of is durable (BSP: its clock).
             needed = h.clock + 1 if bsp else self.version
+            applied = h.worker_id not in self.pending
             return Ack(
-                self.version,
-                self.epoch,
-                applied=h.worker_id not in self.pending,
-                duplicate=True,
+                self.version, self.epoch, applied, duplicate=True,
                 durable_needed=self._durable_needed(needed),
-            )
+            )  # fmt: skip
         if grad.dtype != FLOAT or grad.shape != (self.spec.length,):
             return Reject(Code.INVALID_ARGUMENT, "gradient is not a flat float32 vector")
         if not _all_finite(grad):
@@ -282,6 +323,8 @@ class ShardState:
 
     def pull(self, run_id: str, worker_id: int, clock: int, now: float) -> Serve | Wait | Reject:
         """A worker at `clock` asks for the parameters of its next iteration."""
+        if rejected := self.not_serving():
+            return rejected
         if rejected := self._check_member(run_id, worker_id):
             return rejected
         entry = self.workers[worker_id]
@@ -313,8 +356,10 @@ class ShardState:
         _bump(self.stats.clock_gap_hist, max(gap, 0))
         return Serve(version, self.epoch, gap, self._chunks(params))
 
-    def observe(self) -> Serve:
+    def observe(self) -> Serve | Reject:
         """A read outside the clock protocol (launcher evaluation, benchmarks)."""
+        if rejected := self.not_serving():
+            return rejected
         return Serve(self.version, self.epoch, 0, self._chunks(self.params))
 
     def pull_timed_out(self, worker_id: int, clock: int, waited_s: float, now: float) -> Reject:
@@ -332,8 +377,16 @@ class ShardState:
         )
 
     def _chunks(self, params: np.ndarray) -> tuple[bytes, ...]:
-        """The slice as wire chunks: one copy, taken while no update can interleave."""
+        """The slice as wire chunks: one copy, taken while no update can interleave (Serve)."""
         return tuple(chunk_bytes_of(params, self.spec.chunk_bytes))
+
+    def stop(self, *, fenced: bool) -> Stop:
+        """Fail every waiting call and refuse new pushes and pulls: a graceful stop, or a zombie
+        learning from the store that a newer epoch replaced it (fenced, DESIGN §5)."""
+        self.status = "fenced" if fenced or self.status == "fenced" else "stopped"
+        refusal = self.not_serving()
+        assert refusal is not None
+        return Stop(refusal)
 
     # -- replication (DESIGN §5) ----------------------------------------------------------
 
@@ -356,54 +409,6 @@ class ShardState:
             return None
         return max(0.0, self.dirty_since + self.spec.replication.interval_s - now)
 
-    def to_replica(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """Everything a replacement needs, copied: (JSON metadata, named flat arrays)."""
-        arrays = {"params": self.params.copy()}
-        if self.prev_params is not None:
-            arrays["prev_params"] = self.prev_params.copy()
-        scalars = {}
-        for name, value in self.optimizer.state_arrays().items():
-            if value.ndim == 0:
-                scalars[name] = int(value)
-            else:
-                arrays[f"opt.{name}"] = value.copy()
-        for w, g in self.pending.items():
-            arrays[f"pending.{w}"] = g.copy()
-        meta = {
-            "version": self.version,
-            "revision": self.revision,
-            "clocks": self.clocks,
-            "last_seq": [w.last_seq for w in self.workers],
-            "pending": sorted(self.pending),
-            "optimizer_scalars": scalars,
-            "stats": dataclasses.asdict(self.stats),
-        }
-        return meta, arrays
-
-    @classmethod
-    def from_replica(
-        cls, spec: ShardSpec, epoch: int, meta: dict[str, Any], arrays: dict[str, np.ndarray]
-    ) -> ShardState:
-        """Rebuild a shard from its replicated state (the inverse of to_replica)."""
-        state = cls(spec, arrays["params"], epoch=epoch)
-        if len(meta["clocks"]) != spec.num_workers:
-            raise ValueError("replicated state has a different number of workers")
-        state.version = state.durable_version = meta["version"]
-        state.revision = state.durable_revision = meta["revision"]
-        for entry, clock, seq in zip(state.workers, meta["clocks"], meta["last_seq"], strict=True):
-            entry.clock, entry.last_seq = clock, seq
-        opt = {k[len("opt.") :]: v for k, v in arrays.items() if k.startswith("opt.")}
-        opt.update({k: np.array(v, dtype=np.int64) for k, v in meta["optimizer_scalars"].items()})
-        state.optimizer.load_state_arrays(opt)
-        if state.prev_params is not None:
-            state.prev_params = np.array(arrays["prev_params"], dtype=FLOAT, copy=True)
-        state.pending = {w: np.array(arrays[f"pending.{w}"], copy=True) for w in meta["pending"]}
-        state.stats = Stats(**meta["stats"])
-        state.updates_at_replication = state.stats.updates_applied
-        state._validated_version = state.version
-        state._validated_seqs = [w.last_seq for w in state.workers]
-        return state
-
     def replicated(self, revision: int, version: int, now: float) -> None:
         """The adapter made the state at (revision, version) durable."""
         if revision <= self.durable_revision:
@@ -419,6 +424,17 @@ class ShardState:
         self.dirty_since = None if revision == self.revision else now
         self.last_replicated_at = now
 
+    def durable_ack(self, ack: Ack, *, waited: bool = False) -> Ack | Wait | Reject:
+        """What to answer a push that push() acknowledged with `ack` (DESIGN §5). Wait: its version
+        is not durable yet; ask again (waited=True) when the replicator reports progress."""
+        if ack.durable_needed <= self.durable_version:
+            # After a wait, BSP's clock is applied: report the version the worker reads next.
+            fresh = Ack(self.version, self.epoch, applied=True, duplicate=ack.duplicate)
+            return fresh if waited else ack
+        if rejected := self.not_serving():
+            return rejected
+        return Wait(())
+
     def push_timed_out(self, worker_id: int, clock: int, waited_s: float) -> Reject:
         """A sync acknowledgement could not be given before its deadline (DESIGN §3, §5)."""
         missing = [w for w, e in enumerate(self.workers) if e.clock <= clock]
@@ -433,7 +449,7 @@ class ShardState:
             f"{waited_s:.1f}s: {why}",
         )
 
-    # -- invariants (STYLE.md "Invariants are code") --------------------------------------
+    # -- invariants (STYLE §3) -------------------------------------------------------------
 
     def validate(self) -> None:
         """Raise AssertionError when an invariant is broken; tests call it after every event."""
@@ -461,6 +477,10 @@ class ShardState:
         # An accepted seq is never accepted again: the de-dup table only moves forward.
         assert all(a >= b for a, b in zip(seqs, self._validated_seqs, strict=True)), seqs
         self._validated_seqs = seqs
+        assert self.restored_version <= self.version
+        order = _STATUS_ORDER.index
+        assert order(self.status) >= order(self._validated_status), "a stopped shard was revived"
+        self._validated_status = self.status
 
 
 def _all_finite(a: np.ndarray) -> bool:

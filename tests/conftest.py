@@ -17,6 +17,7 @@ import pytest
 from helpers import RUN
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
+from tether.server.host import ShardHost
 from tether.server.main import add_services, create_server, pool_size
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
@@ -54,7 +55,7 @@ def live_shard() -> Iterator[Callable[..., LiveShard]]:
             RUN, 0, 0, n, workers, consistency, OptimizerConfig("sgd", lr=0.1), chunk_bytes
         )
         state = ShardState(spec, np.linspace(-1, 1, n, dtype=np.float32))
-        servicer = ShardServicer(state, wait_timeout_s=wait_timeout_s)
+        servicer = ShardServicer(ShardHost(state), wait_timeout_s=wait_timeout_s)
         server, port = create_server("127.0.0.1:0", max_workers=pool_size(workers))
         add_services(server, servicer)
         server.start()

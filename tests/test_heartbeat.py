@@ -11,6 +11,7 @@ from helpers import RUN, wait_until
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.member.heartbeat import BUSY_TIMEOUT_S, Heartbeat
+from tether.server.host import ShardHost
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
 from tether.store import default_store_uri, open_store
@@ -64,14 +65,15 @@ def test_a_fenced_heartbeat_stops_and_says_so(tmp_path):
 def test_shard_heartbeat_info_does_not_wait_for_a_held_lock():
     spec = ShardSpec(RUN, 0, 0, 10, 2, Consistency(Mode.BSP, 0), OptimizerConfig("sgd", lr=0.1),
                      1 << 12)  # fmt: skip
-    servicer = ShardServicer(ShardState(spec, np.zeros(10, np.float32)), wait_timeout_s=5.0)
+    state = ShardState(spec, np.zeros(10, np.float32))
+    servicer = ShardServicer(ShardHost(state), wait_timeout_s=5.0)
     servicer.serving_since = 123.0
     first = servicer.heartbeat_info(lock_timeout_s=1.0)
     assert first["version"] == 0 and first["serving_since"] == 123.0
     held, release = threading.Event(), threading.Event()
 
     def hold() -> None:  # a long apply or state copy under the shard's lock
-        with servicer.cond:
+        with servicer.host.locked():
             held.set()
             release.wait(30)
 

@@ -7,7 +7,8 @@ import pytest
 
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
-from tether.driver.supervisor import GiveUp, Restart, Supervisor
+from tether.driver.policy import GiveUp, Restart, Supervisor
+from tether.server.codec import from_replica, to_replica
 from tether.server.state import (
     Ack,
     Code,
@@ -16,6 +17,7 @@ from tether.server.state import (
     Serve,
     ShardSpec,
     ShardState,
+    Wait,
 )
 from tether.store import Member
 
@@ -40,7 +42,7 @@ def push(state, w, clock, now=0.0):
 
 
 def replicate(state, now=0.0):
-    meta, arrays = state.to_replica()
+    meta, arrays = to_replica(state)
     state.replicated(state.revision, state.version, now)
     return meta, arrays
 
@@ -100,7 +102,7 @@ def test_a_restored_shard_continues_bit_identically(mode):
             push(original, w, clock)
     push(original, 0, 3)  # BSP: one pending gradient is part of the state too
     meta, arrays = replicate(original)
-    restored = ShardState.from_replica(original.spec, 2, meta, arrays)
+    restored = from_replica(original.spec, 2, meta, arrays)
     restored.validate()
     assert restored.epoch == 2 and restored.version == original.version
     assert restored.clocks == original.clocks
@@ -116,7 +118,7 @@ def test_a_restored_shard_continues_bit_identically(mode):
 def test_replica_arrays_are_copies():
     state = make(Mode.ASP, "sync")
     push(state, 0, 0)
-    _, arrays = state.to_replica()
+    _, arrays = to_replica(state)
     before = arrays["params"].copy()
     push(state, 0, 1)
     assert np.array_equal(arrays["params"], before)
@@ -167,3 +169,71 @@ def test_supervisor_restarts_up_to_the_limit_and_times_recoveries():
 
 def test_ack_type_default_needs_nothing():
     assert Ack(1, 1, applied=True).durable_needed == 0
+
+
+# ---- the acknowledgement after durability (what the servicer sends once it waited) ----------
+
+
+def durable_ack(state, ack, waited):
+    before = (state.version, state.durable_version, state.revision, state.params.tobytes())
+    result = state.durable_ack(ack, waited=waited)
+    state.validate()
+    assert (state.version, state.durable_version, state.revision, state.params.tobytes()) == before
+    return result
+
+
+def test_a_sync_ack_waits_for_durability_then_reports_the_current_version():
+    state = make(Mode.SSP, "sync")
+    ack = push(state, 0, 0)
+    assert durable_ack(state, ack, waited=False) == Wait(())
+    push(state, 1, 0)  # another worker's push lands while the first waits
+    replicate(state)
+    assert durable_ack(state, ack, waited=True) == Ack(2, 1, applied=True, duplicate=False)
+
+
+def test_an_ack_already_durable_is_sent_as_push_gave_it():
+    state = make(Mode.SSP, "sync")
+    push(state, 0, 0)
+    replicate(state)
+    again = push(state, 0, 0)
+    assert durable_ack(state, again, waited=False) is again
+    for replication in ("async", "off"):
+        other = make(Mode.SSP, replication)
+        ack = push(other, 0, 0)
+        assert ack.durable_needed == 0 and durable_ack(other, ack, waited=False) is ack
+
+
+def test_a_held_bsp_push_is_acknowledged_applied_once_its_clock_is_durable():
+    state = make(Mode.BSP, "sync")
+    first = push(state, 0, 0)
+    assert not first.applied and durable_ack(state, first, waited=False) == Wait(())
+    push(state, 1, 0)
+    assert durable_ack(state, first, waited=True) == Wait(())  # applied, not durable yet
+    replicate(state)
+    assert durable_ack(state, first, waited=True) == Ack(1, 1, applied=True, duplicate=False)
+    retry = push(state, 0, 0)
+    assert durable_ack(state, retry, waited=True) == Ack(1, 1, applied=True, duplicate=True)
+
+
+@pytest.mark.parametrize(
+    "fenced, code", [(False, Code.UNAVAILABLE), (True, Code.FAILED_PRECONDITION)]
+)
+def test_a_stop_fails_the_acks_still_waiting_for_durability(fenced, code):
+    state = make(Mode.SSP, "sync")
+    ack = push(state, 0, 0)
+    stopped = state.stop(fenced=fenced)
+    state.validate()
+    assert durable_ack(state, ack, waited=True) == stopped.refusal and stopped.refusal.code is code
+    replicate(state)  # the final flush of a graceful stop: what became durable is acknowledged
+    assert durable_ack(state, ack, waited=True) == Ack(1, 1, applied=True, duplicate=False)
+
+
+def test_a_restored_shard_reports_the_version_it_started_from():
+    original = make(Mode.ASP, "sync")
+    assert original.restored_version == -1
+    push(original, 0, 0)
+    push(original, 1, 0)
+    meta, arrays = replicate(original)
+    restored = from_replica(original.spec, 2, meta, arrays)
+    restored.validate()
+    assert restored.restored_version == 2 and restored.status == "serving"

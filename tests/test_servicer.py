@@ -213,3 +213,31 @@ def test_closing_a_client_ends_its_waiting_pull_with_channel_closed(live_shard):
             waiting.result(timeout=10)
     with pytest.raises(ChannelClosed):  # and a new call on it is refused the same way
         client.info()
+
+
+@pytest.mark.parametrize(
+    "fenced, code",
+    [(False, grpc.StatusCode.UNAVAILABLE), (True, grpc.StatusCode.FAILED_PRECONDITION)],
+)
+def test_a_stop_fails_the_waiting_pull_and_refuses_new_calls_with_the_cores_status(
+    live_shard, fenced, code
+):
+    shard = live_shard(Mode.BSP, workers=2)
+    client = shard.client()
+    client.push(grad(1000), worker_id=0, clock=0, seq=0, read_version=0, epoch=1)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(client.pull, 1000, worker_id=0, clock=1, wait_timeout_s=30)
+        wait_until(lambda: shard.servicer.waiting == 1, what="the pull to wait")
+        refusal = shard.servicer.host.stop(fenced=fenced).refusal
+        with pytest.raises(grpc.RpcError) as err:
+            waiting.result(timeout=10)
+    assert err.value.code() == code and err.value.details() == refusal.message
+    before = snapshot(shard)  # status reads are still answered
+    for call in (
+        lambda: client.pull(1000, worker_id=1, clock=0),
+        lambda: client.push(grad(1000), worker_id=1, clock=0, seq=0, read_version=0, epoch=1),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code and err.value.details() == refusal.message
+    assert snapshot(shard) == before

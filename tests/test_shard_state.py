@@ -22,6 +22,7 @@ from tether.server.state import (
     Serve,
     ShardSpec,
     ShardState,
+    Stop,
     Wait,
     split_ranges,
 )
@@ -317,3 +318,59 @@ def test_random_schedules_keep_every_invariant(mode, staleness, workers, schedul
             phase[w] = "pull"
     if mode is not Mode.ASP:
         assert state.stats.max_clock_gap <= state.spec.consistency.read_bound
+
+
+# ---- stopping and fencing (DESIGN §5) ---------------------------------------------------------
+
+STOPPED = (Code.UNAVAILABLE, "shard is stopping; re-resolve it from the store")
+FENCED = (
+    Code.FAILED_PRECONDITION,
+    "shard 0 at epoch 1 was replaced by a newer epoch; re-resolve it from the store",
+)
+
+
+def stop(state, fenced):
+    result = state.stop(fenced=fenced)
+    state.validate()
+    return result
+
+
+@pytest.mark.parametrize("mode", [Mode.BSP, Mode.SSP, Mode.ASP])
+@pytest.mark.parametrize("fenced, refusal", [(False, STOPPED), (True, FENCED)])
+def test_a_stopped_shard_refuses_pushes_and_pulls_and_changes_nothing(mode, fenced, refusal):
+    state = make_state(mode, staleness=1, workers=2)
+    push(state, 0, 0)
+    before = fingerprint(state)
+    stopped = stop(state, fenced)
+    assert isinstance(stopped, Stop) and (stopped.refusal.code, stopped.refusal.message) == refusal
+    assert fingerprint(state) == before
+    for decision in (
+        push(state, 1, 0),  # a new push
+        push(state, 0, 0),  # a retry of an accepted one
+        pull(state, 0, 1),
+        pull(state, 1, 0),
+        state.observe(),
+        state.check_push_header(header(state, 1, 0)),
+    ):
+        assert isinstance(decision, Reject) and (decision.code, decision.message) == refusal
+        state.validate()
+        assert fingerprint(state) == before
+    assert state.stats.pulls_served == 0 and state.check_info(RUN) is None  # status still answers
+
+
+def test_fencing_outlives_a_later_stop_and_a_stopped_shard_stays_stopped():
+    state = make_state(Mode.ASP)
+    assert stop(state, False).refusal.code is Code.UNAVAILABLE
+    assert stop(state, True).refusal.code is Code.FAILED_PRECONDITION  # the store said so later
+    assert stop(state, False).refusal.code is Code.FAILED_PRECONDITION
+    assert state.status == "fenced"
+    state.status = "serving"  # no event does this; validate() catches it
+    with pytest.raises(AssertionError, match="revived"):
+        state.validate()
+
+
+def test_info_checks_only_the_run():
+    state = make_state()
+    assert state.check_info("") is None and state.check_info(RUN) is None
+    rejected = state.check_info("other")
+    assert rejected == Reject(Code.INVALID_ARGUMENT, "unknown run 'other'")
