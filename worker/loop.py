@@ -38,8 +38,8 @@ from tether.store import (
     StoreUnavailable,
     open_store,
 )
-from tether.tasks.data import batch_indices, load_dataset, partition
-from tether.tasks.models import build_model, parse_model
+from tether.tasks.build import build_task
+from tether.tasks.data import batch_indices, partition
 from tether.wire import FLOAT
 from tether.worker.client import ChannelClosed, Pulled
 from tether.worker.ledger import AckLedger
@@ -83,13 +83,8 @@ class Worker:
             )
         self.opts, self.store, self.config = opts, store, config
         self.wid = opts.worker_id
-        self.dataset = load_dataset(config.dataset)
-        self.model = build_model(
-            parse_model(config.model),
-            self.dataset.in_dim,
-            self.dataset.num_classes,
-            device=config.device,
-        )
+        task = build_task(config, device=config.device)
+        self.dataset, self.model = task.data, task.model
         if self.model.num_params != config.num_params:
             raise ValueError(
                 f"model {config.model} has {self.model.num_params} parameters but the run "
