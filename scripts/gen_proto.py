@@ -1,4 +1,4 @@
-"""Generate the Python protobuf and gRPC modules from proto/*.proto (STYLE.md §12).
+"""Generate the Python protobuf and gRPC modules from proto/*.proto (STYLE §12).
 
 The generated files live beside the .proto files in proto/ and are never edited by hand.
 protoc runs on a copy laid out as tether/proto/NAME.proto, so that the generated gRPC module

@@ -1,4 +1,4 @@
-"""Client retries: only UNAVAILABLE, bounded, jittered (STYLE.md §6)."""
+"""Client retries: only UNAVAILABLE, bounded, jittered (STYLE §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Data sets and deterministic batches (DESIGN.md §3, §5)."""
+"""Data sets and deterministic batches (DESIGN §3, §5)."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def test_partition_rejects_bad_arguments(args: tuple[int, int, int]) -> None:
 
 def test_batch_indices_follow_the_documented_formula() -> None:
     # The formula is the contract that lets a restarted worker (possibly a newer build) resume
-    # at the same samples (DESIGN.md §5), so it is checked literally.
+    # at the same samples (DESIGN §5), so it is checked literally.
     part = partition(1000, 3, 2)
     seed, worker_id, batch = 7, 2, 25
     per_epoch = len(part) // batch

@@ -1,4 +1,4 @@
-"""Multi-process runs through `tether launch` (STYLE.md tier 3; issue: what it must show).
+"""Multi-process runs through `tether launch` (STYLE §8 tier 3).
 
 Every run is real: separate shard and worker processes, gRPC on loopback, the SQLite store.
 Each test checks invariants and outcomes, not schedules.

@@ -1,4 +1,4 @@
-"""The code stays linted, formatted and type-checked (STYLE.md §11)."""
+"""The code stays linted, formatted and type-checked (STYLE §11)."""
 
 from __future__ import annotations
 

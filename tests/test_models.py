@@ -1,4 +1,4 @@
-"""Models as flat float32 vectors: parsing, sizes, init, gradients, training (DESIGN.md §2, §3)."""
+"""Models as flat float32 vectors: parsing, sizes, init, gradients, training (DESIGN §2, §3)."""
 
 from __future__ import annotations
 
@@ -206,7 +206,7 @@ def test_gradients_are_bit_identical_across_processes(mlp: Model, digits: Datase
 
 
 def test_batch_gradient_is_the_mean_of_half_batch_gradients(mlp: Model, digits: Dataset) -> None:
-    # BSP averages W workers' gradients and must equal one batch W times larger (DESIGN.md §3).
+    # BSP averages W workers' gradients and must equal one batch W times larger (DESIGN §3).
     flat = mlp.init_flat(7)
     x, y = digits.x_train[:64], digits.y_train[:64]
     loss, whole = mlp.loss_and_grad(flat, x, y)

@@ -1,4 +1,4 @@
-"""The shard over real gRPC on loopback, port 0 (STYLE.md tier 2; DESIGN §2, §3, §10)."""
+"""The shard over real gRPC on loopback, port 0 (STYLE §8 tier 2; DESIGN §2, §3, §10)."""
 
 from __future__ import annotations
 

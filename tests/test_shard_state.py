@@ -1,4 +1,4 @@
-"""The sans-I/O shard (STYLE.md §2-3): every decision tested without sockets or a database.
+"""The sans-I/O shard (STYLE §2-3): every decision tested without sockets or a database.
 
 `validate()` runs after every event; rejected events must leave the state untouched.
 """

@@ -36,6 +36,7 @@ from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used throug
 )
 
 import tether.store.sqlite as sqlite_backend
+import tether.store.sqlite_schema as sqlite_schema
 from tether.store import (
     Fenced,
     MongoStore,
@@ -50,8 +51,8 @@ from tether.store import (
     open_store,
 )
 from tether.store.base import TornState, assemble_state, state_chunks, state_layout
-from tether.store.faults import FaultPlan
-from tether.store.sqlite import SCHEMA_VERSION
+from tether.store.sqlite_schema import SCHEMA_VERSION
+from tether.store.testing import FaultPlan
 
 RUN = "run-1"
 SMALL_CHUNK = 64 << 10  # tests force many chunks per state
@@ -635,6 +636,38 @@ def test_sqlite_file_is_wal_and_versioned(tmp_path: Path) -> None:
         conn.close()
 
 
+class _BusyConnection:
+    """Answers the WAL switch with an OperationalError of ``code`` ``fails`` times, then "wal"."""
+
+    def __init__(self, fails: int, code: int = sqlite3.SQLITE_BUSY) -> None:
+        self.fails = fails
+        self.code = code
+        self.calls = 0
+
+    def execute(self, sql: str) -> Any:
+        assert sql == "PRAGMA journal_mode = WAL"
+        self.calls += 1
+        if self.calls <= self.fails:
+            error = sqlite3.OperationalError("database is locked (injected)")
+            error.sqlite_errorcode = self.code
+            raise error
+        return sqlite3.connect(":memory:").execute("SELECT 'wal'")
+
+
+def test_sqlite_wal_switch_retries_busy_until_its_deadline() -> None:
+    busy: Any = _BusyConnection(fails=3)
+    assert sqlite_schema.enable_wal(busy, 10.0) == "wal"
+    assert busy.calls == 4
+    stuck: Any = _BusyConnection(fails=1 << 30)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # SQLite's error, as before
+        sqlite_schema.enable_wal(stuck, 0.05)
+    assert stuck.calls > 1
+    broken: Any = _BusyConnection(fails=1, code=sqlite3.SQLITE_IOERR)
+    with pytest.raises(sqlite3.OperationalError):  # not busy: raised at once
+        sqlite_schema.enable_wal(broken, 10.0)
+    assert broken.calls == 1
+
+
 def test_sqlite_data_survives_reopen(tmp_path: Path) -> None:
     uri = default_store_uri(tmp_path)
     with open_store(uri) as s:
@@ -1050,13 +1083,13 @@ def test_sqlite_upgrades_older_files(tmp_path: Path, old_version: int) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path)
     with conn:
-        for stmt in sqlite_backend._SCHEMA[:3]:  # meta, runs, members: the version 1 schema
+        for stmt in sqlite_schema.SCHEMA[:3]:  # meta, runs, members: the version 1 schema
             conn.execute(stmt)
         if old_version == 2:  # the development layout of the shard-state tables
             conn.execute("CREATE TABLE shard_heads (run_id, shard_id, owner_epoch, prev_epoch)")
             conn.execute("CREATE TABLE shard_chunks (run_id, shard_id, epoch, version, data)")
         if old_version == 3:  # shard state as version 3 wrote it
-            for stmt in sqlite_backend._SHARD_STATE_TABLES:
+            for stmt in sqlite_schema.SHARD_STATE_TABLES:
                 conn.execute(stmt)
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(old_version),))
         conn.execute("INSERT INTO runs VALUES (?, '{\"seed\": 4}', 1.0, 0, NULL)", (RUN,))

@@ -1,7 +1,7 @@
 """The MongoDB backend's own contract: options from the URI, error translation, the fault seam.
 
 The backend-generic contract runs in test_store.py (mongomock and a real replica set). Here:
-failure handling through :class:`tether.store.faults.FaultPlan` on mongomock -- a fault before
+failure handling through :class:`tether.store.testing.FaultPlan` on mongomock -- a fault before
 the head switch leaves the previous state loadable, a retry after AutoReconnect writes exactly the
 new state, write-concern errors are StoreUnavailable, fencing holds -- then the real replica set
 (skipped with a reason without one), and ``tether mongo up|down``.
@@ -43,13 +43,14 @@ from tether.store import (
     open_store,
 )
 from tether.store.base import TornState
-from tether.store.faults import ERRORS, POINTS, FaultPlan, translate_error
+from tether.store.mongo_errors import translate_error
 from tether.store.mongo_uri import (
     DEFAULT_OPTIONS,
     client_options,
     database_name,
     read_preference_of,
 )
+from tether.store.testing import ERRORS, POINTS, FaultPlan
 
 RUN = "run-m"
 CHUNK = 64 << 10
@@ -452,7 +453,7 @@ def test_real_set_survives_a_primary_stepdown(real_uri: str) -> None:
 def _mongo_cli(*args: str, path: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PATH=path)
     return subprocess.run(
-        [sys.executable, "-m", "tether.devtools.replica_set", *args],
+        [sys.executable, "-m", "tether.cli.mongo", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

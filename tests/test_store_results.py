@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_store import Backend, FakeClock, StoreFactory, _register, _snapshot
 
-import tether.store.sqlite as sqlite_backend
+import tether.store.sqlite_schema as sqlite_schema
 from tether.store import (
     MAX_ARTIFACT_BYTES,
     ArtifactInfo,
@@ -36,9 +36,9 @@ from tether.store import (
     StoreUnavailable,
     UnknownRun,
 )
-from tether.store.faults import FaultPlan
-from tether.store.sqlite import SCHEMA_VERSION
 from tether.store.sqlite_results import RESULTS_SCHEMA
+from tether.store.sqlite_schema import SCHEMA_VERSION
+from tether.store.testing import FaultPlan
 
 # test_store.py's fixtures, found by pytest under these names: every backend (DESIGN §6).
 backend = test_store.backend
@@ -375,7 +375,7 @@ def test_sqlite_upgrade_from_version_3_keeps_runs(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     with conn:
         # Exactly what version 3 created: everything but what version 4 adds.
-        for stmt in sqlite_backend._SCHEMA[: -len(RESULTS_SCHEMA)]:
+        for stmt in sqlite_schema.SCHEMA[: -len(RESULTS_SCHEMA)]:
             conn.execute(stmt)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
         conn.execute(

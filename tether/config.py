@@ -1,4 +1,4 @@
-"""The typed run configuration (STYLE.md §7: read at the edge, passed down as arguments).
+"""The typed run configuration (STYLE §7: read at the edge, passed down as arguments).
 
 A run's config is written to the store once, by whoever creates the run (the launcher, or a user
 script on a cluster); every `tether server` and `tether worker` of the run reads it from there, so

@@ -1,4 +1,4 @@
-"""Raw-bytes tensor streaming shared by shards and clients (DESIGN.md §2).
+"""Raw-bytes tensor streaming shared by shards and clients (DESIGN §2).
 
 Tensors travel as little-endian float32 bytes in chunks of 1-4 MiB; the receiver copies them once
 into a preallocated buffer and views it with ``np.frombuffer``.

@@ -202,7 +202,7 @@ class Detector:
         return None if w is None else w.phase
 
     def validate(self) -> None:
-        """Invariants that hold after every event (STYLE: invariants are code)."""
+        """Invariants that hold after every event (STYLE §3: invariants are code)."""
         for w in self.members.values():
             assert (w.phase is Phase.SUSPECT) == (w.suspect_since is not None), w
             if w.phase in (Phase.SERVING, Phase.SUSPECT):

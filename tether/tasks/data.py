@@ -3,7 +3,7 @@
 A worker owns a fixed slice of the training set (`partition`) and draws its mini-batch for
 clock c with `batch_indices`, a pure function of (seed, worker id, clock). That purity is what
 lets a restarted worker reposition its data cursor from the clock it reads back from the
-shards, with no cursor state of its own (DESIGN.md §5, worker recovery).
+shards, with no cursor state of its own (DESIGN §5, worker recovery).
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def batches_per_epoch(part_size: int, batch_size: int) -> int:
 def batch_indices(
     part: np.ndarray, batch_size: int, seed: int, worker_id: int, clock: int
 ) -> np.ndarray:
-    """The data indices of the mini-batch for iteration `clock` (DESIGN.md §3, §5).
+    """The data indices of the mini-batch for iteration `clock` (DESIGN §3, §5).
 
     A pure function of its arguments: epoch e = clock // batches_per_epoch is a permutation of
     `part` drawn from (seed, worker_id, e), and the batch is its k-th slice of `batch_size`.

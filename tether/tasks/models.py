@@ -1,6 +1,6 @@
 """Models a worker trains, seen from outside as one flat float32 parameter vector.
 
-Shards hold contiguous ranges of that vector (DESIGN.md §2), so everything here takes and
+Shards hold contiguous ranges of that vector (DESIGN §2), so everything here takes and
 returns flat numpy arrays; the pytree exists only inside the jitted functions. The flat order
 is `jax.flatten_util.ravel_pytree`'s order of the `Params` tree: w0, b0, w1, b1, ...
 """
@@ -106,7 +106,7 @@ def cross_entropy(params: Params, x: jax.Array, y: jax.Array) -> jax.Array:
 
 def _mean_cross_entropy(out: jax.Array, y: jax.Array) -> jax.Array:
     # A mean, not a sum, so that BSP's average of W workers' gradients equals the gradient of
-    # one batch W times larger (DESIGN.md §3). Labels pick their log-probability through a
+    # one batch W times larger (DESIGN §3). Labels pick their log-probability through a
     # one-hot product rather than a gather: the gather's gradient is a scatter-add, which GPU
     # backends may run with atomics, and gradients must be bit-identical run to run.
     log_probs = jax.nn.log_softmax(out)
