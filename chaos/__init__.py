@@ -1,1 +1,2 @@
-"""Chaos runs (fault proxy, scenarios, invariants) are built on top of recovery; empty yet."""
+"""Chaos runs: scenarios of faults against real runs, their invariants and reports, soak runs;
+the Toxiproxy-compatible fault proxy is the stand-alone `chaos.toxiproxy` subpackage."""

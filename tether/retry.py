@@ -1,4 +1,4 @@
-"""The one way Tether retries and the one way it waits on a condition (DESIGN §15, STYLE §6).
+"""The one way Tether retries and the one way it waits on a condition (STYLE §6).
 
 - `retry` runs a call again after failures that `retryable` accepts, with bounded full-jitter
   exponential backoff; `with_retry` is the gRPC case (only UNAVAILABLE is retried; pushes stay
