@@ -651,7 +651,10 @@ class _BusyConnection:
             error = sqlite3.OperationalError("database is locked (injected)")
             error.sqlite_errorcode = self.code
             raise error
-        return sqlite3.connect(":memory:").execute("SELECT 'wal'")
+        return self
+
+    def fetchone(self) -> tuple[str]:
+        return ("wal",)
 
 
 def test_sqlite_wal_switch_retries_busy_until_its_deadline() -> None:

@@ -18,7 +18,6 @@ Reads of metrics and artifacts are reports: they use the store's status read pre
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from pymongo import ASCENDING, ReplaceOne
 
 from tether.store.base import ArtifactInfo, ArtifactNotFound, MetricRow, UnknownRun
+from tether.store.mongo_setup import doc_id
 from tether.store.results import (
     check_artifact,
     check_artifact_name,
@@ -35,10 +35,6 @@ from tether.store.results import (
 )
 
 _METRIC_KEY = ("run_id", "source", "step")
-
-
-def _doc_id(*parts: Any) -> str:
-    return json.dumps(parts, separators=(",", ":"))
 
 
 class MongoResults:
@@ -90,7 +86,7 @@ class MongoResults:
         checked = check_metric_rows(rows)
         ops = [
             ReplaceOne(
-                {"_id": _doc_id(run_id, r.source, r.step)},
+                {"_id": doc_id(run_id, r.source, r.step)},
                 {"run_id": run_id, "source": r.source, "step": r.step, "t": r.t}
                 | {"values": r.values},
                 upsert=True,
@@ -123,7 +119,7 @@ class MongoResults:
         doc |= {"size": len(blob), "created_at": self._clock(), "data": blob}
         with self._op("put_artifact"):
             self._require_run(run_id)
-            self._artifacts.replace_one({"_id": _doc_id(run_id, name)}, doc, upsert=True)
+            self._artifacts.replace_one({"_id": doc_id(run_id, name)}, doc, upsert=True)
 
     def artifacts(self, run_id: str) -> list[ArtifactInfo]:
         fields = {"_id": 0, "name": 1, "content_type": 1, "size": 1, "created_at": 1}
@@ -141,7 +137,7 @@ class MongoResults:
     def get_artifact(self, run_id: str, name: str) -> bytes:
         check_artifact_name(name)
         with self._op("get_artifact"):
-            doc = self._artifacts_status.find_one({"_id": _doc_id(run_id, name)}, {"data": 1})
+            doc = self._artifacts_status.find_one({"_id": doc_id(run_id, name)}, {"data": 1})
             if doc is None:
                 self._require_run_status(run_id)
                 raise ArtifactNotFound(run_id, name, self._where)

@@ -4,7 +4,8 @@ Each process (shard, worker, launcher) opens its own :class:`SQLiteStore` on the
 file is in WAL mode, so readers never block the one writer, and every connection waits up to
 ``busy_timeout_s`` for the write lock instead of failing. Read-modify-write calls (``register``,
 ``heartbeat``) run inside ``BEGIN IMMEDIATE``, which takes the write lock before the read, so two
-processes can never both read epoch e and both write e+1.
+processes can never both read epoch e and both write e+1. Whether a write by an epoch may go
+ahead is decided by :mod:`tether.store.rules` on the values read in that transaction.
 
 ``synchronous=NORMAL`` in WAL mode keeps every committed transaction across a crash or SIGKILL of
 any process; only an OS crash or power loss can drop the last few commits, which is acceptable for
@@ -18,7 +19,6 @@ process after it starts (children are started with ``spawn``/``subprocess``, DES
 from __future__ import annotations
 
 import json
-import random
 import sqlite3
 import threading
 import time
@@ -29,7 +29,6 @@ from typing import Any
 
 from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
-    Fenced,
     Member,
     ProcessLocal,
     Role,
@@ -46,80 +45,10 @@ from tether.store.base import (
     check_state,
     state_chunks,
     state_layout,
-    version_regression,
 )
-from tether.store.sqlite_results import RESULTS_SCHEMA, SQLiteResults
-
-SCHEMA_VERSION = 4
-
-# The latest schema, created in one go on a fresh file. An older file is brought up to date by
-# _MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
-# the version, so a file is never left half upgraded.
-_SCHEMA: tuple[str, ...] = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    """CREATE TABLE runs (
-        run_id TEXT PRIMARY KEY,
-        config TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        finished INTEGER NOT NULL DEFAULT 0,
-        summary TEXT
-    )""",
-    """CREATE TABLE members (
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        role TEXT NOT NULL,
-        member_id INTEGER NOT NULL,
-        epoch INTEGER NOT NULL,
-        address TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        host TEXT NOT NULL,
-        started_at REAL NOT NULL,
-        heartbeat REAL NOT NULL,
-        state TEXT NOT NULL,
-        info TEXT NOT NULL,
-        PRIMARY KEY (run_id, role, member_id)
-    )""",
-)
-# Version 3: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
-# points at. Chunks are keyed by a per-shard save id, so a new state never overwrites the one the
-# head points at; epoch and version say which state a chunk belongs to. Head columns other than
-# owner_epoch are NULL until a state is saved. (Version 2 was a development layout of the same
-# tables; its replicated state is dropped on upgrade -- it only matters to a run in progress.)
-_SHARD_STATE_TABLES: tuple[str, ...] = (
-    """CREATE TABLE shard_heads (
-        run_id TEXT NOT NULL REFERENCES runs(run_id),
-        shard_id INTEGER NOT NULL,
-        owner_epoch INTEGER NOT NULL,
-        epoch INTEGER,
-        version INTEGER,
-        save_id INTEGER,
-        layout TEXT,
-        meta TEXT,
-        nbytes INTEGER,
-        saved_at REAL,
-        PRIMARY KEY (run_id, shard_id)
-    )""",
-    """CREATE TABLE shard_chunks (
-        run_id TEXT NOT NULL,
-        shard_id INTEGER NOT NULL,
-        save_id INTEGER NOT NULL,
-        epoch INTEGER NOT NULL,
-        version INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        idx INTEGER NOT NULL,
-        data BLOB NOT NULL,
-        PRIMARY KEY (run_id, shard_id, save_id, name, idx)
-    )""",
-)
-# Version 4: results (DESIGN §8): runs.meta, metrics, artifacts. The statements that upgrade a
-# version 3 file also finish a new one, so both have the same layout.
-_SCHEMA = _SCHEMA + _SHARD_STATE_TABLES + RESULTS_SCHEMA
-_MIGRATIONS: dict[int, tuple[str, ...]] = {
-    1: _SHARD_STATE_TABLES,
-    2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *_SHARD_STATE_TABLES),
-    3: RESULTS_SCHEMA,
-}
-
-_PAGE_SIZE = 65536
+from tether.store.rules import claim_refusal, member_write_refusal, next_epoch, save_refusal
+from tether.store.sqlite_results import SQLiteResults
+from tether.store.sqlite_schema import configure, init_schema
 
 _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
@@ -136,24 +65,6 @@ def _dumps(value: Any, what: str) -> str:
         raise ValueError(f"{what} is not JSON-serializable: {e}") from e
 
 
-def _enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
-    """Switch the file to WAL mode (a no-op once it is) and return the resulting mode.
-
-    When several processes open a new file at once, the switch fails with SQLITE_BUSY at once
-    instead of waiting on busy_timeout (seen with 8 spawned processes), so it is retried here,
-    jittered, until the same deadline.
-    """
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-        except sqlite3.OperationalError as e:
-            busy = e.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-            if not busy or time.monotonic() >= deadline:
-                raise
-            time.sleep(random.uniform(0.001, 0.01))
-
-
 def _check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not run_id:
         raise ValueError(f"run_id must be a non-empty string; got {run_id!r}")
@@ -166,8 +77,9 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
     thread and its request threads use the same store). ``clock`` gives the times written to the
     store (tests pass a fake one). Shard state is stored in BLOB chunks of at most
-    ``chunk_bytes``. See the module docstring for fork safety; results (run meta, metrics,
-    artifacts) are in :mod:`tether.store.sqlite_results`.
+    ``chunk_bytes``. See the module docstring for fork safety; the file's settings and schema are
+    in :mod:`tether.store.sqlite_schema`, results (run meta, metrics, artifacts) in
+    :mod:`tether.store.sqlite_results`.
     """
 
     def __init__(
@@ -197,20 +109,9 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
         self._conn: sqlite3.Connection | None = conn
         try:
             with self._translate_errors():
-                conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-                # Only takes effect on a new file: shard state is megabytes of BLOBs, which 64 KiB
-                # pages write and free 2-3x faster than 4 KiB ones (16 MiB saves: ~45 vs ~115
-                # ms); a small write such as a heartbeat stays ~0.1 ms.
-                conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")
-                mode = _enable_wal(conn, busy_timeout_s)
-                if str(mode).lower() != "wal":
-                    raise StoreError(
-                        f"store {self.uri} cannot use WAL journal mode (got {mode!r}); "
-                        "put it on a local file system"
-                    )
-                conn.execute("PRAGMA synchronous = NORMAL")
-                conn.execute("PRAGMA foreign_keys = ON")
-            self._init_schema()
+                configure(conn, busy_timeout_s, self.uri)
+            with self._tx(write=True) as tx:
+                init_schema(tx, self.path, self.uri)
         except BaseException:
             conn.close()
             self._conn = None
@@ -254,36 +155,6 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
                         conn.execute("ROLLBACK")
                     raise
 
-    def _init_schema(self) -> None:
-        with self._tx(write=True) as conn:
-            tables = {
-                r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            }
-            if not tables:
-                for stmt in _SCHEMA:
-                    conn.execute(stmt)
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                return
-            row = None
-            if "meta" in tables:
-                row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-            if row is None:
-                raise StoreError(f"{self.path} is a SQLite file but not a tether store")
-            version = int(row[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {self.uri} has schema version {version}, newer than this tether "
-                    f"supports ({SCHEMA_VERSION}); upgrade tether"
-                )
-            while version < SCHEMA_VERSION:
-                for stmt in _MIGRATIONS[version]:
-                    conn.execute(stmt)
-                version += 1
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
-
     def _require_run(self, conn: sqlite3.Connection, run_id: str) -> None:
         if conn.execute("SELECT 1 FROM runs WHERE run_id = ?", (run_id,)).fetchone() is None:
             raise UnknownRun(run_id, self.uri)
@@ -308,9 +179,9 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
             ).fetchone()
             if row is None:
                 self._require_run(conn, run_id)
-                raise Fenced(run_id, role, member_id, epoch, None)
-            if row[0] != epoch:
-                raise Fenced(run_id, role, member_id, epoch, row[0])
+            refusal = member_write_refusal(run_id, role, member_id, epoch, row and row[0])
+            if refusal is not None:
+                raise refusal
             set_clause, params = update(json.loads(row[1]))
             conn.execute(
                 f"UPDATE members SET {set_clause} WHERE run_id = ? AND role = ? AND member_id = ?",
@@ -370,7 +241,7 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
                 "SELECT epoch FROM members WHERE run_id = ? AND role = ? AND member_id = ?",
                 (run_id, role, member_id),
             ).fetchone()
-            epoch = 1 if row is None else row[0] + 1
+            epoch = next_epoch(row and row[0])
             now = self._clock()
             conn.execute(
                 f"INSERT OR REPLACE INTO members ({_MEMBER_COLUMNS}) "
@@ -441,8 +312,9 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
                 "SELECT owner_epoch FROM shard_heads WHERE run_id = ? AND shard_id = ?",
                 (run_id, shard_id),
             ).fetchone()
-            if row is not None and row[0] > epoch:
-                raise Fenced(run_id, "server", shard_id, epoch, row[0])
+            refusal = claim_refusal(run_id, shard_id, epoch, row and row[0])
+            if refusal is not None:
+                raise refusal
             conn.execute(
                 "INSERT INTO shard_heads (run_id, shard_id, owner_epoch) VALUES (?, ?, ?) "
                 "ON CONFLICT (run_id, shard_id) DO UPDATE SET owner_epoch = excluded.owner_epoch",
@@ -461,11 +333,10 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
             ).fetchone()
             if row is None:
                 self._require_run(conn, snap.run_id)
-            if row is None or row[0] != snap.epoch:
-                raise Fenced(snap.run_id, "server", snap.shard_id, snap.epoch, row and row[0])
-            _owner, head_version, old_save = row
-            if head_version is not None and snap.version < head_version:
-                raise version_regression(snap, head_version)
+            owner, head_version, old_save = (None, None, None) if row is None else row
+            refusal = save_refusal(snap, owner, head_version)
+            if refusal is not None:
+                raise refusal
             save_id = (old_save or 0) + 1
             conn.executemany(
                 "INSERT INTO shard_chunks "

@@ -1,15 +1,11 @@
-"""MongoDB failures: what the store makes of them, and the seam where tests inject them (DESIGN §6).
-
-:func:`translate_error` maps every pymongo error to the store's vocabulary once: what may work
-if retried (network errors, NotPrimary, timeouts, write-concern errors) is
-:class:`StoreUnavailable`, anything else :class:`StoreError`; the message names the operation and
-the pymongo error.
+"""The seam where tests inject MongoDB failures into a store (DESIGN §6).
 
 No ``mongod`` runs where Tether is built, so the failure handling of
 :class:`tether.store.mongo.MongoStore` (NotPrimary, AutoReconnect, timeouts, write-concern
 errors) is tested by injecting the exceptions pymongo would raise, at the points of an operation
 where a real cluster could fail. Like a Toxiproxy toxic, a fault is a small named thing: a point,
 what happens there (an error is raised, or a hook runs), how often, and after how many passes.
+What the store makes of those errors is :mod:`tether.store.mongo_errors`.
 
 The store calls :meth:`FaultPlan.check` at every point it reaches; with no plan it costs nothing.
 Points (see :data:`POINTS`):
@@ -35,38 +31,15 @@ from dataclasses import dataclass
 
 from pymongo.errors import (
     AutoReconnect,
-    BulkWriteError,
-    ConnectionFailure,
     DuplicateKeyError,
     ExecutionTimeout,
     NetworkTimeout,
     NotPrimaryError,
     OperationFailure,
-    PyMongoError,
     ServerSelectionTimeoutError,
     WriteConcernError,
     WTimeoutError,
 )
-
-from tether.store.base import StoreError, StoreUnavailable
-
-# Server error codes that mean "the primary moved or shut down; the same call may work later".
-_RETRYABLE_CODES = frozenset({6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436})
-
-
-def translate_error(e: PyMongoError, op: str, where: str) -> StoreError:
-    """Map a pymongo error to the store's vocabulary: retryable -> StoreUnavailable."""
-    retryable = isinstance(e, ConnectionFailure | WriteConcernError | ExecutionTimeout)
-    if isinstance(e, BulkWriteError):
-        details = e.details or {}
-        codes = {w.get("code") for w in details.get("writeErrors", [])}
-        retryable = not codes - _RETRYABLE_CODES  # only write-concern or retryable errors
-    elif isinstance(e, OperationFailure) and not isinstance(e, DuplicateKeyError):
-        retryable = retryable or e.code in _RETRYABLE_CODES
-        retryable = retryable or e.has_error_label("RetryableWriteError")
-    cls = StoreUnavailable if retryable else StoreError
-    return cls(f"store {where}: {op} failed: {type(e).__name__}: {e}")
-
 
 OPERATION_POINTS = (
     "connect",
@@ -131,7 +104,7 @@ ERRORS: dict[str, Callable[[str], BaseException]] = {
 
 
 @dataclass
-class Fault:
+class InjectedFault:
     """What happens at ``point``: ``error(point)`` is raised, or ``hook(point)`` runs.
 
     It lets ``skip`` passes go by, then acts on the next ``times`` passes (``None``: forever).
@@ -154,7 +127,7 @@ class FaultPlan:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._faults: list[Fault] = []
+        self._faults: list[InjectedFault] = []
         self.hits: Counter[str] = Counter()
 
     def fail(
@@ -164,7 +137,7 @@ class FaultPlan:
         *,
         times: int | None = 1,
         skip: int = 0,
-    ) -> Fault:
+    ) -> InjectedFault:
         """Raise ``error`` at ``point``: a name from :data:`ERRORS`, an exception (raised as
         is each time), or a factory called with the point's name."""
         if isinstance(error, str):
@@ -176,15 +149,15 @@ class FaultPlan:
             factory = lambda _point: instance  # noqa: E731
         else:
             factory = error
-        return self._add(Fault(point, factory, None, times, skip))
+        return self._add(InjectedFault(point, factory, None, times, skip))
 
     def on(
         self, point: str, hook: Callable[[str], None], *, times: int | None = 1, skip: int = 0
-    ) -> Fault:
+    ) -> InjectedFault:
         """Run ``hook(point)`` at ``point`` (e.g. to move the head under a reader)."""
-        return self._add(Fault(point, None, hook, times, skip))
+        return self._add(InjectedFault(point, None, hook, times, skip))
 
-    def _add(self, fault: Fault) -> Fault:
+    def _add(self, fault: InjectedFault) -> InjectedFault:
         if fault.point not in POINTS:
             raise ValueError(
                 f"unknown fault point {fault.point!r}; known: {', '.join(sorted(POINTS))}"

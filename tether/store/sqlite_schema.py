@@ -1,0 +1,162 @@
+"""The SQLite store's file: its connection settings, schema and upgrades (DESIGN §6).
+
+:class:`tether.store.sqlite.SQLiteStore` opens a connection, calls :func:`configure` once and
+then :func:`init_schema` inside its first write transaction. A fresh file gets the latest schema
+in one go; an older one is upgraded in the transaction that reads its version.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tether.retry import PollTimeout, poll_until
+from tether.store.base import StoreError
+from tether.store.sqlite_results import RESULTS_SCHEMA
+
+SCHEMA_VERSION = 4
+
+# The latest schema, created in one go on a fresh file. An older file is brought up to date by
+# MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
+# the version, so a file is never left half upgraded.
+SCHEMA: tuple[str, ...] = (
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        config TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        finished INTEGER NOT NULL DEFAULT 0,
+        summary TEXT
+    )""",
+    """CREATE TABLE members (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        role TEXT NOT NULL,
+        member_id INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        address TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        host TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        heartbeat REAL NOT NULL,
+        state TEXT NOT NULL,
+        info TEXT NOT NULL,
+        PRIMARY KEY (run_id, role, member_id)
+    )""",
+)
+# Version 3: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
+# points at. Chunks are keyed by a per-shard save id, so a new state never overwrites the one the
+# head points at; epoch and version say which state a chunk belongs to. Head columns other than
+# owner_epoch are NULL until a state is saved. (Version 2 was a development layout of the same
+# tables; its replicated state is dropped on upgrade -- it only matters to a run in progress.)
+SHARD_STATE_TABLES: tuple[str, ...] = (
+    """CREATE TABLE shard_heads (
+        run_id TEXT NOT NULL REFERENCES runs(run_id),
+        shard_id INTEGER NOT NULL,
+        owner_epoch INTEGER NOT NULL,
+        epoch INTEGER,
+        version INTEGER,
+        save_id INTEGER,
+        layout TEXT,
+        meta TEXT,
+        nbytes INTEGER,
+        saved_at REAL,
+        PRIMARY KEY (run_id, shard_id)
+    )""",
+    """CREATE TABLE shard_chunks (
+        run_id TEXT NOT NULL,
+        shard_id INTEGER NOT NULL,
+        save_id INTEGER NOT NULL,
+        epoch INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, shard_id, save_id, name, idx)
+    )""",
+)
+# Version 4: results (DESIGN §8): runs.meta, metrics, artifacts. The statements that upgrade a
+# version 3 file also finish a new one, so both have the same layout.
+SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA
+MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: SHARD_STATE_TABLES,
+    2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *SHARD_STATE_TABLES),
+    3: RESULTS_SCHEMA,
+}
+
+
+PAGE_SIZE = 65536
+
+
+def _busy(e: sqlite3.OperationalError) -> bool:
+    return e.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch the file to WAL mode (a no-op once it is) and return the resulting mode.
+
+    When several processes open a new file at once, the switch fails with SQLITE_BUSY at once
+    instead of waiting on busy_timeout (seen with 8 spawned processes), so it is retried here
+    until the same deadline; past it, the last SQLITE_BUSY is raised.
+    """
+    busy: list[sqlite3.OperationalError] = []
+
+    def switch() -> tuple[str] | None:
+        try:
+            return (str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]),)
+        except sqlite3.OperationalError as e:
+            if not _busy(e):
+                raise
+            busy[:] = [e]
+            return None
+
+    try:
+        switched = poll_until(switch, timeout_s, "the WAL journal mode", interval_s=0.005)
+    except PollTimeout:
+        raise busy[-1] from None
+    assert switched is not None  # no stop event: a value or PollTimeout
+    return switched[0]
+
+
+def configure(conn: sqlite3.Connection, busy_timeout_s: float, uri: str) -> None:
+    """Set the connection's pragmas; raise StoreError if the file cannot be in WAL mode."""
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+    # Only takes effect on a new file: shard state is megabytes of BLOBs, which 64 KiB pages
+    # write and free 2-3x faster than 4 KiB ones (16 MiB saves: ~45 vs ~115 ms); a small write
+    # such as a heartbeat stays ~0.1 ms.
+    conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+    mode = enable_wal(conn, busy_timeout_s)
+    if str(mode).lower() != "wal":
+        raise StoreError(
+            f"store {uri} cannot use WAL journal mode (got {mode!r}); put it on a local file system"
+        )
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+def init_schema(conn: sqlite3.Connection, path: Path, uri: str) -> None:
+    """Create the schema on a fresh file or upgrade an older one; ``conn`` is in a write
+    transaction. Raises StoreError for a file that is not a tether store or is newer."""
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not tables:
+        for stmt in SCHEMA:
+            conn.execute(stmt)
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+        )
+        return
+    row = None
+    if "meta" in tables:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row is None:
+        raise StoreError(f"{path} is a SQLite file but not a tether store")
+    version = int(row[0])
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"store {uri} has schema version {version}, newer than this tether "
+            f"supports ({SCHEMA_VERSION}); upgrade tether"
+        )
+    while version < SCHEMA_VERSION:
+        for stmt in MIGRATIONS[version]:
+            conn.execute(stmt)
+        version += 1
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
