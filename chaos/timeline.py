@@ -202,26 +202,27 @@ class Timeline(threading.Thread):
         self._watch_thread(lambda: self._recovered(record, role, member_id, epoch))
 
     def _retry(self, fn: Callable[[], int]) -> int:
-        """Run `fn` in the launcher's loop; a target being restarted is waited for, up to
-        TARGET_WAIT_S or the end of the run, after which its last LookupError is raised."""
+        """Run `fn` (it returns a pid) in the launcher's loop; a target being restarted is waited
+        for, up to TARGET_WAIT_S or the end of the run, after which its last LookupError is
+        raised."""
         failure: LookupError | None = None
 
-        def attempt() -> tuple[int] | None:
+        def attempt() -> int | None:
             nonlocal failure
             try:
-                return (self.launcher.call(fn),)
+                return self.launcher.call(fn)
             except LookupError as e:
                 failure = e
                 return None
 
         try:
-            got = poll_until(attempt, TARGET_WAIT_S, "a live target", POLL_S, stop=self.done)
+            pid = poll_until(attempt, TARGET_WAIT_S, "a live target", POLL_S, stop=self.done)
         except PollTimeout:
-            got = None
-        if got is None:
+            pid = None
+        if pid is None:
             assert failure is not None
             raise failure
-        return got[0]
+        return pid
 
     def _watch_thread(self, fn: Callable[[], None]) -> None:
         t = threading.Thread(target=fn, name="chaos-recovery", daemon=True)

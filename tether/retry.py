@@ -92,13 +92,11 @@ def poll_until(
     what: str,
     interval_s: float = 0.02,
     stop: threading.Event | None = None,
-    describe: Callable[[], str] | None = None,
 ) -> T | None:
     """Call `predicate` until it returns a truthy value, and return that value.
 
-    Raises `PollTimeout` after `timeout_s` (None: no deadline, only `stop`), with `what` and, if
-    given, `describe()` (the picture at the deadline) in the message. Returns None when `stop`
-    is set first.
+    Raises `PollTimeout` after `timeout_s` (None: no deadline, only `stop`), naming `what`.
+    Returns None when `stop` is set first.
     """
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
@@ -108,8 +106,7 @@ def poll_until(
         if stop is not None and stop.is_set():
             return None
         if deadline is not None and time.monotonic() >= deadline:
-            detail = f": {describe()}" if describe is not None else ""
-            raise PollTimeout(f"timed out after {timeout_s:.0f}s waiting for {what}{detail}")
+            raise PollTimeout(f"timed out after {timeout_s:.0f}s waiting for {what}")
         if stop is not None:
             stop.wait(interval_s)
         else:

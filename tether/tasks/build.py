@@ -43,16 +43,13 @@ def build_task(config: RunConfig, device: str = "cpu") -> RunTask:
 
 def resolve_config(config: RunConfig) -> RunConfig:
     """Fill in the data set's and model's sizes (and validate both names) before the run starts."""
-    from tether.tasks.models import build_model, parse_model
-
-    data = load_dataset(config.dataset)
-    spec = parse_model(config.model)
-    model = build_model(spec, data.in_dim, data.num_classes, device=config.device)
+    task = build_task(config, device=config.device)
+    model, data = task.model, task.data
     if config.shards > model.num_params:
         raise ValueError(f"--shards {config.shards} exceeds the {model.num_params} parameters")
     return dataclasses.replace(
         config,
-        model=spec.describe(),
+        model=model.spec.describe(),
         num_params=model.num_params,
         in_dim=data.in_dim,
         num_classes=data.num_classes,
