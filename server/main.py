@@ -42,14 +42,15 @@ SERVICE_NAME = "tether.v1.ParameterServer"
 ZOMBIE_LINGER_S = 1.0
 
 
-def initial_params(config: RunConfig) -> np.ndarray:
-    """The run's initial flat parameter vector, deterministic from (model, seed)."""
+def initial_params(config: RunConfig, offset: int, length: int) -> np.ndarray:
+    """This shard's range of the run's initial flat vector, deterministic from (task, seed)."""
     if config.model.startswith("vector"):
         # A bare vector with no model behind it: what `tether bench pushpull` moves around.
-        return np.zeros(config.num_params, dtype=np.float32)
-    from tether.tasks.build import build_model_of  # JAX only when a model is used
+        return np.zeros(length, dtype=np.float32)
+    from tether.tasks.build import runtime_of  # JAX only when a task is used
 
-    return build_model_of(config).init_flat(config.seed)
+    # On the CPU backend whatever the run's device: the same bits on every machine.
+    return runtime_of(config, device="cpu").init_flat(config.seed, offset, offset + length)
 
 
 def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
@@ -118,7 +119,7 @@ def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -
     store.claim_shard(config.run_id, spec.shard_id, epoch)
     snapshot = store.load_shard_state(config.run_id, spec.shard_id)
     if snapshot is None:
-        params = initial_params(config)[spec.offset : spec.offset + spec.length]
+        params = initial_params(config, spec.offset, spec.length)
         return ShardState(spec, params, epoch=epoch)
     return from_replica(spec, epoch, snapshot.meta, snapshot.arrays)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import RUN
+from helpers import RUN, RunWatch
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.server.host import ShardHost
@@ -137,3 +137,17 @@ def processes_in_groups(groups: set[int]) -> list[int]:
         if fields[0] != "Z" and int(fields[2]) in groups:
             found.append(int(entry.name))
     return found
+
+
+@pytest.fixture
+def watch(tmp_path):
+    watches = []
+
+    def make(run_dir: Path) -> RunWatch:
+        w = RunWatch(run_dir)
+        watches.append(w)
+        return w
+
+    yield make
+    for w in watches:
+        w.close()

@@ -18,8 +18,9 @@ import pytest
 from helpers import wait_until
 from tether.config import OptimizerConfig
 from tether.server.optim import Optimizer
+from tether.tasks.builtin import build_model
 from tether.tasks.data import batch_indices, load_dataset, partition
-from tether.tasks.models import build_model, parse_model
+from tether.tasks.models import parse_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

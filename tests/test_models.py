@@ -13,8 +13,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
+from tether.tasks.builtin import Model, build_model
 from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
-from tether.tasks.models import Model, ModelSpec, build_model, parse_model
+from tether.tasks.models import ModelSpec, parse_model
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,8 @@ def test_gradients_are_bit_identical_across_processes(mlp: Model, digits: Datase
     code = (
         "import hashlib, sys\n"
         "from tether.tasks.data import load_dataset\n"
-        "from tether.tasks.models import build_model, parse_model\n"
+        "from tether.tasks.builtin import build_model\n"
+        "from tether.tasks.models import parse_model\n"
         "d = load_dataset('digits')\n"
         "m = build_model(parse_model('mlp:64'), d.in_dim, d.num_classes)\n"
         "loss, g = m.loss_and_grad(m.init_flat(5), d.x_train[:32], d.y_train[:32])\n"

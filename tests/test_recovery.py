@@ -7,67 +7,15 @@ processes, timed by the run's progress as read from the store, never by sleeps.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from helpers import wait_until
 from tether.cli.status import run_status
-from tether.store import Member, open_store
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-class RunWatch:
-    """Reads a running launch's members from its store."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.db = run_dir / "tether.db"
-        self.store = None
-
-    def members(self) -> list[Member]:
-        if self.store is None:
-            if not self.db.exists():
-                return []
-            self.store = open_store(f"sqlite:///{self.db}")
-        runs = self.store.list_runs()
-        return self.store.members(runs[0].run_id) if runs else []
-
-    def member(self, role: str, mid: int) -> Member | None:
-        return next((m for m in self.members() if (m.role, m.member_id) == (role, mid)), None)
-
-    def min_clock(self) -> int:
-        workers = [m for m in self.members() if m.role == "worker"]
-        return min((m.info.get("clock", 0) for m in workers), default=0) if workers else 0
-
-    def kill_at(self, clock: int, role: str, mid: int, sig: int = signal.SIGKILL) -> int:
-        """Once every worker reached `clock`, send `sig` to the member; returns its pid."""
-        wait_until(lambda: self.min_clock() >= clock, 120, f"workers to reach clock {clock}")
-        m = self.member(role, mid)
-        assert m is not None and m.state == "running"
-        os.kill(m.pid, sig)
-        return m.pid
-
-    def close(self) -> None:
-        if self.store is not None:
-            self.store.close()
-
-
-@pytest.fixture
-def watch(tmp_path):
-    watches = []
-
-    def make(run_dir: Path) -> RunWatch:
-        w = RunWatch(run_dir)
-        watches.append(w)
-        return w
-
-    yield make
-    for w in watches:
-        w.close()
 
 
 COMMON = ["--json", "--steps", "300", "--seed", "3"]

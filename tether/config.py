@@ -133,6 +133,9 @@ class RunConfig:
     staleness: int = 0
     model: str = "mlp:64"
     dataset: str = "digits"
+    # A user task's import spec (DESIGN §11: `path/to/file.py:NAME` with an absolute path once
+    # resolved, or `package.module:NAME`); empty for the built-in classifier of model/dataset.
+    task: str = ""
     steps: int = 200
     batch_size: int = 32
     optimizer: str = "adam"

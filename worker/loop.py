@@ -38,8 +38,7 @@ from tether.store import (
     StoreUnavailable,
     open_store,
 )
-from tether.tasks.build import build_task
-from tether.tasks.data import batch_indices, partition
+from tether.tasks.build import context_of, runtime_of
 from tether.wire import FLOAT
 from tether.worker.client import ChannelClosed, Pulled
 from tether.worker.ledger import AckLedger
@@ -54,6 +53,8 @@ from tether.worker.resolve import (
 )
 
 EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
+# The worker's own per-step metric names; a task metric of the same name is logged as task.NAME.
+_OWN = frozenset({"loss", "step_s", "pull_s", "clock_gap", "read_version"})
 
 
 def _describe(e: BaseException) -> str:
@@ -83,14 +84,11 @@ class Worker:
             )
         self.opts, self.store, self.config = opts, store, config
         self.wid = opts.worker_id
-        task = build_task(config, device=config.device)
-        self.dataset, self.model = task.data, task.model
-        if self.model.num_params != config.num_params:
-            raise ValueError(
-                f"model {config.model} has {self.model.num_params} parameters but the run "
-                f"expects {config.num_params}"
-            )
-        self.part = partition(len(self.dataset.y_train), config.workers, self.wid)
+        # The run's task (DESIGN §11): the user's loss and batches, differentiated with respect
+        # to the parameter tree, which is made of views of `self.flat`.
+        self.runtime = runtime_of(config)
+        self.task = self.runtime.task
+        self.ctx = context_of(config, "worker", self.wid, opts.store_uri)
         self.delay_s = config.stragglers.get(self.wid, 0) / 1000
         self.rng = random.Random(config.seed * 1_000_003 + self.wid)  # retry jitter only
         self.stop = threading.Event()
@@ -176,7 +174,6 @@ class Worker:
     def run(self) -> None:
         config = self.config
         self.views = [self.flat[o : o + n] for o, n in self.ranges]
-        x, y = self.dataset.x_train, self.dataset.y_train
         samples, wait_s, last_beat, t0 = 0, 0.0, 0.0, time.monotonic()
         failures = 0  # failed attempts at the current clock
         try:
@@ -187,8 +184,8 @@ class Worker:
                     pulled = self._pull_all(clock)
                     pull_s = time.monotonic() - t_pull
                     wait_s += pull_s
-                    idx = batch_indices(self.part, config.batch_size, config.seed, self.wid, clock)
-                    loss, grad = self.model.loss_and_grad(self.flat, x[idx], y[idx])
+                    step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock))
+                    loss, grad = step.loss, step.grad
                     if self.delay_s:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
                     self._push_all(grad, clock, pulled, loss)
@@ -207,7 +204,7 @@ class Worker:
                     continue
                 failures = 0
                 self.clock = clock + 1
-                samples += len(idx)
+                samples += config.batch_size
                 now = time.monotonic()
                 self.metric_rows.append(
                     MetricRow(
@@ -221,6 +218,11 @@ class Worker:
                             # What the shards measured when they served this iteration's pulls.
                             "clock_gap": float(max(p.clock_gap for p in pulled)),
                             "read_version": float(sum(p.version for p in pulled)),
+                            # The task's own metrics (its loss's aux dict), under their names.
+                            **{
+                                k if k not in _OWN else f"task.{k}": v
+                                for k, v in step.metrics.items()
+                            },
                         },
                     )
                 )
@@ -311,7 +313,8 @@ def run_worker(opts: WorkerOptions) -> int:
     )
     print(
         f"tether worker: worker {opts.worker_id} of run {opts.run_id} (seed {config.seed}, "
-        f"device {config.device}, {len(worker.part)} samples)",
+        f"device {config.device}, task {config.task or config.model}, "
+        f"{worker.runtime.num_params} parameters)",
         file=sys.stderr,
         flush=True,
     )

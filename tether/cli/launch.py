@@ -34,6 +34,12 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="SSP bound s: a worker may be at most s clocks ahead (ssp only)",
     )
+    launch.add_argument(
+        "--task",
+        default=None,
+        help="your task: path/to/file.py:NAME or package.module:NAME, a tether.Task "
+        "(instance, class or factory); replaces --model and --dataset",
+    )
     launch.add_argument("--model", default="mlp:64", help="logreg | mlp | mlp:H1xH2... (mlp:64)")
     launch.add_argument(
         "--dataset",
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         staleness=staleness or 0,
         model=args.model,
         dataset=args.dataset,
+        task=args.task or "",
         steps=args.steps,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
@@ -195,13 +202,17 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def print_summary(s: dict[str, Any]) -> None:
     mode = s["mode"] + (f"({s['staleness']})" if s["mode"] == "ssp" else "")
     print(
         f"run {s['run_id']} finished: {mode}, {s['shards']} shards, {s['workers']} workers, "
         f"seed {s['seed']}\n"
-        f"  final loss      {s['final_loss']:.4f}\n"
-        f"  test accuracy   {s['test_accuracy']:.4f}\n"
+        f"  final loss      {_figure(s['final_loss'])}\n"
+        f"  test accuracy   {_figure(s['test_accuracy'])}\n"
         f"  updates applied {s['updates_applied']}\n"
         f"  max clock gap   {s['max_clock_gap']}\n"
         f"  wall time       {s['wall_s']:.1f}s ({s['samples_per_s']:.0f} samples/s)\n"

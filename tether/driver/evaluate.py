@@ -3,9 +3,10 @@
 The workers' mini-batch losses are noisy and measured on parameters each worker saw; comparing
 consistency modes needs the loss of the parameters the shards hold, over time. This thread reads
 every shard's slice as an observer (outside the clock protocol: it never waits and never counts
-as a worker), evaluates the training loss and accuracy on the whole training set, and writes one
-metric row per evaluation under the source ``eval``: its time, the loss, and how many optimizer
-updates and worker gradients the shards had applied at that point.
+as a worker), runs the task's `evaluate` on them (for the built-in classifier: the loss and
+accuracy on the whole training set), and writes one metric row per evaluation under the source
+``eval``: its time, what evaluate returned, and how many optimizer updates and worker gradients
+the shards had applied at that point.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ class Evaluator(threading.Thread):
         self.error: str | None = None
 
     def run(self) -> None:
-        from tether.tasks.build import build_task
+        from tether.tasks.build import context_of, runtime_of
         from tether.worker.client import read_params
 
         cfg = self.config
-        task = build_task(cfg)
-        model, data = task.model, task.data
+        runtime = runtime_of(cfg, device="cpu")
+        ctx = context_of(cfg, "driver", store_uri=self.store_uri)
+        if not hasattr(runtime.task, "evaluate"):
+            return  # a task without evaluate has no loss curve of its own to record
         store = open_store(self.store_uri)
         try:
             while True:
@@ -44,8 +47,8 @@ class Evaluator(threading.Thread):
                     shards = store.members(cfg.run_id, "server")
                     if len(shards) == cfg.shards:
                         flat, infos = read_params(cfg, shards)
-                        loss, accuracy = model.evaluate(flat, data.x_train, data.y_train)
-                        store.log_metrics(cfg.run_id, [self.row(loss, accuracy, infos)])
+                        values = runtime.evaluate(flat, ctx)
+                        store.log_metrics(cfg.run_id, [self.row(values, infos)])
                 except Exception as e:  # noqa: BLE001 - a shard being replaced (a gRPC error),
                     # a busy store: this point is skipped, not the run.
                     self.error = f"{type(e).__name__}: {e}"
@@ -54,15 +57,16 @@ class Evaluator(threading.Thread):
         finally:
             store.close()
 
-    def row(self, loss: float, accuracy: float, infos: list[Any]) -> MetricRow:
+    def row(self, evaluation: dict[str, float], infos: list[Any]) -> MetricRow:
+        """One point of the loss curve: what the task's evaluate returned (the built-in
+        classifier's: loss, accuracy, test_accuracy) and how far training had got."""
         self.count += 1
         return MetricRow(
             source=SOURCE,
             step=self.count - 1,
             t=time.time(),
             values={
-                "loss": float(loss),
-                "accuracy": float(accuracy),
+                **evaluation,
                 # Every shard applies every update; the slowest shard's count is the model's.
                 "updates": float(min(i.updates_applied for i in infos)),
                 "gradients": float(min(i.pushes_accepted for i in infos)),

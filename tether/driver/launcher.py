@@ -50,7 +50,7 @@ from tether.driver.summary import Outcome, RunSummary, summarise
 from tether.member.heartbeat import Heartbeat
 from tether.retry import PollTimeout, poll_until
 from tether.store import Member, Role, Store, open_store
-from tether.tasks.build import build_task
+from tether.tasks.build import context_of, runtime_of
 from tether.worker.client import read_params
 
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
@@ -432,12 +432,13 @@ class Launcher:
         shards = store.members(cfg.run_id, "server")
         workers = store.members(cfg.run_id, "worker")
         flat, infos = read_params(cfg, shards)
-        task = build_task(cfg)
-        model, data = task.model, task.data
-        final_loss, train_accuracy = model.evaluate(flat, data.x_train, data.y_train)
-        if self.evaluator is not None:  # the last point of the loss curve: the final parameters
-            store.log_metrics(cfg.run_id, [self.evaluator.row(final_loss, train_accuracy, infos)])
-        _, test_accuracy = model.evaluate(flat, data.x_test, data.y_test)
+        # The task's evaluate on the final parameters (DESIGN §11), on the CPU backend.
+        runtime = runtime_of(cfg, device="cpu")
+        evaluation = runtime.evaluate(
+            flat, context_of(cfg, "driver", store_uri=self.opts.store_uri)
+        )
+        if self.evaluator is not None and evaluation:  # the loss curve's last point
+            store.log_metrics(cfg.run_id, [self.evaluator.row(evaluation, infos)])
         if self.opts.export is not None:
             self.opts.export.parent.mkdir(parents=True, exist_ok=True)
             np.savez(self.opts.export, params=flat)
@@ -447,8 +448,8 @@ class Launcher:
                 run_dir=str(self.opts.run_dir),
                 store_uri=self.opts.store_uri,
                 export=str(self.opts.export) if self.opts.export else None,
-                final_loss=float(final_loss),
-                test_accuracy=float(test_accuracy),
+                evaluation=evaluation,
+                last_losses=[float(w.info["loss"]) for w in workers if "loss" in w.info],
                 wall_s=time.monotonic() - t_start,
                 train_s=train_s,
             ),

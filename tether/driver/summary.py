@@ -33,12 +33,14 @@ class RunSummary:
     batch_size: int
     model: str
     dataset: str
+    task: str  # the user's task spec (DESIGN §11); "" for the built-in model on dataset
     num_params: int
     optimizer: str
     lr: float
     seed: int
-    final_loss: float
-    test_accuracy: float
+    final_loss: float | None
+    test_accuracy: float | None
+    evaluation: dict[str, float]  # what the task's evaluate returned on the final parameters
     updates_applied: int
     pushes_accepted: int
     max_clock_gap: int
@@ -73,8 +75,8 @@ class Outcome:
     run_dir: str
     store_uri: str
     export: str | None
-    final_loss: float
-    test_accuracy: float
+    evaluation: dict[str, float]
+    last_losses: list[float]  # each worker's last reported mini-batch loss
     wall_s: float
     train_s: float
 
@@ -105,12 +107,14 @@ def summarise(
         batch_size=cfg.batch_size,
         model=cfg.model,
         dataset=cfg.dataset,
+        task=cfg.task,
         num_params=cfg.num_params,
         optimizer=cfg.optimizer,
         lr=cfg.lr,
         seed=cfg.seed,
-        final_loss=outcome.final_loss,
-        test_accuracy=outcome.test_accuracy,
+        final_loss=final_loss(outcome.evaluation, outcome.last_losses),
+        test_accuracy=test_accuracy(outcome.evaluation),
+        evaluation=outcome.evaluation,
         updates_applied=min(i.updates_applied for i in infos),
         pushes_accepted=sum(i.pushes_accepted for i in infos),
         max_clock_gap=max(i.max_clock_gap for i in infos),
@@ -133,6 +137,21 @@ def summarise(
         replication_lag_max_s=max(i.replication_lag_max_s for i in infos),
         export=outcome.export,
     )
+
+
+def final_loss(evaluation: dict[str, float], last_losses: list[float]) -> float | None:
+    """The task's evaluated loss on the final parameters; without an `evaluate`, the mean of
+    the workers' last mini-batch losses (None if no worker reported one)."""
+    if "loss" in evaluation:
+        return evaluation["loss"]
+    return sum(last_losses) / len(last_losses) if last_losses else None
+
+
+def test_accuracy(evaluation: dict[str, float]) -> float | None:
+    for key in ("test_accuracy", "accuracy"):
+        if key in evaluation:
+            return evaluation[key]
+    return None
 
 
 def params_sha256(flat: np.ndarray) -> str:

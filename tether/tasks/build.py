@@ -1,56 +1,88 @@
-"""The one place a run's model and data are built from its config.
+"""The one place a run's task is built from its config (DESIGN §11).
 
-The driver resolves a config once (`resolve_config`: the data set's and model's sizes), and every
-member rebuilds the same model from the resolved config in its own process: shards for the
-initial parameters (`build_model_of`, no data needed), workers and evaluators for the model and
-its data (`build_task`). JAX is imported here only when a model is built.
+A run trains either a user's task (`config.task`, an import spec) or the built-in classifier of
+`config.model` on `config.dataset`; both are task objects behind the same `TaskRuntime`. The
+driver resolves a config once (`resolve_config`: the spec made absolute, the parameter count,
+the built-in data set's sizes), and every member rebuilds the same task from the resolved config
+in its own process. JAX is imported here only when a task is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tether.config import RunConfig
-from tether.tasks.data import Dataset, load_dataset
+from tether.tasks.api import Role, TaskContext
 
 if TYPE_CHECKING:
-    from tether.tasks.models import Model
+    from tether.tasks.runtime import TaskRuntime
 
 
-@dataclass(frozen=True, slots=True)
-class RunTask:
-    model: Model
-    data: Dataset
+def task_of(config: RunConfig) -> Any:
+    """The run's task object: the user's, loaded by its spec, or the built-in classifier."""
+    if config.task:
+        from tether.tasks.load import load_task
+
+        return load_task(config.task)
+    from tether.tasks.builtin import Classifier
+    from tether.tasks.models import parse_model
+
+    return Classifier(parse_model(config.model), config.dataset, config.in_dim, config.num_classes)
 
 
-def build_model_of(config: RunConfig, device: str = "cpu") -> Model:
-    """The run's model, from a resolved config (its input and class counts are filled in)."""
-    from tether.tasks.models import build_model, parse_model
+def runtime_of(config: RunConfig, device: str | None = None) -> TaskRuntime:
+    """The run's task in this process, on `device` (the run's own device by default)."""
+    from tether.tasks.runtime import TaskRuntime
 
-    return build_model(parse_model(config.model), config.in_dim, config.num_classes, device=device)
+    runtime = TaskRuntime(task_of(config), config.device if device is None else device)
+    if config.num_params and runtime.num_params != config.num_params:
+        raise ValueError(
+            f"the task has {runtime.num_params} parameters in this process but the run expects "
+            f"{config.num_params}: every member must load the same task"
+        )
+    return runtime
 
 
-def build_task(config: RunConfig, device: str = "cpu") -> RunTask:
-    """The run's model and its data set (the model is sized by the data set itself)."""
-    from tether.tasks.models import build_model, parse_model
-
-    data = load_dataset(config.dataset)
-    model = build_model(parse_model(config.model), data.in_dim, data.num_classes, device=device)
-    return RunTask(model, data)
+def context_of(
+    config: RunConfig, role: Role, worker_id: int = 0, store_uri: str = ""
+) -> TaskContext:
+    return TaskContext(
+        seed=config.seed,
+        worker_id=worker_id,
+        num_workers=config.workers,
+        batch_size=config.batch_size,
+        steps=config.steps,
+        role=role,
+        run_id=config.run_id,
+        store_uri=store_uri,
+        device=config.device,
+    )
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
-    """Fill in the data set's and model's sizes (and validate both names) before the run starts."""
-    task = build_task(config, device=config.device)
-    model, data = task.model, task.data
-    if config.shards > model.num_params:
-        raise ValueError(f"--shards {config.shards} exceeds the {model.num_params} parameters")
-    return dataclasses.replace(
-        config,
-        model=model.spec.describe(),
-        num_params=model.num_params,
-        in_dim=data.in_dim,
-        num_classes=data.num_classes,
-    )
+    """Validate the task and fill in what members need before the run starts: an absolute task
+    spec (members may start in another folder), the parameter count, and for the built-in
+    classifier the data set's sizes."""
+    from tether.tasks.runtime import TaskRuntime
+
+    if config.task:
+        from tether.tasks.load import absolute_spec, load_task
+
+        spec = absolute_spec(config.task)
+        runtime = TaskRuntime(load_task(spec), config.device)
+        resolved = dataclasses.replace(config, task=spec, model="", dataset="")
+    else:
+        from tether.tasks.builtin import Classifier
+
+        task = Classifier.named(config.model, config.dataset)
+        runtime = TaskRuntime(task, config.device)
+        resolved = dataclasses.replace(
+            config,
+            model=task.spec.describe(),
+            in_dim=task.sizes[0],
+            num_classes=task.sizes[-1],
+        )
+    if config.shards > runtime.num_params:
+        raise ValueError(f"--shards {config.shards} exceeds the {runtime.num_params} parameters")
+    return dataclasses.replace(resolved, num_params=runtime.num_params)

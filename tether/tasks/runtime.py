@@ -1,0 +1,210 @@
+"""A task in one process: its flat layout, initial vector and gradient step (DESIGN §2, §11).
+
+The wire carries one float32 vector: the pytree's leaves in `jax.tree_util` order, each raveled.
+`Layout` maps between that vector and the tree *without copying*: the tree a worker hands to the
+user's loss is made of numpy views of the buffer its pulls landed in, and the gradient's leaves
+are written into one flat push buffer. The gradient is taken with respect to the tree itself,
+never through an unravel of the flat vector: the transpose of an unravel (a pad and scatter into
+a zero vector per leaf) cost 2-10x the model's own gradient step on CPU, which is what made the
+worker slower than the model it trains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tether.tasks.api import TaskContext
+
+FLOAT = np.dtype("<f4")  # what the wire carries (tether/wire.py)
+DEVICES = ("cpu", "gpu", "tpu")
+
+
+@dataclass(frozen=True, slots=True)
+class Leaf:
+    path: str  # jax.tree_util.keystr of the leaf, e.g. "['dense']['kernel']"
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where each leaf of the parameter tree lives in the flat vector."""
+
+    treedef: Any
+    leaves: tuple[Leaf, ...]
+    num_params: int
+
+    @classmethod
+    def of(cls, tree: Any, what: str = "init(key)") -> Layout:
+        """The layout of a tree of arrays or `jax.ShapeDtypeStruct`s; ValueError naming the
+        first leaf that is not a float32 array."""
+        pairs, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        if not pairs:
+            raise ValueError(f"{what} returned no arrays: a task needs at least one parameter.")
+        leaves, offset = [], 0
+        for path, leaf in pairs:
+            name = jax.tree_util.keystr(path) or "the root"
+            dtype = getattr(leaf, "dtype", None)
+            shape = getattr(leaf, "shape", None)
+            if dtype is None or shape is None:
+                raise ValueError(
+                    f"{what}: parameter {name} is a {type(leaf).__name__}, not an array; "
+                    f"parameters must be float32 arrays (keep other values out of the tree)."
+                )
+            dtype = np.dtype(dtype)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(
+                    f"{what}: parameter {name} has dtype {dtype}; parameters must be float arrays "
+                    f"(keep integer and boolean state out of the parameter tree)."
+                )
+            if dtype != np.float32:
+                raise ValueError(
+                    f"{what}: parameter {name} is {dtype}, and the wire carries float32 only; "
+                    f"cast it in init, e.g. jax.tree.map(lambda a: a.astype(jnp.float32), params)."
+                )
+            size = math.prod(shape)
+            leaves.append(Leaf(name, tuple(int(d) for d in shape), offset, size))
+            offset += size
+        return cls(treedef, tuple(leaves), offset)
+
+    def views(self, flat: np.ndarray) -> Any:
+        """The parameter tree as views of `flat` (no copy): writes to `flat` show through."""
+        if flat.shape != (self.num_params,):
+            raise ValueError(
+                f"expected a flat vector of {self.num_params} params, got shape {flat.shape}."
+            )
+        parts = [flat[x.offset : x.offset + x.size].reshape(x.shape) for x in self.leaves]
+        return jax.tree_util.tree_unflatten(self.treedef, parts)
+
+    def write(self, tree: Any, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
+        """Copy the leaves of `tree` that overlap [lo, hi) of the flat vector into `out`, the
+        buffer of that range (so a shard fills only its own slice)."""
+        hi = self.num_params if hi is None else hi
+        leaves = jax.tree_util.tree_leaves(tree)
+        if len(leaves) != len(self.leaves):
+            raise ValueError(f"expected {len(self.leaves)} leaves, got {len(leaves)}.")
+        for x, value in zip(self.leaves, leaves, strict=True):
+            a, b = max(x.offset, lo), min(x.offset + x.size, hi)
+            if a < b:
+                # np.asarray of a CPU jax array is a view; ravel of a contiguous array too.
+                src = np.asarray(value, dtype=FLOAT).reshape(-1)
+                out[a - lo : b - lo] = src[a - x.offset : b - x.offset]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    loss: float
+    metrics: dict[str, float]
+    grad: np.ndarray  # the flat push buffer: valid until the next step
+
+
+def resolve_device(device: str) -> jax.Device:
+    """The first JAX device of kind 'cpu', 'gpu' or 'tpu'; ValueError if there is none."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}: expected one of {', '.join(DEVICES)}.")
+    try:
+        return jax.devices(device)[0]
+    except RuntimeError:
+        available = ", ".join(sorted({d.platform for d in jax.devices()}))
+        raise ValueError(
+            f"no {device} device is available to JAX: this process sees only {available}, "
+            f"so install JAX's {device} support or choose another device."
+        ) from None
+
+
+def _cpu() -> jax.Device:
+    return jax.devices("cpu")[0]
+
+
+class TaskRuntime:
+    """One task in one process: layout, initial parameters, gradient step and evaluation."""
+
+    def __init__(self, task: Any, device: str = "cpu") -> None:
+        self.task = task
+        self.device = resolve_device(device)
+        key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        with jax.default_device(_cpu()):
+            shapes = jax.eval_shape(task.init, key)
+        self.layout = Layout.of(shapes)
+        self.num_params = self.layout.num_params
+        self._grad: Callable[..., Any] | None = None
+        self._has_aux = False
+        self._push = np.empty(0, dtype=FLOAT)
+
+    # -- initial parameters ----------------------------------------------------------------------
+
+    def init_tree(self, seed: int) -> Any:
+        """`task.init(PRNGKey(seed))` on the CPU backend: accelerators may round random
+        transforms differently, and the initial vector (hence params_sha256) must not depend on
+        --device."""
+        with jax.default_device(_cpu()):
+            tree = self.task.init(jax.random.PRNGKey(seed))
+        got = Layout.of(tree)
+        if got.leaves != self.layout.leaves or got.treedef != self.layout.treedef:
+            raise ValueError("task.init returned a different tree for a concrete key than traced.")
+        return tree
+
+    def init_flat(self, seed: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Range [lo, hi) of the initial flat vector: a fresh, writable float32 array. A shard
+        asks for its own slice and keeps only that (the whole tree exists while it is copied)."""
+        hi = self.num_params if hi is None else hi
+        out = np.empty(hi - lo, dtype=FLOAT)
+        self.layout.write(self.init_tree(seed), out, lo, hi)
+        return out
+
+    # -- the worker's step -----------------------------------------------------------------------
+
+    def _compile(self, params: Any, batch: Any) -> None:
+        out = jax.eval_shape(self.task.loss, params, batch)
+        self._has_aux = isinstance(out, tuple)
+        if self._has_aux and (len(out) != 2 or not isinstance(out[1], dict)):
+            raise ValueError("task.loss must return a scalar or (scalar, {name: scalar}).")
+        value = out[0] if self._has_aux else out
+        if getattr(value, "shape", None) != ():
+            raise ValueError(
+                f"task.loss must return a scalar, got shape {getattr(value, 'shape', value)}."
+            )
+        self._grad = jax.jit(jax.value_and_grad(self.task.loss, has_aux=self._has_aux))
+        self._push = np.empty(self.num_params, dtype=FLOAT)
+
+    def step(self, flat: np.ndarray, batch: Any) -> Step:
+        """The loss on `batch` at the parameters in `flat`, and its gradient in the flat push
+        buffer (reused: valid until the next call). Deterministic: equal inputs give equal bits.
+        """
+        params = self.layout.views(flat)
+        # device_put aliases suitably aligned host buffers on CPU instead of copying them.
+        params, batch = jax.device_put((params, batch), self.device)
+        if self._grad is None:
+            self._compile(params, batch)
+        assert self._grad is not None
+        value, grads = self._grad(params, batch)
+        loss, aux = value if self._has_aux else (value, {})
+        self.layout.write(grads, self._push)
+        metrics = {str(k): float(v) for k, v in aux.items()}
+        return Step(float(loss), metrics, self._push)
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, flat: np.ndarray, ctx: TaskContext) -> dict[str, float]:
+        """`task.evaluate(params, ctx)` on the parameters in `flat`; {} if the task has none."""
+        evaluate = getattr(self.task, "evaluate", None)
+        if evaluate is None:
+            return {}
+        with jax.default_device(self.device):
+            out = evaluate(self.layout.views(np.asarray(flat, dtype=FLOAT)), ctx)
+        if not isinstance(out, dict):
+            raise ValueError(f"task.evaluate must return a dict, got {type(out).__name__}.")
+        return {str(k): float(v) for k, v in out.items()}
+
+    def optimizer(self) -> Any:
+        """The task's own optax transformation for the shards, or None."""
+        make = getattr(self.task, "optimizer", None)
+        return make() if make is not None else None
