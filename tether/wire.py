@@ -21,6 +21,19 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Buffers that JAX may read in place: XLA's CPU client aliases a host array instead of copying
+# it when the data is this aligned (and copies otherwise), so the worker's pull buffer, and with
+# it every parameter leaf whose offset is a multiple of 16 floats, starts on this boundary.
+ALIGN_BYTES = 64
+
+
+def aligned_empty(n: int) -> np.ndarray:
+    """An uninitialised float32 vector of `n` elements whose data starts on ALIGN_BYTES."""
+    raw = np.empty(n + ALIGN_BYTES // FLOAT.itemsize, dtype=FLOAT)
+    skip = (-raw.ctypes.data % ALIGN_BYTES) // FLOAT.itemsize
+    return raw[skip : skip + n]
+
+
 class WireError(ValueError):
     """A stream that does not carry exactly the bytes its header declared."""
 

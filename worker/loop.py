@@ -39,7 +39,7 @@ from tether.store import (
     open_store,
 )
 from tether.tasks.build import context_of, runtime_of
-from tether.wire import FLOAT
+from tether.wire import aligned_empty
 from tether.worker.client import ChannelClosed, Pulled
 from tether.worker.ledger import AckLedger
 from tether.worker.resolve import (
@@ -104,7 +104,8 @@ class Worker:
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
         # The parameters as pulled, one view per shard's slice (set once the ranges are known).
-        self.flat = np.empty(config.num_params, dtype=FLOAT)
+        # Aligned, so that the parameter leaves JAX reads are views of it, not copies.
+        self.flat = aligned_empty(config.num_params)
         self.views: list[np.ndarray] = []
         # Threads start on first use; one per shard, so every pull and push runs at once.
         self.pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="io")

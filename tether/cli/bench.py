@@ -1,4 +1,9 @@
-"""`tether bench pushpull`: shard push/pull throughput against raw gRPC bytes (DESIGN §9).
+"""`tether bench pushpull | step | train`.
+
+`tether bench step` (the worker's gradient step against the task's own) is tether/tasks/bench.py;
+`tether bench train` (a real run's steady-state update rate against the single-process gradient
+step) is tether/driver/bench_train.py. What follows is `tether bench pushpull`: shard push/pull
+throughput against raw gRPC bytes (DESIGN §9).
 
 The shards are real `tether server` processes of a throw-away run whose model is a bare float32
 vector. In the same run, on the same servers and channels, it measures:
@@ -15,10 +20,8 @@ Reported figures are medians over the timed rounds, in gigabits per second.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from tether.exitcodes import EXIT_OK
 from tether.malloc import tune_allocator
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.store import default_store_uri
+from tether.tasks.bench import interleaved_medians
 from tether.wire import FLOAT
 from tether.worker.client import ShardClient
 
@@ -55,24 +59,6 @@ class BenchOptions:
 
 def _gbps(nbytes: int, seconds: float) -> float:
     return nbytes * 8 / 1e9 / seconds
-
-
-def _interleaved_medians(
-    fns: dict[str, Callable[[], None]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median time of each function over rounds that run every function once, in turn.
-
-    Interleaving makes a drift of the machine's speed (other load on a shared host) hit the
-    measurement and its baseline alike, so their ratio stays meaningful.
-    """
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(warmup + repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            if round_ >= warmup:
-                times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, Any]:
@@ -159,7 +145,7 @@ def _measure(
 
     print(f"tether bench: {nbytes / 2**20:.1f} MiB over {len(clients)} shard(s)", file=err)
     try:
-        t = _interleaved_medians(
+        t = interleaved_medians(
             {
                 "push": push,
                 "raw_push": lambda: each(raw_push_one),
@@ -218,8 +204,105 @@ def add_parser(sub: Any) -> None:
     )
     pushpull.add_argument("--json", action="store_true", help="print results as JSON")
 
+    step = bench_sub.add_parser(
+        "step",
+        help="the worker's gradient step against the task's own jitted tree gradient",
+        description="Time TaskRuntime.step (flat pulled buffer -> flat push buffer) against "
+        "jax.jit(jax.value_and_grad(task.loss)) on device-resident parameters, interleaved, "
+        "same parameters and batch. Target: ratio <= 1.1.",
+    )
+    _task_arguments(step)
+    step.add_argument("--repeats", type=int, default=30, help="timed rounds (30)")
+    step.add_argument("--warmup", type=int, default=3, help="untimed rounds first (3)")
+    step.add_argument("--json", action="store_true", help="print results as JSON")
+
+    train = bench_sub.add_parser(
+        "train",
+        help="a real run's steady-state update rate against the single-process gradient step",
+        description="Measure the task's own gradient steps per second in this process, then "
+        "run shards and workers on it and report the shards' updates per second after "
+        "start-up (the first --skip clocks of every worker are left out), and their ratio.",
+    )
+    _task_arguments(train)
+    train.add_argument("--shards", type=int, default=1, help="shards (1)")
+    train.add_argument("--workers", type=int, default=2, help="workers (2)")
+    train.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="asp", help="(asp)")
+    train.add_argument("--staleness", type=int, default=0, help="SSP bound (0)")
+    train.add_argument("--steps", type=int, default=300, help="clocks per worker (300)")
+    train.add_argument("--skip", type=int, default=30, help="start-up clocks left out (30)")
+    train.add_argument("--optimizer", default="adam", help="server-side optimizer (adam)")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
+    train.add_argument("--json", action="store_true", help="print results as JSON")
+
+
+def _task_arguments(parser: Any) -> None:
+    parser.add_argument("--task", default=None, help="path/to/file.py:NAME or package.module:NAME")
+    parser.add_argument("--model", default="mlp:512x512", help="built-in model (mlp:512x512)")
+    parser.add_argument(
+        "--dataset", default="synthetic:784", help="built-in data set (synthetic:784)"
+    )
+    parser.add_argument("--batch-size", type=int, default=128, help="per worker (128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed (0)")
+    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default="cpu", help="(cpu)")
+
+
+def _config(args: argparse.Namespace, **extra: Any) -> RunConfig:
+    from tether.tasks.build import resolve_config
+
+    return resolve_config(
+        RunConfig(
+            run_id=new_run_id(),
+            task=args.task or "",
+            model=args.model,
+            dataset=args.dataset,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            **extra,
+        )
+    )
+
+
+def run_step(args: argparse.Namespace) -> dict[str, Any]:
+    from tether.tasks.bench import bench_step
+    from tether.tasks.build import context_of, runtime_of
+
+    config = _config(args)
+    print(
+        f"tether bench: step of {config.task or config.model}, seed {config.seed}", file=sys.stderr
+    )
+    result = bench_step(runtime_of(config), context_of(config, "worker"), args.repeats, args.warmup)
+    return {"task": config.task or config.model, "seed": config.seed, **result}
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    from tether.driver.bench_train import bench_train
+
+    config = _config(
+        args,
+        shards=args.shards,
+        workers=args.workers,
+        mode=args.mode,
+        staleness=args.staleness,
+        steps=args.steps,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        replication="off",
+    )
+    return bench_train(config, skip=args.skip, err=sys.stderr)
+
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench != "pushpull":
+        result = run_step(args) if args.bench == "step" else run_train(args)
+        if args.json:
+            emit_json(result)
+        else:
+            for key, value in result.items():
+                print(
+                    f"  {key:22} {value:.4g}" if isinstance(value, float) else f"  {key:22} {value}"
+                )
+        return EXIT_OK
     result = bench_pushpull(
         BenchOptions(
             size_mb=args.size_mb,

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tether.tasks.api import TaskContext
+from tether.wire import FLOAT, aligned_empty
 
-FLOAT = np.dtype("<f4")  # what the wire carries (tether/wire.py)
 DEVICES = ("cpu", "gpu", "tpu")
 
 
@@ -156,7 +156,7 @@ class TaskRuntime:
         """Range [lo, hi) of the initial flat vector: a fresh, writable float32 array. A shard
         asks for its own slice and keeps only that (the whole tree exists while it is copied)."""
         hi = self.num_params if hi is None else hi
-        out = np.empty(hi - lo, dtype=FLOAT)
+        out = aligned_empty(hi - lo)
         self.layout.write(self.init_tree(seed), out, lo, hi)
         return out
 
@@ -173,15 +173,18 @@ class TaskRuntime:
                 f"task.loss must return a scalar, got shape {getattr(value, 'shape', value)}."
             )
         self._grad = jax.jit(jax.value_and_grad(self.task.loss, has_aux=self._has_aux))
-        self._push = np.empty(self.num_params, dtype=FLOAT)
+        self._push = aligned_empty(self.num_params)
 
     def step(self, flat: np.ndarray, batch: Any) -> Step:
         """The loss on `batch` at the parameters in `flat`, and its gradient in the flat push
         buffer (reused: valid until the next call). Deterministic: equal inputs give equal bits.
         """
         params = self.layout.views(flat)
-        # device_put aliases suitably aligned host buffers on CPU instead of copying them.
-        params, batch = jax.device_put((params, batch), self.device)
+        if self.device.platform != "cpu":
+            params, batch = jax.device_put((params, batch), self.device)
+        # On CPU the numpy views go to the jitted function as they are: its argument handling
+        # aliases aligned host buffers (tether.wire.aligned_empty) and is cheaper than a
+        # device_put of the tree first.
         if self._grad is None:
             self._compile(params, batch)
         assert self._grad is not None

@@ -1,0 +1,79 @@
+"""`tether bench step`: the worker's gradient step against the task's own (DESIGN §11).
+
+Both run in this process on the same parameters and the same batch, in interleaved rounds (so a
+drift of a shared machine's speed hits both alike), after warm-up rounds that absorb the
+compilation:
+
+- model: the task's own jitted `value_and_grad(loss)` on parameters already on the device, until
+  the gradient is ready: what a single-process training loop pays per step;
+- worker: `TaskRuntime.step` from the flat float32 buffer a pull lands in to the gradient in the
+  flat push buffer: the tree of views, the device transfer, the gradient and the copy out.
+
+The ratio worker/model is the worker's overhead; DESIGN §11's target is <= 1.1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from tether.tasks.api import TaskContext
+from tether.tasks.runtime import TaskRuntime
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds of each function over rounds that run every function once, in turn."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def model_step(runtime: TaskRuntime, params: Any, batch: Any) -> Callable[[], Any]:
+    """The task's own gradient step on device-resident parameters, blocking on the result."""
+    grad = jax.jit(jax.value_and_grad(runtime.task.loss, has_aux=_has_aux(runtime, batch)))
+    params = jax.device_put(params, runtime.device)
+    batch = jax.device_put(batch, runtime.device)
+    return lambda: jax.block_until_ready(grad(params, batch))
+
+
+def _has_aux(runtime: TaskRuntime, batch: Any) -> bool:
+    params = runtime.layout.views(runtime.init_flat(0))
+    return isinstance(jax.eval_shape(runtime.task.loss, params, batch), tuple)
+
+
+def bench_step(
+    runtime: TaskRuntime, ctx: TaskContext, repeats: int = 30, warmup: int = 3
+) -> dict[str, Any]:
+    if repeats < 1 or warmup < 1:
+        raise ValueError("--repeats and --warmup must be >= 1")
+    flat = runtime.init_flat(ctx.seed)
+    batch = runtime.task.batch(ctx, 0)
+    t = interleaved_medians(
+        {
+            "model": model_step(runtime, runtime.layout.views(flat.copy()), batch),
+            "worker": lambda: runtime.step(flat, batch),
+        },
+        repeats,
+        warmup,
+    )
+    return {
+        "num_params": runtime.num_params,
+        "batch_size": ctx.batch_size,
+        "device": str(runtime.device),
+        "repeats": repeats,
+        "model_step_ms": t["model"] * 1e3,
+        "worker_step_ms": t["worker"] * 1e3,
+        "ratio": t["worker"] / t["model"],
+        "model_steps_per_s": 1 / t["model"],
+    }
