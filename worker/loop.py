@@ -12,6 +12,7 @@ in `ledger.py`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -19,7 +20,7 @@ import socket
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,6 +56,14 @@ from tether.worker.resolve import (
 EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 # The worker's own per-step metric names; a task metric of the same name is logged as task.NAME.
 _OWN = frozenset({"loss", "step_s", "pull_s", "clock_gap", "read_version"})
+
+
+def _settle(pending: Future[None] | None) -> None:
+    """Wait for an in-flight push to end, success or not: after a failure the clock read back
+    from the shards decides what is redone, so its own outcome no longer matters."""
+    if pending is not None:
+        with contextlib.suppress(Exception):
+            pending.result()
 
 
 def _describe(e: BaseException) -> str:
@@ -109,6 +118,12 @@ class Worker:
         self.views: list[np.ndarray] = []
         # Threads start on first use; one per shard, so every pull and push runs at once.
         self.pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="io")
+        # Overlap (SSP/ASP): the push of clock c runs on its own threads while c+1 is pulled
+        # and computed, from the other of two gradient buffers.
+        self.overlap = config.overlap and not config.consistency.aggregates
+        self.push_pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="push")
+        self.pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
+        self.grads = [aligned_empty(config.num_params) for _ in range(2 if self.overlap else 1)]
 
     def connect(self) -> None:
         """Resolve every shard from the store and read this worker's clock back from them.
@@ -170,13 +185,14 @@ class Worker:
             )
             self.ledger.acked(i, seq=clock, version=reply.version)
 
-        list(self.pool.map(push, range(len(self.shards.clients))))
+        list(self.push_pool.map(push, range(len(self.shards.clients))))
 
     def run(self) -> None:
         config = self.config
         self.views = [self.flat[o : o + n] for o, n in self.ranges]
         samples, wait_s, last_beat, t0 = 0, 0.0, 0.0, time.monotonic()
         failures = 0  # failed attempts at the current clock
+        pending: Future[None] | None = None  # the push of the previous clock, when overlapping
         try:
             while self.clock < config.steps and not self.stop.is_set():
                 clock = self.clock
@@ -185,12 +201,23 @@ class Worker:
                     pulled = self._pull_all(clock)
                     pull_s = time.monotonic() - t_pull
                     wait_s += pull_s
-                    step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock))
+                    out = self.grads[clock % len(self.grads)]
+                    step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock), out)
                     loss, grad = step.loss, step.grad
                     if self.delay_s:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
-                    self._push_all(grad, clock, pulled, loss)
+                    if pending is not None:
+                        # The previous clock's push: its failure is handled as this clock's,
+                        # and the clock read back from the shards then says what to redo.
+                        done, pending = pending, None
+                        done.result()
+                    if self.overlap and clock + 1 < config.steps:
+                        pending = self.pusher.submit(self._push_all, grad, clock, pulled, loss)
+                    else:
+                        self._push_all(grad, clock, pulled, loss)
                 except (grpc.RpcError, StaleShard, ChannelClosed) as e:
+                    _settle(pending)
+                    pending = None
                     decision = after_failure(status_of(e), failures)
                     if isinstance(decision, Fatal):
                         raise
@@ -231,7 +258,9 @@ class Worker:
                     last_beat = now
                     self.report_progress(loss, samples / max(now - t0, 1e-9), wait_s)
         finally:
-            self.pool.shutdown(wait=True)
+            _settle(pending)  # stopped early: let the last push end before the channels close
+            for pool in (self.pusher, self.push_pool, self.pool):
+                pool.shutdown(wait=True)
             self.shards.close()
 
     def start_heartbeat(self) -> Heartbeat:

@@ -72,6 +72,7 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
         "shards": config.shards,
         "workers": config.workers,
         "optimizer": config.optimizer,
+        "overlap": config.overlap,
         "seed": config.seed,
         "model_step_ms": base * 1e3,
         "single_process_steps_per_s": single,

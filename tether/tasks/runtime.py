@@ -175,9 +175,10 @@ class TaskRuntime:
         self._grad = jax.jit(jax.value_and_grad(self.task.loss, has_aux=self._has_aux))
         self._push = aligned_empty(self.num_params)
 
-    def step(self, flat: np.ndarray, batch: Any) -> Step:
-        """The loss on `batch` at the parameters in `flat`, and its gradient in the flat push
-        buffer (reused: valid until the next call). Deterministic: equal inputs give equal bits.
+    def step(self, flat: np.ndarray, batch: Any, out: np.ndarray | None = None) -> Step:
+        """The loss on `batch` at the parameters in `flat`, and its gradient written into `out`
+        (a flat float32 buffer; by default one buffer of the runtime's own, reused: valid until
+        the next call). Deterministic: equal inputs give equal bits.
         """
         params = self.layout.views(flat)
         if self.device.platform != "cpu":
@@ -190,9 +191,10 @@ class TaskRuntime:
         assert self._grad is not None
         value, grads = self._grad(params, batch)
         loss, aux = value if self._has_aux else (value, {})
-        self.layout.write(grads, self._push)
+        push = self._push if out is None else out
+        self.layout.write(grads, push)
         metrics = {str(k): float(v) for k, v in aux.items()}
-        return Step(float(loss), metrics, self._push)
+        return Step(float(loss), metrics, push)
 
     # -- evaluation ------------------------------------------------------------------------------
 
