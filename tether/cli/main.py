@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 
 from tether.chaos import cli as chaos
-from tether.cli import bench, launch, members, mongo, status
+from tether.cli import bench, data, launch, members, mongo, status
 from tether.cli.common import Parser, UsageError
 from tether.consistency.experiments import cli as experiment
 from tether.exitcodes import EXIT_USAGE
@@ -29,6 +29,7 @@ COMMANDS: dict[str, ModuleType] = {
     "chaos": chaos,
     "experiment": experiment,
     "bench": bench,
+    "data": data,
 }
 
 

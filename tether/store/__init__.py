@@ -30,6 +30,7 @@ from tether.store.base import (
     ROLES,
     ArtifactInfo,
     ArtifactNotFound,
+    DatasetExists,
     Fenced,
     Member,
     MetricRow,
@@ -40,9 +41,11 @@ from tether.store.base import (
     Store,
     StoreError,
     StoreUnavailable,
+    UnknownDataset,
     UnknownRun,
     redact_uri,
 )
+from tether.store.datasets import DatasetInfo, FieldSpec
 from tether.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -54,7 +57,10 @@ __all__ = [
     "ROLES",
     "ArtifactInfo",
     "ArtifactNotFound",
+    "DatasetExists",
+    "DatasetInfo",
     "Fenced",
+    "FieldSpec",
     "Member",
     "MetricRow",
     "MongoStore",
@@ -66,6 +72,7 @@ __all__ = [
     "Store",
     "StoreError",
     "StoreUnavailable",
+    "UnknownDataset",
     "UnknownRun",
     "default_store_uri",
     "open_store",

@@ -37,6 +37,14 @@ Results (DESIGN §8, a Sacred-like layout: runs, metrics, artifacts) live beside
 experiments can be queried later: free-form ``meta`` on the run record, per-step
 :class:`MetricRow` s keyed by ``(run, source, step)``, and named artifacts (files of at most
 :data:`MAX_ARTIFACT_BYTES`). Their checks are in :mod:`tether.store.results`.
+
+Datasets (DESIGN §11, input data in the store) are store-wide, keyed by name, not by run: a
+header and its chunks (the layout and the codec are in :mod:`tether.store.datasets`). An import
+is all or nothing: ``put_dataset`` writes the chunks under a fresh import id that no header
+points at, then publishes the header in one atomic write; a failure before that removes the
+chunks it wrote and leaves any earlier dataset of that name as it was. A reader follows one
+header's import id, so it never mixes two imports: if the dataset is replaced or deleted under
+it, its next read raises :class:`StoreError`.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
 import numpy as np
+
+from tether.store.datasets import DatasetChunk, DatasetInfo, FieldSpec
 
 Role = Literal["server", "worker", "launcher"]
 ROLES: tuple[Role, ...] = ("server", "worker", "launcher")
@@ -103,6 +113,32 @@ class Fenced(StoreError):
         self.member_id = member_id
         self.epoch = epoch
         self.current_epoch = current_epoch
+
+
+class UnknownDataset(StoreError):
+    """The dataset name is not in the store; the message lists the datasets that are."""
+
+    def __init__(self, name: str, store_uri: str, known: Sequence[str]) -> None:
+        if known:
+            holds = "it holds " + ", ".join(repr(k) for k in known)
+        else:
+            holds = "it holds no datasets (import one with `tether data import`)"
+        super().__init__(f"dataset {name!r} not found in store {store_uri}; {holds}")
+        self.name = name
+        self.store_uri = store_uri
+        self.known = list(known)
+
+
+class DatasetExists(StoreError):
+    """``put_dataset`` without ``replace`` named a dataset that is already in the store."""
+
+    def __init__(self, name: str, store_uri: str) -> None:
+        super().__init__(
+            f"dataset {name!r} already exists in store {store_uri}; replace it (--replace) or "
+            "choose another name"
+        )
+        self.name = name
+        self.store_uri = store_uri
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +500,47 @@ class Store(Protocol):
         artifacts. Other runs are untouched. Meant for runs that have ended (a member still
         writing may leave rows behind on MongoDB). Raises :class:`UnknownRun` if there is no
         such run -- including on a retry after :class:`StoreUnavailable` that finds it gone."""
+        ...
+
+    # -- datasets: input data, store-wide (DESIGN §11; see the module docstring) --------------
+
+    def put_dataset(
+        self,
+        name: str,
+        fields: Sequence[FieldSpec],
+        chunks: Iterable[DatasetChunk],
+        *,
+        source: str = "",
+        replace: bool = False,
+    ) -> DatasetInfo:
+        """Store a dataset, all or nothing, and return its published header.
+
+        ``chunks`` is consumed once, chunk by chunk (``tether.store.datasets.table_chunks``);
+        each is checked by ``ChunkTally`` before it is written. Raises :class:`DatasetExists`
+        (at the start and again at the publish) unless ``replace``; ValueError for a bad name,
+        schema or chunk. On any error -- one raised by ``chunks`` itself included -- the chunks
+        written are removed and nothing is published (a process killed mid-import leaves
+        unpublished chunks that the next import of the name removes). ``created_at`` is the
+        store's clock at the publish.
+        """
+        ...
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        """The published header. Raises :class:`UnknownDataset` (naming the ones there are)."""
+        ...
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        """Every published dataset's header, sorted by name."""
+        ...
+
+    def read_dataset_chunks(self, info: DatasetInfo, first: int, last: int) -> list[DatasetChunk]:
+        """Chunks ``first`` to ``last - 1`` (``0 <= first <= last <= info.chunks``) of the import
+        ``info`` describes, in order. Raises :class:`StoreError` if they are not all there (the
+        dataset was replaced or deleted since ``info`` was read)."""
+        ...
+
+    def delete_dataset(self, name: str) -> None:
+        """Remove the dataset and all its chunks. Raises :class:`UnknownDataset`."""
         ...
 
     def close(self) -> None:

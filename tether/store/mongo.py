@@ -2,9 +2,11 @@
 
 ``mongodb://h1,h2,h3/DBNAME?replicaSet=rs0`` (database ``tether`` when the path is empty).
 Collections: ``runs``, ``members``, ``shard_heads``, ``shard_chunks`` (see
-:mod:`tether.store.mongo_state`), and for results (DESIGN §8) ``metrics`` and ``artifacts`` (see
-:mod:`tether.store.mongo_results`); indexes are created idempotently when a store is opened
-(:mod:`tether.store.mongo_setup`).
+:mod:`tether.store.mongo_state`), for results (DESIGN §8) ``metrics`` and ``artifacts`` (see
+:mod:`tether.store.mongo_results`), and for datasets (DESIGN §11) ``datasets`` (one header per
+published dataset, ``_id`` its name) and ``dataset_chunks`` (one document per chunk: its
+buffers as an array of binaries, keyed by name, import id and index); indexes are created
+idempotently when a store is opened (:mod:`tether.store.mongo_setup`).
 
 Defaults, each overridable from the URI's query string (pymongo parses it; a default is only
 passed for an option the URI does not set):
@@ -41,7 +43,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
+    DatasetExists,
     Member,
     ProcessLocal,
     Role,
@@ -59,12 +62,25 @@ from tether.store.base import (
     RunRecord,
     StoreError,
     StoreUnavailable,
+    UnknownDataset,
     UnknownRun,
     check_chunk_bytes,
     check_member_id,
     check_role,
     check_state,
     redact_uri,
+)
+from tether.store.datasets import (
+    ChunkTally,
+    DatasetChunk,
+    DatasetInfo,
+    FieldSpec,
+    check_chunk_range,
+    check_dataset_name,
+    header_from_stored,
+    new_import_id,
+    stored_header,
+    torn_read,
 )
 from tether.store.mongo_errors import translate_error
 from tether.store.mongo_results import MongoResults
@@ -87,6 +103,11 @@ from tether.store.rules import member_write_refusal
 
 if TYPE_CHECKING:
     from tether.store.testing import FaultPlan
+
+
+# An import inserts its chunks in batches of at most this many bytes (pymongo splits a batch
+# into messages of at most 48 MB itself; this bounds what one failed call leaves to redo).
+_DATASET_BATCH_BYTES = 16 << 20
 
 
 def _path_safe(key: str) -> bool:
@@ -149,6 +170,14 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
         self._heads_status = self._heads.with_options(**status)
         results_indexes = self._open_results(db, status)
         indexes = store_indexes(self._runs, self._members, self._heads, self._chunks)
+        # Datasets (DESIGN §11): read from the primary with the recovery read concern, so the
+        # chunks a header names are visible wherever the header was.
+        self._datasets = db.get_collection("datasets")
+        self._dataset_chunks = db.get_collection("dataset_chunks")
+        self._datasets_primary = self._datasets.with_options(**recovery)
+        self._dataset_chunks_primary = self._dataset_chunks.with_options(**recovery)
+        chunk_key = [("name", ASCENDING), ("import_id", ASCENDING), ("idx", ASCENDING)]
+        indexes.append((self._dataset_chunks, chunk_key, True))
         try:
             with self._op("connect"):
                 create_indexes([*indexes, *results_indexes])
@@ -356,6 +385,134 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
             if doc is None and self._runs_status.find_one({"_id": run_id}, {"_id": 1}) is None:
                 raise UnknownRun(run_id, self._where)
         return None if doc is None else _member(doc)
+
+    # -- datasets (DESIGN §11) ------------------------------------------------------------------
+    #
+    # The chunks go in under a fresh import id that no header points at, then the header in one
+    # single-document write: an insert that collides on the name unless replacing. Only then
+    # are the chunks of every other import of the name deleted. A failure before the header
+    # removes this import's chunks -- unless the header may have been written (a lost reply),
+    # which is checked first, so a published dataset never loses its chunks.
+
+    def put_dataset(
+        self,
+        name: str,
+        fields: Sequence[FieldSpec],
+        chunks: Iterable[DatasetChunk],
+        *,
+        source: str = "",
+        replace: bool = False,
+    ) -> DatasetInfo:
+        tally = ChunkTally(name, fields)
+        if not replace:
+            with self._op("put_dataset"):
+                if self._datasets_primary.find_one({"_id": name}, {"_id": 1}) is not None:
+                    raise DatasetExists(name, self._where)
+        import_id = new_import_id()
+        try:
+            batch: list[dict[str, Any]] = []
+            size = 0
+            for chunk in chunks:
+                tally.add(chunk)
+                batch.append(
+                    {
+                        "_id": doc_id(name, import_id, chunk.index),
+                        "name": name,
+                        "import_id": import_id,
+                        "idx": chunk.index,
+                        "first": chunk.first,
+                        "count": chunk.count,
+                        "buffers": list(chunk.buffers),
+                    }
+                )
+                size += chunk.nbytes
+                if size >= _DATASET_BATCH_BYTES:
+                    self._insert_dataset_chunks(batch)
+                    batch, size = [], 0
+            self._insert_dataset_chunks(batch)
+            with self._op("put_dataset"):
+                info = tally.info(created_at=self._clock(), source=source, import_id=import_id)
+                query = {"name": name, "import_id": import_id}
+                stored = self._dataset_chunks_primary.count_documents(query)
+                if stored != info.chunks:
+                    raise StoreError(
+                        f"store {self._where}: {info.chunks - stored} chunks of the import of "
+                        f"dataset {name!r} went missing (deleted by another process?)"
+                    )
+                header = {"_id": name, **stored_header(info)}
+                if replace:
+                    self._datasets.replace_one({"_id": name}, header, upsert=True)
+                else:
+                    try:
+                        self._datasets.insert_one(header)
+                    except DuplicateKeyError:
+                        raise DatasetExists(name, self._where) from None
+        except BaseException:
+            self._discard_import(name, import_id)
+            raise
+        try:  # published: what is left is garbage collection, which the next import repeats
+            with self._op("put_dataset"):
+                self._dataset_chunks.delete_many({"name": name, "import_id": {"$ne": import_id}})
+        except StoreError:
+            pass
+        return info
+
+    def _insert_dataset_chunks(self, docs: list[dict[str, Any]]) -> None:
+        if docs:
+            with self._op("put_dataset"):
+                self._dataset_chunks.insert_many(docs, ordered=True)
+
+    def _discard_import(self, name: str, import_id: str) -> None:
+        """Remove an unpublished import's chunks, if it is certainly unpublished."""
+        try:
+            with self._op("put_dataset"):
+                published = {"_id": name, "import_id": import_id}
+                if self._datasets_primary.find_one(published, {"_id": 1}) is None:
+                    self._dataset_chunks.delete_many({"name": name, "import_id": import_id})
+        except StoreError:
+            pass  # the next import of the name deletes them
+
+    def _unknown_dataset(self, name: str) -> UnknownDataset:
+        names = [d["_id"] for d in self._datasets_primary.find({}, {"_id": 1}).sort("_id")]
+        return UnknownDataset(name, self._where, names)
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        check_dataset_name(name)
+        with self._op("dataset_info"):
+            doc = self._datasets_primary.find_one({"_id": name})
+            if doc is None:
+                raise self._unknown_dataset(name)
+        return header_from_stored(doc)
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        with self._op("list_datasets"):
+            docs = list(self._datasets_primary.find().sort("_id", ASCENDING))
+        return [header_from_stored(d) for d in docs]
+
+    def read_dataset_chunks(self, info: DatasetInfo, first: int, last: int) -> list[DatasetChunk]:
+        check_chunk_range(info, first, last)
+        query: dict[str, Any] = {"name": info.name, "import_id": info.import_id}
+        query["idx"] = {"$gte": first, "$lt": last}
+        with self._op("read_dataset"):
+            docs = list(self._dataset_chunks_primary.find(query).sort("idx", ASCENDING))
+        chunks = [
+            DatasetChunk(d["idx"], d["first"], d["count"], tuple(bytes(b) for b in d["buffers"]))
+            for d in docs
+        ]
+        torn = torn_read(info, first, last, chunks)
+        if torn is not None:
+            raise StoreError(f"store {self._where}: {torn}")
+        return chunks
+
+    def delete_dataset(self, name: str) -> None:
+        check_dataset_name(name)
+        with self._op("delete_dataset"):
+            if self._datasets_primary.find_one({"_id": name}, {"_id": 1}) is None:
+                raise self._unknown_dataset(name)
+            # The chunks first, the header last: a delete cut off midway leaves the header, so
+            # repeating the call finishes it (a reader meanwhile gets a clear error).
+            self._dataset_chunks.delete_many({"name": name})
+            self._datasets.delete_one({"_id": name})
 
 
 def _run_record(doc: Mapping[str, Any]) -> RunRecord:

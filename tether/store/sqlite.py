@@ -22,13 +22,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tether.store.base import (
     DEFAULT_STATE_CHUNK_BYTES,
+    DatasetExists,
     Member,
     ProcessLocal,
     Role,
@@ -37,6 +38,7 @@ from tether.store.base import (
     ShardSnapshot,
     StoreError,
     StoreUnavailable,
+    UnknownDataset,
     UnknownRun,
     assemble_state,
     check_chunk_bytes,
@@ -46,6 +48,20 @@ from tether.store.base import (
     state_chunks,
     state_layout,
 )
+from tether.store.datasets import (
+    ChunkTally,
+    DatasetChunk,
+    DatasetInfo,
+    FieldSpec,
+    check_chunk_range,
+    check_dataset_name,
+    header_from_stored,
+    new_import_id,
+    pack_buffers,
+    stored_header,
+    torn_read,
+    unpack_buffers,
+)
 from tether.store.rules import claim_refusal, member_write_refusal, next_epoch, save_refusal
 from tether.store.sqlite_results import SQLiteResults
 from tether.store.sqlite_schema import configure, init_schema
@@ -54,6 +70,13 @@ _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
 )
 _RUN_COLUMNS = "run_id, config, created_at, finished, summary, meta"
+_DATASET_COLUMNS = (
+    "name, import_id, records, fields, chunks, chunk_starts, nbytes, created_at, source"
+)
+# An import writes its chunks in transactions of about this many bytes, not in one: a long
+# import must not hold the file's write lock for long, or the heartbeats of a run on the same
+# file (1 s busy timeout) would time out behind it.
+_DATASET_TX_BYTES = 32 << 20
 
 
 def _dumps(value: Any, what: str) -> str:
@@ -399,6 +422,135 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
         keys = ("owner_epoch", "epoch", "version", "saved_at", "nbytes")
         return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
 
+    # -- datasets (DESIGN §11) ------------------------------------------------------------------
+    #
+    # The chunks go in under a fresh import id that no header points at; the header goes in
+    # last, in one transaction that also checks that every chunk is there and deletes the chunks
+    # of every other import of the name (the replaced dataset's, and those a killed import left).
+
+    def put_dataset(
+        self,
+        name: str,
+        fields: Sequence[FieldSpec],
+        chunks: Iterable[DatasetChunk],
+        *,
+        source: str = "",
+        replace: bool = False,
+    ) -> DatasetInfo:
+        tally = ChunkTally(name, fields)
+        if not replace:
+            with self._tx(write=False) as conn:
+                if self._dataset_row(conn, name) is not None:
+                    raise DatasetExists(name, self.uri)
+        import_id = new_import_id()
+        try:
+            batch: list[tuple[Any, ...]] = []
+            size = 0
+            for chunk in chunks:
+                tally.add(chunk)
+                row = (name, import_id, chunk.index, chunk.first, chunk.count)
+                batch.append((*row, pack_buffers(chunk.buffers)))
+                size += chunk.nbytes
+                if size >= _DATASET_TX_BYTES:
+                    self._insert_dataset_chunks(batch)
+                    batch, size = [], 0
+            self._insert_dataset_chunks(batch)
+            with self._tx(write=True) as conn:
+                info = tally.info(created_at=self._clock(), source=source, import_id=import_id)
+                if not replace and self._dataset_row(conn, name) is not None:
+                    raise DatasetExists(name, self.uri)
+                (stored,) = conn.execute(
+                    "SELECT count(*) FROM dataset_chunks WHERE name = ? AND import_id = ?",
+                    (name, import_id),
+                ).fetchone()
+                if stored != info.chunks:
+                    raise StoreError(
+                        f"store {self.uri}: {info.chunks - stored} chunks of the import of "
+                        f"dataset {name!r} went missing (deleted by another process?)"
+                    )
+                header = stored_header(info)
+                header["fields"] = json.dumps(header["fields"])
+                header["chunk_starts"] = json.dumps(header["chunk_starts"])
+                conn.execute(
+                    f"INSERT OR REPLACE INTO datasets ({_DATASET_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    tuple(header[c] for c in _DATASET_COLUMNS.split(", ")),
+                )
+                conn.execute(
+                    "DELETE FROM dataset_chunks WHERE name = ? AND import_id != ?",
+                    (name, import_id),
+                )
+        except BaseException:
+            self._discard_import(name, import_id)
+            raise
+        return info
+
+    def _insert_dataset_chunks(self, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            with self._tx(write=True) as conn:
+                conn.executemany(
+                    "INSERT INTO dataset_chunks "
+                    "(name, import_id, idx, first_record, record_count, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+
+    def _discard_import(self, name: str, import_id: str) -> None:
+        """Remove an unpublished import's chunks; if that fails too, the next import of the
+        name removes them (its publish deletes every other import's chunks)."""
+        try:
+            with self._tx(write=True) as conn:
+                conn.execute(
+                    "DELETE FROM dataset_chunks WHERE name = ? AND import_id = ?", (name, import_id)
+                )
+        except StoreError:
+            pass
+
+    def _dataset_row(self, conn: sqlite3.Connection, name: str) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = conn.execute(
+            f"SELECT {_DATASET_COLUMNS} FROM datasets WHERE name = ?", (name,)
+        ).fetchone()
+        return row
+
+    def _unknown_dataset(self, conn: sqlite3.Connection, name: str) -> UnknownDataset:
+        names = [r[0] for r in conn.execute("SELECT name FROM datasets ORDER BY name")]
+        return UnknownDataset(name, self.uri, names)
+
+    def dataset_info(self, name: str) -> DatasetInfo:
+        check_dataset_name(name)
+        with self._tx(write=False) as conn:
+            row = self._dataset_row(conn, name)
+            if row is None:
+                raise self._unknown_dataset(conn, name)
+        return _dataset_info(row)
+
+    def list_datasets(self) -> list[DatasetInfo]:
+        with self._tx(write=False) as conn:
+            rows = conn.execute(f"SELECT {_DATASET_COLUMNS} FROM datasets ORDER BY name").fetchall()
+        return [_dataset_info(r) for r in rows]
+
+    def read_dataset_chunks(self, info: DatasetInfo, first: int, last: int) -> list[DatasetChunk]:
+        check_chunk_range(info, first, last)
+        with self._tx(write=False) as conn:
+            rows = conn.execute(
+                "SELECT idx, first_record, record_count, data FROM dataset_chunks "
+                "WHERE name = ? AND import_id = ? AND idx >= ? AND idx < ? ORDER BY idx",
+                (info.name, info.import_id, first, last),
+            ).fetchall()
+        chunks = [DatasetChunk(i, f, n, unpack_buffers(bytes(data))) for i, f, n, data in rows]
+        torn = torn_read(info, first, last, chunks)
+        if torn is not None:
+            raise StoreError(f"store {self.uri}: {torn}")
+        return chunks
+
+    def delete_dataset(self, name: str) -> None:
+        check_dataset_name(name)
+        with self._tx(write=True) as conn:
+            if self._dataset_row(conn, name) is None:
+                raise self._unknown_dataset(conn, name)
+            conn.execute("DELETE FROM dataset_chunks WHERE name = ?", (name,))
+            conn.execute("DELETE FROM datasets WHERE name = ?", (name,))
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:
@@ -416,6 +568,13 @@ def _run_record(row: tuple[Any, ...]) -> RunRecord:
         summary=None if summary is None else json.loads(summary),
         meta=json.loads(meta),
     )
+
+
+def _dataset_info(row: tuple[Any, ...]) -> DatasetInfo:
+    doc = dict(zip(_DATASET_COLUMNS.split(", "), row, strict=True))
+    doc["fields"] = json.loads(doc["fields"])
+    doc["chunk_starts"] = json.loads(doc["chunk_starts"])
+    return header_from_stored(doc)
 
 
 def _member(row: tuple[Any, ...]) -> Member:

@@ -14,7 +14,7 @@ from tether.retry import PollTimeout, poll_until
 from tether.store.base import StoreError
 from tether.store.sqlite_results import RESULTS_SCHEMA
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
 # MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
@@ -74,13 +74,41 @@ SHARD_STATE_TABLES: tuple[str, ...] = (
         PRIMARY KEY (run_id, shard_id, save_id, name, idx)
     )""",
 )
+# Version 5: datasets (DESIGN §11), store-wide input data: one header row per published dataset
+# and the chunks of its records (tether.store.datasets), keyed by import id so that a new import
+# never writes over the chunks a header points at. Chunks have no foreign key: they are written
+# before their header exists. `fields` and `chunk_starts` are JSON; `data` is the chunk's buffers
+# packed into one BLOB (datasets.pack_buffers).
+DATASET_TABLES: tuple[str, ...] = (
+    """CREATE TABLE datasets (
+        name TEXT PRIMARY KEY,
+        import_id TEXT NOT NULL,
+        records INTEGER NOT NULL,
+        fields TEXT NOT NULL,
+        chunks INTEGER NOT NULL,
+        chunk_starts TEXT NOT NULL,
+        nbytes INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        source TEXT NOT NULL
+    )""",
+    """CREATE TABLE dataset_chunks (
+        name TEXT NOT NULL,
+        import_id TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        first_record INTEGER NOT NULL,
+        record_count INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (name, import_id, idx)
+    )""",
+)
 # Version 4: results (DESIGN §8): runs.meta, metrics, artifacts. The statements that upgrade a
-# version 3 file also finish a new one, so both have the same layout.
-SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA
+# version 3 file (and a version 4 one) also finish a new one, so all have the same layout.
+SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA + DATASET_TABLES
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: SHARD_STATE_TABLES,
     2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *SHARD_STATE_TABLES),
     3: RESULTS_SCHEMA,
+    4: DATASET_TABLES,
 }
 
 
