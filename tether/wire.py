@@ -6,7 +6,7 @@ into a preallocated buffer and views it with ``np.frombuffer``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -40,9 +40,16 @@ class WireError(ValueError):
 
 def chunk_bytes_of(array: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
     """Split a flat float32 array into wire chunks (one copy, as protobuf needs bytes)."""
+    return list(iter_chunk_bytes(array, chunk_bytes))
+
+
+def iter_chunk_bytes(array: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+    """`chunk_bytes_of`, one chunk at a time: a stream holds one chunk's copy at once, not a
+    copy of the whole array (a 55M-parameter push is 220 MB). At least one chunk, maybe empty."""
     flat = np.ascontiguousarray(array, dtype=FLOAT)
     step = max(1, chunk_bytes // FLOAT.itemsize)
-    return [flat[i : i + step].tobytes() for i in range(0, flat.size, step)] or [b""]
+    for i in range(0, max(flat.size, 1), step):
+        yield flat[i : i + step].tobytes()
 
 
 class Assembler:

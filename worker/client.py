@@ -21,7 +21,7 @@ from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.proto.ps_pb2 import InfoReply
 from tether.retry import RetryPolicy, with_retry
 from tether.store import Member
-from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, chunk_bytes_of
+from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, iter_chunk_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +122,16 @@ class ShardClient:
             length=grad.size,
             loss=loss,
         )
-        chunks = chunk_bytes_of(grad, self.chunk_bytes)
 
         def messages() -> Iterator[ps_pb2.PushChunk]:
-            yield ps_pb2.PushChunk(header=header, data=chunks[0])
-            for data in chunks[1:]:
-                yield ps_pb2.PushChunk(data=data)
+            # Copied chunk by chunk as gRPC asks for them (the caller keeps `grad` unchanged
+            # until the push returns).
+            for k, data in enumerate(iter_chunk_bytes(grad, self.chunk_bytes)):
+                yield (
+                    ps_pb2.PushChunk(header=header, data=data)
+                    if k == 0
+                    else ps_pb2.PushChunk(data=data)
+                )
 
         with self._calling():
             return self.stub.Push(messages(), timeout=timeout_s)  # type: ignore[no-any-return]

@@ -29,7 +29,7 @@ import numpy as np
 from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.health import serve_health
-from tether.member.heartbeat import Heartbeat
+from tether.member.heartbeat import Heartbeat, peak_rss_bytes
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
     Fenced,
@@ -314,6 +314,7 @@ class Worker:
                 "lost_updates": self.ledger.lost_updates,
                 "acked_seqs": self.ledger.acked_seqs,
                 "lost_acked": self.ledger.lost_acked,
+                "peak_rss_bytes": peak_rss_bytes(),
             },
         )
 

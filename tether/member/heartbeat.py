@@ -11,6 +11,7 @@ suspects a member whose heartbeats stop and confirms with a direct probe before 
 
 from __future__ import annotations
 
+import resource
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,11 @@ from typing import Any
 from tether.store import Fenced, Role, Store, StoreError, open_store
 
 BUSY_TIMEOUT_S = 1.0
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 class Heartbeat:
@@ -58,7 +64,11 @@ class Heartbeat:
                 try:
                     if store is None:  # opened here, so a busy store at start is retried too
                         store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
-                    info = {**self.info(), "heartbeats_skipped": self.skipped}
+                    info = {
+                        **self.info(),
+                        "heartbeats_skipped": self.skipped,
+                        "peak_rss_bytes": peak_rss_bytes(),
+                    }
                     store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1
                 except Fenced as e:

@@ -141,23 +141,36 @@ class TaskRuntime:
 
     # -- initial parameters ----------------------------------------------------------------------
 
-    def init_tree(self, seed: int) -> Any:
-        """`task.init(PRNGKey(seed))` on the CPU backend: accelerators may round random
-        transforms differently, and the initial vector (hence params_sha256) must not depend on
-        --device."""
-        with jax.default_device(_cpu()):
-            tree = self.task.init(jax.random.PRNGKey(seed))
-        got = Layout.of(tree)
-        if got.leaves != self.layout.leaves or got.treedef != self.layout.treedef:
-            raise ValueError("task.init returned a different tree for a concrete key than traced.")
-        return tree
-
     def init_flat(self, seed: int, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Range [lo, hi) of the initial flat vector: a fresh, writable float32 array. A shard
-        asks for its own slice and keeps only that (the whole tree exists while it is copied)."""
+        """Range [lo, hi) of the initial flat vector: a fresh, writable, aligned float32 array.
+
+        `task.init(PRNGKey(seed))` runs jitted on the CPU backend (accelerators may round random
+        transforms differently, and the initial vector, hence params_sha256, must not depend on
+        --device), returning only the leaves that overlap the range: XLA drops the computation
+        of the others, so a shard whose task draws each leaf from its own key computes and holds
+        little more than its own slice. The kept leaves are computed by the same operations
+        whatever the range, so every shard count yields the same bits (tested).
+        """
         hi = self.num_params if hi is None else hi
+        if not 0 <= lo <= hi <= self.num_params:
+            raise ValueError(f"bad range [{lo}, {hi}) of {self.num_params} parameters.")
+        wanted = tuple(
+            j for j, x in enumerate(self.layout.leaves) if x.offset < hi and x.offset + x.size > lo
+        )
+
+        def some_leaves(key: jax.Array) -> list[jax.Array]:
+            leaves = jax.tree_util.tree_leaves(self.task.init(key))
+            return [leaves[j] for j in wanted]
+
         out = aligned_empty(hi - lo)
-        self.layout.write(self.init_tree(seed), out, lo, hi)
+        with jax.default_device(_cpu()):
+            got = jax.jit(some_leaves)(jax.random.PRNGKey(seed))
+        for j, value in zip(wanted, got, strict=True):
+            x = self.layout.leaves[j]
+            a, b = max(x.offset, lo), min(x.offset + x.size, hi)
+            out[a - lo : b - lo] = np.asarray(value, dtype=FLOAT).reshape(-1)[
+                a - x.offset : b - x.offset
+            ]
         return out
 
     # -- the worker's step -----------------------------------------------------------------------
