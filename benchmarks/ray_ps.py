@@ -100,7 +100,7 @@ def main() -> int:
         def compute_gradients(self, weights: np.ndarray) -> np.ndarray:
             batch = self.runtime.task.batch(self.ctx, self.clock)
             self.clock += 1
-            return self.runtime.step(np.ascontiguousarray(weights), batch).grad.copy()
+            return self.runtime.step(np.ascontiguousarray(weights), batch).grad.to_array()
 
     ps = ParameterServer.remote(flat, args.lr)
     workers = [DataWorker.remote(w) for w in range(args.workers)]

@@ -328,7 +328,11 @@ class ShardState:
         if rejected := self._check_member(run_id, worker_id):
             return rejected
         entry = self.workers[worker_id]
-        if clock < 0 or clock > entry.clock:
+        # Under SSP and ASP a worker may pull clock c while its push of c-1 is still in flight
+        # (it overlaps communication with computation); the staleness rule below counts that
+        # push as not yet received, so the bound holds. BSP never overlaps.
+        ahead = 0 if self.spec.consistency.aggregates else 1
+        if clock < 0 or clock > entry.clock + ahead:
             return Reject(
                 Code.FAILED_PRECONDITION,
                 f"worker {worker_id} pulled at clock {clock} but shard {self.spec.shard_id} has "

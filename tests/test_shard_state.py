@@ -233,6 +233,23 @@ def test_an_old_clock_with_a_new_seq_is_aborted():
     assert isinstance(result, Reject) and result.code is Code.ABORTED
 
 
+def test_ssp_and_asp_admit_a_pull_one_clock_ahead_of_the_pushes_received_bsp_does_not():
+    """A worker overlapping communication pulls clock c while its push of c-1 is in flight:
+    SSP and ASP admit it under the usual bound (the in-flight push counts as not received);
+    BSP, which never overlaps, still calls it a clock from the future."""
+    ssp0 = make_state(Mode.SSP, staleness=0, workers=1)
+    assert isinstance(pull(ssp0, 0, 0), Serve)
+    assert pull(ssp0, 0, 1) == Wait((0,))  # SSP(0): waits for its own push of clock 0
+    push(ssp0, 0, 0)
+    assert isinstance(pull(ssp0, 0, 1), Serve)
+    asp = make_state(Mode.ASP, workers=2)
+    served = pull(asp, 0, 1)
+    assert isinstance(served, Serve) and served.clock_gap == 1
+    assert pull(asp, 0, 2).code is Code.FAILED_PRECONDITION  # two ahead: from the future
+    bsp = make_state(Mode.BSP, workers=1)
+    assert pull(bsp, 0, 1).code is Code.FAILED_PRECONDITION
+
+
 def test_pull_rejects_unknown_members_and_clocks_out_of_step():
     state = make_state(Mode.SSP, staleness=1, workers=2)
     before = fingerprint(state)

@@ -170,13 +170,15 @@ def test_the_step_is_the_tree_gradient_written_flat(task_file: Path) -> None:
     params = jax.tree_util.tree_map(jnp.asarray, runtime.layout.views(flat.copy()))
     (loss, aux), grads = jax.value_and_grad(task.loss, has_aux=True)(params, batch)
     expected = np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
-    np.testing.assert_allclose(step.grad, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(step.grad.to_array(), expected, rtol=1e-6, atol=1e-7)
     assert step.loss == pytest.approx(float(loss), rel=1e-6)
     assert step.metrics == {"max_error": pytest.approx(float(aux["max_error"]), rel=1e-6)}
-    # Deterministic, and the same buffer each step (one push buffer, not one per step).
-    first = step.grad.copy()
+    # Deterministic; the pieces are the leaves themselves, in flat order, with no joined copy.
     again = runtime.step(flat, batch)
-    assert again.grad is step.grad and again.grad.tobytes() == first.tobytes()
+    assert again.grad.to_array().tobytes() == step.grad.to_array().tobytes()
+    sizes = [p.size for p in step.grad.pieces]
+    assert sizes == [x.size for x in runtime.layout.leaves]
+    assert not any(p.flags.owndata for p in step.grad.pieces)  # views of XLA's buffers
 
 
 def test_init_slices_are_the_whole_vector_cut(task_file: Path) -> None:
@@ -210,7 +212,7 @@ def test_the_builtin_classifier_is_a_task_on_the_same_path() -> None:
     assert runtime.num_params == config.num_params == 64 * 16 + 16 + 16 * 10 + 10
     x, y = runtime.task.batch(ctx(batch_size=4), 0)
     assert x.shape == (4, 64) and y.shape == (4,)
-    assert runtime.step(runtime.init_flat(0), (x, y)).grad.shape == (config.num_params,)
+    assert runtime.step(runtime.init_flat(0), (x, y)).grad.size == config.num_params
 
 
 def test_resolve_config_makes_the_task_spec_absolute_and_counts_params(

@@ -21,7 +21,14 @@ from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.proto.ps_pb2 import InfoReply
 from tether.retry import RetryPolicy, with_retry
 from tether.store import Member
-from tether.wire import CHANNEL_OPTIONS, DEFAULT_CHUNK_BYTES, FLOAT, Assembler, iter_chunk_bytes
+from tether.wire import (
+    CHANNEL_OPTIONS,
+    DEFAULT_CHUNK_BYTES,
+    FLOAT,
+    Assembler,
+    Pieces,
+    iter_chunk_bytes,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +109,7 @@ class ShardClient:
 
     def push(
         self,
-        grad: np.ndarray,
+        grad: np.ndarray | Pieces,
         *,
         worker_id: int,
         clock: int,

@@ -40,7 +40,7 @@ from tether.store import (
     open_store,
 )
 from tether.tasks.build import context_of, runtime_of
-from tether.wire import aligned_empty
+from tether.wire import Pieces, aligned_empty
 from tether.worker.client import ChannelClosed, Pulled
 from tether.worker.ledger import AckLedger
 from tether.worker.resolve import (
@@ -119,11 +119,10 @@ class Worker:
         # Threads start on first use; one per shard, so every pull and push runs at once.
         self.pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="io")
         # Overlap (SSP/ASP): the push of clock c runs on its own threads while c+1 is pulled
-        # and computed, from the other of two gradient buffers.
+        # and computed (each step's gradient is a fresh set of XLA buffers, so nothing is shared).
         self.overlap = config.overlap and not config.consistency.aggregates
         self.push_pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="push")
         self.pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pipeline")
-        self.grads = [aligned_empty(config.num_params) for _ in range(2 if self.overlap else 1)]
 
     def connect(self) -> None:
         """Resolve every shard from the store and read this worker's clock back from them.
@@ -165,14 +164,14 @@ class Worker:
 
         return list(self.pool.map(pull, range(len(self.shards.clients))))
 
-    def _push_all(self, grad: np.ndarray, clock: int, pulled: list[Pulled], loss: float) -> None:
+    def _push_all(self, grad: Pieces, clock: int, pulled: list[Pulled], loss: float) -> None:
         """Push each slice of the gradient to its shard, in parallel; retries reuse the seq."""
 
         def push(i: int) -> None:
             o, n = self.ranges[i]
             reply = with_retry(
                 lambda: self.shards.clients[i].push(
-                    grad[o : o + n],
+                    grad.slice(o, o + n),
                     worker_id=self.wid,
                     clock=clock,
                     seq=clock,
@@ -201,8 +200,7 @@ class Worker:
                     pulled = self._pull_all(clock)
                     pull_s = time.monotonic() - t_pull
                     wait_s += pull_s
-                    out = self.grads[clock % len(self.grads)]
-                    step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock), out)
+                    step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock))
                     loss, grad = step.loss, step.grad
                     if self.delay_s:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker

@@ -255,7 +255,8 @@ class Launcher:
         t_start = time.monotonic()
         self.say(
             f"tether: run {cfg.run_id} — {cfg.consistency.describe()}, {cfg.shards} shards, "
-            f"{cfg.workers} workers, {cfg.model} on {cfg.dataset}, {cfg.steps} steps, "
+            f"{cfg.workers} workers, {cfg.task or f'{cfg.model} on {cfg.dataset}'}, "
+            f"{cfg.num_params} parameters, {cfg.steps} steps, "
             f"{cfg.optimizer} lr={cfg.lr}, seed {cfg.seed}\n"
             f"tether: run dir {self.opts.run_dir}, store {self.opts.store_uri}"
         )

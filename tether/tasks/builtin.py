@@ -129,7 +129,7 @@ class Model:
         """Mean cross-entropy on (x, y) and its gradient, flat in `init_flat`'s order (a fresh,
         writable copy). Deterministic: equal inputs give bit-identical outputs."""
         step = self.runtime.step(self._check_flat(flat), self._check_batch(x, y))
-        return step.loss, step.grad.copy()
+        return step.loss, step.grad.to_array()
 
     def evaluate(self, flat: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) over the whole of (x, y)."""

@@ -3,10 +3,11 @@
 The wire carries one float32 vector: the pytree's leaves in `jax.tree_util` order, each raveled.
 `Layout` maps between that vector and the tree *without copying*: the tree a worker hands to the
 user's loss is made of numpy views of the buffer its pulls landed in, and the gradient's leaves
-are written into one flat push buffer. The gradient is taken with respect to the tree itself,
-never through an unravel of the flat vector: the transpose of an unravel (a pad and scatter into
-a zero vector per leaf) cost 2-10x the model's own gradient step on CPU, which is what made the
-worker slower than the model it trains.
+are pushed as XLA left them, in the same flat order (`tether.wire.Pieces`), with no joining
+copy: the worker holds one copy of the parameters and one of the gradient. The gradient is taken
+with respect to the tree itself, never through an unravel of the flat vector: the transpose of an
+unravel (a pad and scatter into a zero vector per leaf) cost 2-10x the model's own gradient step
+on CPU, which is what made the worker slower than the model it trains.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tether.tasks.api import TaskContext
-from tether.wire import FLOAT, aligned_empty
+from tether.wire import FLOAT, Pieces, aligned_empty
 
 DEVICES = ("cpu", "gpu", "tpu")
 
@@ -103,7 +104,7 @@ class Layout:
 class Step:
     loss: float
     metrics: dict[str, float]
-    grad: np.ndarray  # the flat push buffer: valid until the next step
+    grad: Pieces  # the gradient leaves in flat order, as XLA left them (read-only views)
 
 
 def resolve_device(device: str) -> jax.Device:
@@ -137,7 +138,6 @@ class TaskRuntime:
         self.num_params = self.layout.num_params
         self._grad: Callable[..., Any] | None = None
         self._has_aux = False
-        self._push = np.empty(0, dtype=FLOAT)
 
     # -- initial parameters ----------------------------------------------------------------------
 
@@ -186,13 +186,11 @@ class TaskRuntime:
                 f"task.loss must return a scalar, got shape {getattr(value, 'shape', value)}."
             )
         self._grad = jax.jit(jax.value_and_grad(self.task.loss, has_aux=self._has_aux))
-        self._push = aligned_empty(self.num_params)
 
-    def step(self, flat: np.ndarray, batch: Any, out: np.ndarray | None = None) -> Step:
-        """The loss on `batch` at the parameters in `flat`, and its gradient written into `out`
-        (a flat float32 buffer; by default one buffer of the runtime's own, reused: valid until
-        the next call). Deterministic: equal inputs give equal bits.
-        """
+    def step(self, flat: np.ndarray, batch: Any) -> Step:
+        """The loss on `batch` at the parameters in `flat`, and its gradient: the leaves in the
+        flat order, pushed as they are (`tether.wire.Pieces`). Deterministic: equal inputs give
+        equal bits."""
         params = self.layout.views(flat)
         if self.device.platform != "cpu":
             params, batch = jax.device_put((params, batch), self.device)
@@ -204,10 +202,12 @@ class TaskRuntime:
         assert self._grad is not None
         value, grads = self._grad(params, batch)
         loss, aux = value if self._has_aux else (value, {})
-        push = self._push if out is None else out
-        self.layout.write(grads, push)
+        # np.asarray of a CPU result is a view of XLA's buffer (a copy to the host otherwise).
+        pieces = Pieces(np.asarray(g, dtype=FLOAT) for g in jax.tree_util.tree_leaves(grads))
+        if pieces.size != self.num_params:
+            raise ValueError(f"the gradient has {pieces.size} elements, not {self.num_params}.")
         metrics = {str(k): float(v) for k, v in aux.items()}
-        return Step(float(loss), metrics, push)
+        return Step(float(loss), metrics, pieces)
 
     # -- evaluation ------------------------------------------------------------------------------
 
