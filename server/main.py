@@ -67,7 +67,16 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
         optimizer=config.optimizer_config,
         chunk_bytes=config.chunk_bytes,
         replication=config.replication_policy,
+        transformation=_task_optimizer(config),
     )
+
+
+def _task_optimizer(config: RunConfig) -> Any:
+    if not config.task:
+        return None
+    from tether.tasks.build import task_optimizer  # JAX only when a task is used
+
+    return task_optimizer(config)
 
 
 def create_server(address: str, *, max_workers: int) -> tuple[grpc.Server, int]:

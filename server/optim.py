@@ -1,267 +1,547 @@
-"""The server-side optimizer: SGD, momentum and Adam applied in place to one shard's slice.
+"""The server-side optimizer: an optax transformation applied to one shard's slice, elementwise.
 
-Shaped like optax (``base.py``/``alias.py``/``transform.py``): a `Transform` is an
-``(init, update)`` pair over explicit NamedTuple state, and the optimizers a run can name are
-chains of small transforms (``sgd = chain(scale(-lr))``). `Optimizer` is the one object a shard
-holds; BSP, SSP and ASP all call the same `Optimizer.apply` (DESIGN §4: "one optimizer
-definition, not one per mode").
+`Optimizer` is the one object a shard holds; BSP, SSP and ASP all call the same
+`Optimizer.apply` (DESIGN §4: "one optimizer definition, not one per mode"). The run names the
+transformation (`OptimizerConfig.transformation()`: ``optax.<name>(schedule, **args)``), or a task
+supplies its own (``Optimizer(config, size, transformation=tx)``).
 
-Why numpy in place and not optax itself: DESIGN §4 says "use optax unless measurement shows a
-numpy in-place update is needed to reach the bandwidth target". That target is a 16 MiB push at
->= 0.6x the raw gRPC byte throughput *including* the apply: a few ms for 4M floats.
-``benchmarks/optimizer_apply.py`` measures both ways in one run. On a 2-core EPYC VM (4M floats,
-medians) numpy in place took 1.8 / 3.8 / 9.7 ms for sgd / momentum / adam, and optax under
-``jax.jit`` with the numpy<->jax conversions a shard needs took 4.6 / 6.7 / 7.5 ms: in place wins
-where the conversions dominate (sgd, momentum); XLA's single fused loop beats numpy's 14 passes
-for Adam. One numpy definition serves all three anyway because §4 asks for one definition, a
-step allocates nothing param-sized, and bit-identity across shard counts (§3) then holds by
-construction instead of by whatever kernel XLA compiles for each shard's length.
+Why only elementwise transformations: a shard applies the optimizer to its contiguous slice of
+the parameter vector alone. That equals one process applying it to the whole vector only if every
+output element depends on the same element of the inputs (and on scalars such as the step count).
+`check_elementwise` decides it from the transformation itself: it traces ``init`` and ``update``
+with `jax.make_jaxpr` on a vector of a distinctive length (`_PROBE`) and refuses any equation
+over that length that is not elementwise — reductions (global-norm clipping, lamb's and lars'
+trust ratios, novograd), dot products, gathers, sorts, cumulative sums, values that depend on an
+element's position (``iota``, random bits) — recursing into the jaxprs inside ``jit``, ``cond``,
+``while``, ``custom_jvp``... Computations on scalars may do anything.
 
-Why only + - * / and sqrt, in float32, with scalars computed once per step: DESIGN §3 requires the
-shard count not to change the result at all. These IEEE operations are correctly rounded, so
-numpy's SIMD loops and scalar tails give the same bits and an element's result cannot depend on
-where a slice starts; transcendental ufuncs (exp, pow) carry no such guarantee. Scalars (bias
-corrections) are computed in float64 from the step counter and cast to float32, so every shard
-uses the same ones; ``np.float32`` scalars keep numpy from promoting to float64.
+How a transformation runs (`_Compiled`): DESIGN §3 requires the shard count not to change the
+result at all, but XLA compiles a different program for every length, splits loops across threads
+and gives vector loops scalar tails, and ``exp`` or ``pow`` may round differently on those paths.
+So the transformation never runs on the shard's own length: one program compiled for `BLOCK`
+elements runs over the blocks ``[k*BLOCK, (k+1)*BLOCK)`` of the *run's* flat vector, padded where
+the slice (at ``offset``) begins or ends inside one. Element j is then always computed at position
+``j % BLOCK`` of the same program from the same inputs, whatever the shard count: bit-identity by
+construction, and padding cannot leak into it because the program is elementwise. The state is
+numpy arrays of the slice's length, updated block by block; nothing param-sized is allocated per
+step.
+
+Why sgd, momentum and adam run in numpy in place (`_InPlace`) instead: DESIGN §4 keeps a numpy
+update where measurement shows it is needed for the bandwidth target, and it is.
+``benchmarks/optimizer_apply.py`` (16 MiB = 4M float32, medians of 20, 2-core Xeon VM) measured
+the compiled optax path at 12.4 / 18.6 / 24.4 ms per step for sgd / momentum / adam and numpy in
+place at 2.6 / 5.0 / 12.5 ms. XLA on the CPU pays tens of microseconds per call (handing the work
+to its thread pool) and copies inputs that are not 64-byte aligned, and is not faster than
+numpy's loops on a block in cache. So those three rules, with the arguments numpy implements
+(sgd's ``momentum``, adam's ``b1``, ``b2`` and ``eps``) and any schedule, have this one
+definition: optax's formulas in optax's order of operations, in float32, with ``+ - * /`` and
+``sqrt`` only. Those are correctly rounded, so numpy's SIMD loops and scalar tails give the same
+bits and an element's result cannot depend on where a slice starts; scalars (bias corrections in
+float64 from the step count, the schedule's value from optax's own function of the count,
+compiled) are computed once per step, the same on every shard. Their state has the names optax's
+has. Any other argument (``nesterov``, ``eps_root``...) or a supplied transformation takes the
+compiled path.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+import functools
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from jax.extend import core as jcore
 
 from tether.config import OptimizerConfig
 
-# Elements per block in `Optimizer.apply`. Adam makes 14 passes over its buffers; in blocks of
-# 128 Ki elements those passes reread data from cache instead of streaming the shard's whole
-# arrays from memory 14 times, the Python cost per block (~20 us) stays a few % of the work, and
-# the one temporary a step allocates is 512 KiB whatever the shard size. Blocking is exact
-# because every operation is elementwise (the same argument as for shards, DESIGN §3).
+# Elements per block of a compiled transformation: one program of this length serves every shard.
+# 128 Ki float32 is 512 KiB per array (a block's arrays stay in a core's cache) and enough work
+# per call that XLA's fixed cost per call stays small.
+BLOCK = 1 << 17
+# Elements per block of the numpy rules: Adam's 14 passes reread a block from cache instead of
+# streaming the whole slice from memory 14 times; the one temporary is 512 KiB.
 CHUNK = 1 << 17
+# The length `check_elementwise` traces with: prime, so no reshape of it hides as another shape.
+_PROBE = 100_003
+_ALIGN = 64  # bytes: XLA reads aligned numpy inputs in place and copies the others
 
-# State of a transform: a NamedTuple, or a tuple of them (`chain`), whose leaves are 1-d float32
-# arrays of the shard's length (updated in place) and Python int counters.
-State = Any
+# Primitives whose every output element is computed from the same element of their inputs (and
+# scalars broadcast to them). Anything else that touches a parameter-length array is refused.
+_ELEMENTWISE = frozenset(
+    """abs acos acosh add and asin asinh atan atan2 atanh bitcast_convert_type broadcast_in_dim
+    cbrt ceil clamp convert_element_type copy copy_p cos cosh digamma div eq erf erf_inv erfc exp
+    exp2 expm1 floor ge gt imag integer_pow is_finite le lgamma log log1p logistic lt max min mul
+    ne neg nextafter not optimization_barrier or pow real reduce_precision rem round rsqrt
+    select_n shift_left shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
+    stop_gradient sub tan tanh xor""".split()
+)
+# Primitives that run jaxprs on the operands they are given: the jaxprs are checked instead.
+_CALLS = frozenset(
+    "jit pjit closed_call core_call remat checkpoint custom_jvp_call custom_vjp_call "
+    "custom_vjp_call_jaxpr cond while".split()
+)
 
 
-class Transform(NamedTuple):
-    """An optax-style pair of functions, working in place.
+def check_elementwise(tx: optax.GradientTransformation, name: str = "the optimizer") -> None:
+    """Raise ValueError (one sentence) unless ``tx`` can run elementwise on shard slices.
 
-    ``init(size)`` returns the state for a slice of ``size`` elements. ``update(updates, state)``
-    transforms the float32 ``updates`` buffer IN PLACE and returns the new state; per-element
-    state arrays must be updated in place and returned as the same objects, so that
-    `Optimizer.apply` can run the transform block by block on views.
+    Traces ``tx.init(params)`` and ``tx.update(grads, state, params)`` on a float32 vector and
+    checks every equation that touches a vector-length array (see the module docstring); also
+    that the state holds only per-element arrays and scalars of numpy dtypes, and that ``init``
+    does not read the parameter values (a shard's optimizer is created before it has them).
+    """
+    probe = jax.ShapeDtypeStruct((_PROBE,), jnp.float32)
+    try:
+        init = jax.make_jaxpr(tx.init)(probe)
+        state = jax.eval_shape(tx.init, probe)
+        update = jax.make_jaxpr(tx.update)(probe, state, probe)
+        updates, new_state = jax.eval_shape(tx.update, probe, state, probe)
+    except Exception as e:  # noqa: BLE001 - any failure to trace is a refusal, in one sentence
+        reason = " ".join(str(e).split()).rstrip(".")[:300]
+        raise ValueError(
+            f"{name} cannot run on a shard: tracing its init(params) and update(grads, state, "
+            f"params) on a float32 vector failed ({type(e).__name__}: {reason})."
+        ) from None
+    for what, closed in (("init", init), ("update", update)):
+        if primitive := _first_mixing(closed.jaxpr):
+            raise ValueError(
+                f"{name} is not elementwise: its {what} uses {primitive}, which mixes elements "
+                "across the parameter vector, so each shard would compute a different result "
+                "than one process; use an elementwise transformation instead (e.g. optax.clip "
+                "rather than optax.clip_by_global_norm)."
+            )
+    params_var = init.jaxpr.invars[0]
+    if any(v is params_var for e in init.jaxpr.eqns for v in e.invars) or any(
+        v is params_var for v in init.jaxpr.outvars
+    ):
+        raise ValueError(
+            f"{name} initialises its state from the parameter values, which a shard's optimizer "
+            "is created without; use a transformation whose init reads only their shape."
+        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        if leaf.shape not in ((), (_PROBE,)) or not _storable(leaf.dtype):
+            raise ValueError(
+                f"{name} keeps state {_name(path)!r} of shape {leaf.shape} and dtype "
+                f"{leaf.dtype}; a shard keeps only per-element arrays and scalars of numpy dtypes."
+            )
+    if _signature(new_state) != _signature(state):
+        raise ValueError(f"{name} returns a state of another structure than its init's.")
+    if [leaf.shape for leaf in jax.tree_util.tree_leaves(updates)] != [(_PROBE,)]:
+        raise ValueError(f"{name} returns updates of another shape than the parameters'.")
+
+
+def _first_mixing(jaxpr: jcore.Jaxpr) -> str:
+    """The first primitive in ``jaxpr`` (or a jaxpr inside it) that is not elementwise over a
+    vector of `_PROBE` elements; "" if there is none."""
+    if any(_PROBE in getattr(v.aval, "shape", ()) for v in jaxpr.constvars):
+        return "a constant of the parameter vector's length"
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        shapes = [getattr(v.aval, "shape", ()) for v in (*eqn.invars, *eqn.outvars)]
+        touches = any(_PROBE in shape for shape in shapes)
+        if touches and name not in _CALLS:
+            if name == "scan":
+                # Carrying vectors through a loop is elementwise; slicing one along it is not.
+                first_x = eqn.params["num_consts"] + eqn.params["num_carry"]
+                sliced = [*eqn.invars[first_x:], *eqn.outvars[eqn.params["num_carry"] :]]
+                if any(_PROBE in getattr(v.aval, "shape", ()) for v in sliced):
+                    return "scan over the vector"
+            elif name not in _ELEMENTWISE:
+                return name
+            if any(shape not in ((), (_PROBE,)) for shape in shapes):
+                return f"{name} to another shape"
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            if found := _first_mixing(sub):
+                return found
+    return ""
+
+
+def _signature(state: Any) -> tuple[Any, ...]:
+    leaves = jax.tree_util.tree_leaves(state)
+    return jax.tree_util.tree_structure(state), [(x.shape, x.dtype) for x in leaves]
+
+
+def _storable(dtype: Any) -> bool:
+    """A numpy dtype the store round-trips by its ``str`` (not e.g. bfloat16, DESIGN §6)."""
+    return bool(np.dtype(np.dtype(dtype).str) == dtype)
+
+
+def _name(path: Sequence[Any]) -> str:
+    """A state leaf's name in `Optimizer.state_arrays`: its key path, e.g. ``0.mu``."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator=".") or "state"
+
+
+# --- the two ways a step runs -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A state's flat leaves (in `jax.tree_util` order for a transformation): their names,
+    whether each is per-element (an array of the slice's length) or a scalar, and their values
+    after init, a per-element leaf's as the one 0-d value all its elements start at."""
+
+    names: tuple[str, ...]
+    per_element: tuple[bool, ...]
+    initial: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """An optax transformation compiled for one block (see the module docstring)."""
+
+    layout: _Layout
+    block: int
+    step: Any  # compiled: (params, grads, *leaves) -> (params, *leaves), all of `block` elements
+
+    def run(self, opt: Optimizer, params: np.ndarray, grads: np.ndarray) -> None:
+        leaves, per_element, scratch = opt._leaves, self.layout.per_element, opt._scratch
+        vectors = [params, grads, *(x for x, v in zip(leaves, per_element, strict=True) if v)]
+        targets = [params, *vectors[2:]]  # where the outputs go: params, per-element state
+        out: Sequence[Any] = ()
+        for lo, hi, at in _blocks(opt.offset, opt.size, self.block):
+            if hi - lo == self.block:
+                inputs = [x[lo:hi] for x in vectors]
+            else:  # the slice begins or ends inside this block: pad it
+                if not scratch:  # kept: a block per input, for the slice's ends
+                    scratch += [_aligned(self.block, x.dtype) for x in vectors]
+                for pad, x in zip(scratch, vectors, strict=True):
+                    pad.fill(0)
+                    pad[at : at + hi - lo] = x[lo:hi]
+                inputs = scratch
+            state = iter(inputs[2:])
+            out = self.step(
+                inputs[0],
+                inputs[1],
+                *(next(state) if v else x for x, v in zip(leaves, per_element, strict=True)),
+            )
+            outputs = [out[0], *(o for o, v in zip(out[1:], per_element, strict=True) if v)]
+            for x, o in zip(targets, outputs, strict=True):
+                np.copyto(x[lo:hi], np.asarray(o)[at : at + hi - lo])
+        # Scalars (counts) come out the same from every block: data reaches a scalar only
+        # through a reduction, and those are refused.
+        for i, (o, v) in enumerate(zip(out[1:], per_element, strict=True)):
+            if not v:
+                leaves[i] = np.array(o)
+
+
+@dataclass(frozen=True, slots=True)
+class _InPlace:
+    """optax.sgd (with or without momentum) or optax.adam, in numpy in place (module docstring).
+
+    The leaves are optax's: adam's ``0.count``, ``0.mu``, ``0.nu``, sgd's ``0.trace`` with
+    momentum, and the schedule's ``1.count`` when the learning rate is one.
     """
 
-    init: Callable[[int], State]
-    update: Callable[[np.ndarray, State], State]
+    layout: _Layout
+    lr: float | Callable[[Any], Any]  # a float or the schedule, jitted
+    momentum: float | None = None
+    adam: tuple[float, float, float] | None = None  # b1, b2, eps
+
+    def run(self, opt: Optimizer, params: np.ndarray, grads: np.ndarray) -> None:
+        # Every operation is elementwise and correctly rounded: the offset does not matter.
+        named = dict(zip(self.layout.names, opt._leaves, strict=True))
+        if callable(self.lr):  # optax's scale_by_schedule: the value at the count, then count+1
+            count = int(named["1.count"])
+            step_size = -np.float32(np.asarray(self.lr(np.int32(count))))
+            named["1.count"][...] = count + 1
+        else:
+            step_size = np.float32(-self.lr)
+        if self.adam is not None:
+            b1, b2, eps = self.adam
+            count = int(named["0.count"]) + 1
+            named["0.count"][...] = count
+            # float64 from the step counter, then float32: the same scalars on every shard (§3).
+            scalars = (np.float32(1.0 - b1**count), np.float32(1.0 - b2**count))
+        for lo in range(0, params.size, CHUNK):
+            block = slice(lo, lo + CHUNK)
+            g = grads[block]
+            if self.momentum is not None:  # optax.trace: t = g + decay * t; updates = t
+                t = named["0.trace"][block]
+                np.multiply(t, np.float32(self.momentum), out=t)
+                np.add(g, t, out=t)
+                np.copyto(g, t)
+            if self.adam is not None:
+                _adam_block(g, named["0.mu"][block], named["0.nu"][block], self.adam, *scalars)
+            np.multiply(g, step_size, out=g)
+            p = params[block]
+            np.add(p, g, out=p)
 
 
-class EmptyState(NamedTuple):
-    """State of a stateless transform."""
+def _adam_block(
+    g: np.ndarray,
+    mu: np.ndarray,
+    nu: np.ndarray,
+    hyper: tuple[float, float, float],
+    bc1: np.float32,
+    bc2: np.float32,
+) -> None:
+    """optax.scale_by_adam (eps_root=0) in place on one block, in optax's order of operations:
+    ``mu = (1-b1) g + b1 mu``, ``nu = (1-b2) g*g + b2 nu``, ``g = (mu/bc1) / (sqrt(nu/bc2) + eps)``.
+    As in optax, ``1 - b`` is formed from the Python float, then rounded to float32."""
+    b1, b2, eps = hyper
+    tmp = np.empty_like(g)  # one block, never param-sized
+    np.multiply(g, np.float32(1.0 - b1), out=tmp)
+    np.multiply(mu, np.float32(b1), out=mu)
+    np.add(tmp, mu, out=mu)
+    np.multiply(g, g, out=tmp)
+    np.multiply(tmp, np.float32(1.0 - b2), out=tmp)
+    np.multiply(nu, np.float32(b2), out=nu)
+    np.add(tmp, nu, out=nu)
+    np.divide(nu, bc2, out=tmp)
+    np.sqrt(tmp, out=tmp)
+    np.add(tmp, np.float32(eps), out=tmp)
+    np.divide(mu, bc1, out=g)
+    np.divide(g, tmp, out=g)
 
 
-class TraceState(NamedTuple):
-    """State of `trace`: the decayed sum of past updates."""
-
-    trace: np.ndarray
+_Engine = _Compiled | _InPlace
 
 
-class ScaleByAdamState(NamedTuple):
-    """State of `scale_by_adam`: the step count and the first and second moments."""
-
-    count: int  # type: ignore[assignment]  # shadows tuple.count, as in optax's state
-    mu: np.ndarray
-    nu: np.ndarray
+@functools.cache
+def _cpu() -> jax.Device:
+    """The device a shard's optimizer runs on: its CPU, whatever else the machine has."""
+    return jax.devices("cpu")[0]
 
 
-def _zeros(size: int) -> np.ndarray:
-    return np.zeros(size, dtype=np.float32)
+@functools.lru_cache(maxsize=64)
+def _compiled(tx: optax.GradientTransformation, name: str, block: int) -> _Compiled:
+    """Check ``tx`` and compile it for a block (cached: the shards of a run share it)."""
+    check_elementwise(tx, name)
+    sharding = jax.sharding.SingleDeviceSharding(_cpu())
+    vector = jax.ShapeDtypeStruct((block,), jnp.float32, sharding=sharding)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, vector))
+
+    def step(params: jax.Array, grads: jax.Array, *leaves: jax.Array) -> tuple[jax.Array, ...]:
+        updates, new = tx.update(grads, jax.tree_util.tree_unflatten(treedef, leaves), params)
+        return (optax.apply_updates(params, updates), *jax.tree_util.tree_leaves(new))
+
+    abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for _, x in paths]
+    program = jax.jit(step).lower(vector, vector, *abstract).compile()
+    initial = []
+    zeros = jnp.zeros(block, jnp.float32, device=_cpu())
+    for value in map(np.asarray, jax.tree_util.tree_leaves(jax.jit(tx.init)(zeros))):
+        if value.ndim and not np.array_equal(value, np.full_like(value, value[0]), equal_nan=True):
+            raise ValueError(f"{name} initialises its state differently for each element.")
+        initial.append(np.array(value[0] if value.ndim else value))
+    layout = _layout([_name(path) for path, _ in paths], [x.shape != () for _, x in paths], initial)
+    return _Compiled(layout, block, program)
 
 
-def scale(step: float) -> Transform:
-    """``updates = step * updates`` (optax.scale)."""
-    factor = np.float32(step)
-
-    def init(size: int) -> EmptyState:
-        del size
-        return EmptyState()
-
-    def update(updates: np.ndarray, state: EmptyState) -> EmptyState:
-        np.multiply(updates, factor, out=updates)
-        return state
-
-    return Transform(init, update)
+def _layout(names: list[str], per_element: list[bool], initial: list[np.ndarray]) -> _Layout:
+    if len(set(names)) != len(names) or "step" in names:
+        raise ValueError(f"optimizer state names collide: {', '.join(names)}.")
+    return _Layout(tuple(names), tuple(per_element), tuple(initial))
 
 
-def trace(decay: float) -> Transform:
-    """Momentum: ``t = g + decay * t; updates = t`` (optax.trace, nesterov=False)."""
-    d = np.float32(decay)
-
-    def init(size: int) -> TraceState:
-        return TraceState(trace=_zeros(size))
-
-    def update(updates: np.ndarray, state: TraceState) -> TraceState:
-        t = state.trace
-        np.multiply(t, d, out=t)
-        np.add(updates, t, out=t)
-        np.copyto(updates, t)
-        return state
-
-    return Transform(init, update)
+@functools.lru_cache(maxsize=64)
+def _configured(key: str, block: int) -> _Engine:
+    """The engine of a config (cached: one per distinct config and block size)."""
+    config = OptimizerConfig(*json.loads(key))
+    name = f"optimizer {config.name}"
+    return _in_place(config) or _compiled(config.transformation(), name, block)
 
 
-def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Transform:
-    """Adam's rescaling with bias correction: optax.scale_by_adam with ``eps_root=0``.
-
-    ``mu = (1-b1) g + b1 mu``, ``nu = (1-b2) g*g + b2 nu``,
-    ``updates = (mu / (1 - b1**t)) / (sqrt(nu / (1 - b2**t)) + eps)``, in optax's order of
-    operations.
-    """
-    b1_32, b2_32, eps_32 = np.float32(b1), np.float32(b2), np.float32(eps)
-    # As in optax, `1 - decay` is formed from the Python float and then rounded to float32.
-    c1, c2 = np.float32(1.0 - b1), np.float32(1.0 - b2)
-
-    def init(size: int) -> ScaleByAdamState:
-        return ScaleByAdamState(count=0, mu=_zeros(size), nu=_zeros(size))
-
-    def update(updates: np.ndarray, state: ScaleByAdamState) -> ScaleByAdamState:
-        count = state.count + 1
-        # float64 from the step counter, then float32: the same scalars on every shard (§3).
-        bc1 = np.float32(1.0 - b1**count)
-        bc2 = np.float32(1.0 - b2**count)
-        mu, nu, g = state.mu, state.nu, updates
-        tmp = np.empty_like(g)  # one block in Optimizer.apply, never param-sized there
-        np.multiply(g, c1, out=tmp)
-        np.multiply(mu, b1_32, out=mu)
-        np.add(tmp, mu, out=mu)
-        np.multiply(g, g, out=tmp)
-        np.multiply(tmp, c2, out=tmp)
-        np.multiply(nu, b2_32, out=nu)
-        np.add(tmp, nu, out=nu)
-        np.divide(nu, bc2, out=tmp)
-        np.sqrt(tmp, out=tmp)
-        np.add(tmp, eps_32, out=tmp)
-        np.divide(mu, bc1, out=g)
-        np.divide(g, tmp, out=g)
-        return ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return Transform(init, update)
+def _key(config: OptimizerConfig) -> str:
+    fields = [config.name, float(config.lr), config.args, config.schedule, config.horizon]
+    return json.dumps(fields, sort_keys=True)
 
 
-def chain(*transforms: Transform) -> Transform:
-    """Apply ``transforms`` one after the other; the state is the tuple of their states."""
-
-    def init(size: int) -> tuple[State, ...]:
-        return tuple(t.init(size) for t in transforms)
-
-    def update(updates: np.ndarray, state: tuple[State, ...]) -> tuple[State, ...]:
-        return tuple(t.update(updates, s) for t, s in zip(transforms, state, strict=True))
-
-    return Transform(init, update)
-
-
-def build(config: OptimizerConfig) -> Transform:
-    """The transform a config names, as optax.sgd / optax.adam compose theirs."""
-    if config.name == "sgd":
-        return chain(scale(-config.lr))
-    if config.name == "momentum":
-        return chain(trace(config.momentum), scale(-config.lr))
+def _in_place(config: OptimizerConfig) -> _InPlace | None:
+    """`_InPlace` for sgd, momentum and adam with arguments numpy implements; else None."""
+    defaults: dict[str, dict[str, Any]] = {
+        "sgd": {"momentum": None, "nesterov": False, "accumulator_dtype": None},
+        "momentum": {"momentum": 0.9, "nesterov": False, "accumulator_dtype": None},
+        "adam": {"b1": 0.9, "b2": 0.999, "eps": 1e-8, "eps_root": 0.0, "mu_dtype": None},
+    }
+    if config.name not in defaults or not config.args.keys() <= defaults[config.name].keys():
+        return None
+    args = {**defaults[config.name], **config.args}
+    numbers = [v for k, v in args.items() if k in ("momentum", "b1", "b2", "eps")]
+    if any(isinstance(v, bool) or not isinstance(v, int | float | None) for v in numbers) or any(
+        args.get(k) not in (None, False, 0.0)
+        for k in ("nesterov", "accumulator_dtype", "eps_root", "mu_dtype")
+    ):
+        return None  # optax's own path, which also reports what is wrong with the values
+    lr = config.learning_rate()
+    names, per_element, initial = [], [], []
     if config.name == "adam":
-        return chain(scale_by_adam(config.b1, config.b2, config.eps), scale(-config.lr))
-    raise ValueError(f"unknown optimizer {config.name!r}.")  # unreachable: config validated
+        names, per_element = ["0.count", "0.mu", "0.nu"], [False, True, True]
+        initial = [np.array(0, np.int32), np.array(0, np.float32), np.array(0, np.float32)]
+    elif args["momentum"] is not None:
+        names, per_element, initial = ["0.trace"], [True], [np.array(0, np.float32)]
+    if callable(lr):
+        names, per_element = [*names, "1.count"], [*per_element, False]
+        initial = [*initial, np.array(0, np.int32)]
+    momentum = None if config.name == "adam" or args["momentum"] is None else args["momentum"]
+    adam = (args["b1"], args["b2"], args["eps"]) if config.name == "adam" else None
+    rate = jax.jit(lr) if callable(lr) else float(lr)
+    return _InPlace(_layout(names, per_element, initial), rate, momentum, adam)
+
+
+def _blocks(offset: int, size: int, block: int) -> Iterator[tuple[int, int, int]]:
+    """``(lo, hi, at)``: the part ``[lo, hi)`` of a slice at ``offset`` that falls in one block
+    of the run's vector, at position ``at`` of that block. A 0-length slice gets one empty
+    block, so that its counters advance with everyone else's."""
+    if size == 0:
+        yield 0, 0, 0
+        return
+    for first in range(offset - offset % block, offset + size, block):
+        lo, hi = max(first, offset) - offset, min(first + block, offset + size) - offset
+        yield lo, hi, lo + offset - first
+
+
+def _aligned(n: int, dtype: Any, fill: Any = 0) -> np.ndarray:
+    """``np.full(n, fill, dtype)`` starting on an `_ALIGN`-byte boundary."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(n * dtype.itemsize + _ALIGN, np.uint8)
+    start = -raw.ctypes.data % _ALIGN
+    out = raw[start : start + n * dtype.itemsize].view(dtype)
+    out.fill(fill)
+    return out
+
+
+# --- the shard's optimizer --------------------------------------------------------------------
 
 
 class Optimizer:
-    """The optimizer of one shard: its transform, its state and its step count.
+    """The optimizer of one shard: its engine (compiled transformation or numpy rule), its state
+    and its step count.
 
-    Not thread-safe: the shard serialises calls (one update at a time, as its state machine does).
+    ``size`` is the shard's slice length and ``offset`` its start in the run's flat vector (the
+    blocks' alignment, module docstring: every shard of a run passes its own). ``transformation``
+    replaces the optimizer the config names (whose lr and schedule then go unused), e.g. a task's
+    own (DESIGN §11); it must pass `check_elementwise`, or ValueError. Not thread-safe: the shard
+    serialises calls (one update at a time, as its state machine does).
     """
 
-    __slots__ = ("config", "size", "state", "step", "_transform")
+    __slots__ = ("config", "size", "offset", "step", "_name", "_engine", "_leaves", "_scratch")
 
-    def __init__(self, config: OptimizerConfig, size: int) -> None:
-        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 0:
-            raise ValueError(f"optimizer size must be an integer >= 0, got {size!r}.")
+    def __init__(
+        self,
+        config: OptimizerConfig,
+        size: int,
+        *,
+        offset: int = 0,
+        transformation: optax.GradientTransformation | None = None,
+    ) -> None:
+        for what, value in (("size", size), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise ValueError(f"optimizer {what} must be an integer >= 0, got {value!r}.")
+        if transformation is None:
+            self._name = f"optimizer {config.name}"
+            self._engine: _Engine = _configured(_key(config), BLOCK)
+        elif isinstance(transformation, optax.GradientTransformation):
+            self._name = "the task's optimizer transformation"
+            self._engine = _compiled(transformation, self._name, BLOCK)
+        else:
+            raise ValueError(
+                "transformation must be an optax GradientTransformation, got "
+                f"{type(transformation).__name__}."
+            )
         self.config = config
         self.size = int(size)
-        self._transform = build(config)
-        self.state: State = self._transform.init(self.size)
+        self.offset = int(offset)
         self.step = 0
+        layout = self._engine.layout
+        self._leaves = [
+            _aligned(self.size, v.dtype, v) if per_element else v.copy()
+            for v, per_element in zip(layout.initial, layout.per_element, strict=True)
+        ]
+        self._scratch: list[np.ndarray] = []  # padded blocks for `_Compiled`, made when needed
 
     def apply(self, params: np.ndarray, grads: np.ndarray) -> None:
-        """``params += transform(grads)`` in place; advances the step.
+        """``params += update(grads)`` in place; advances the step.
 
-        ``grads`` is consumed: it is the scratch buffer and holds the applied update afterwards.
-        NaN/Inf are not checked here (that is a pass over the data): the caller rejects them
-        before calling, as DESIGN §10 asks, because a step cannot be undone.
+        ``grads`` may be consumed: the numpy rules use it as scratch. NaN/Inf are not checked here
+        (that is a pass over the data): the caller rejects them before calling, as DESIGN §10
+        asks, because a step cannot be undone. One that gets here stays in its own element.
         """
         _check_vector("params", params, self.size)
         _check_vector("grads", grads, self.size)
         if np.may_share_memory(params, grads):
             raise ValueError("params and grads must not share memory: grads is used as scratch.")
-        update = self._transform.update
-        state = self.state
-        given = returned = state
-        # Block by block (see CHUNK). Each block starts from the same step-t state, so counters
-        # come out equal in every block; arrays are views updated in place. A 0-length shard
-        # still runs one (empty) block so that its counters advance with everyone else's.
-        for lo in range(0, max(self.size, 1), CHUNK):
-            block = slice(lo, lo + CHUNK)
-            g = grads[block]
-            given = _slice_state(state, block)
-            returned = update(g, given)
-            p = params[block]
-            np.add(p, g, out=p)
-        self.state = _rebind(state, given, returned)
+        self._engine.run(self, params, grads)
         self.step += 1
 
     def state_arrays(self) -> dict[str, np.ndarray]:
-        """Flat name -> array for replication: live float32 arrays (not copies) and counters.
+        """Flat name -> array for replication, named by the optax state's key paths.
 
-        Counters (``"step"`` and e.g. Adam's ``"0.count"``) are 0-d int64 arrays. The arrays
-        alias the live state: serialise them before the next `apply`.
+        Per-element arrays are the live state (not copies: serialise them before the next
+        `apply`). Integer and bool scalars ("step", counts) are 0-d int64 arrays, float scalars
+        1-element arrays of their dtype (a replica keeps 0-d arrays as integers, DESIGN §5).
         """
         out = {"step": np.asarray(self.step, dtype=np.int64)}
-        for name, leaf in _leaves(self.state):
-            out[name] = leaf if isinstance(leaf, np.ndarray) else np.asarray(leaf, dtype=np.int64)
+        layout = self._engine.layout
+        for name, leaf, per_element in zip(
+            layout.names, self._leaves, layout.per_element, strict=True
+        ):
+            if per_element:
+                out[name] = leaf
+            elif leaf.dtype.kind in "biu":
+                out[name] = np.asarray(int(leaf), dtype=np.int64)
+            else:
+                out[name] = leaf.reshape(1).copy()
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of `state_arrays` (values are copied in). All-or-nothing: on ValueError the
         optimizer is unchanged."""
-        expected = {"step": self.step, **dict(_leaves(self.state))}
-        missing = sorted(expected.keys() - arrays.keys())
-        extra = sorted(arrays.keys() - expected.keys())
+        layout = self._engine.layout
+        names = {"step", *layout.names}
+        missing, extra = sorted(names - arrays.keys()), sorted(arrays.keys() - names)
         if missing or extra:
             raise ValueError(
-                f"{self.config.name} optimizer state does not match: missing {missing}, "
-                f"unexpected {extra}."
+                f"the state of {self._name} does not match: missing {missing}, unexpected {extra}."
             )
-        counters: dict[str, int] = {}
-        values: dict[str, np.ndarray] = {}
-        for name, live in expected.items():
-            given = values[name] = np.asarray(arrays[name])
-            if isinstance(live, np.ndarray):
-                if given.dtype != np.float32 or given.shape != live.shape:
-                    raise ValueError(
-                        f"optimizer state {name!r} must be float32 of shape {live.shape}, "
-                        f"got {given.dtype} of shape {given.shape}."
-                    )
+        step = _counter("step", np.asarray(arrays["step"]), np.dtype(np.int64), low=0)
+        values = [
+            _checked(name, np.asarray(arrays[name]), leaf, per_element)
+            for name, leaf, per_element in zip(
+                layout.names, self._leaves, layout.per_element, strict=True
+            )
+        ]
+        for i, (value, per_element) in enumerate(zip(values, layout.per_element, strict=True)):
+            if per_element:
+                np.copyto(self._leaves[i], value)
             else:
-                if given.shape != () or given.dtype.kind not in "iu" or int(given) < 0:
-                    raise ValueError(
-                        f"optimizer counter {name!r} must be a 0-d integer >= 0, "
-                        f"got {given.dtype} of shape {given.shape}."
-                    )
-                counters[name] = int(given)
-        for name, live in expected.items():
-            if isinstance(live, np.ndarray):
-                np.copyto(live, values[name])
-        self.state = _map_leaves(self.state, lambda name, leaf: counters.get(name, leaf))
-        self.step = counters["step"]
+                self._leaves[i] = value
+        self.step = int(step)
+
+
+def _checked(name: str, given: np.ndarray, live: np.ndarray, per_element: bool) -> np.ndarray:
+    """``given`` checked against the live leaf it is to replace; the value to keep."""
+    if per_element:
+        if given.dtype != live.dtype or given.shape != live.shape:
+            raise ValueError(
+                f"optimizer state {name!r} must be {live.dtype} of shape {live.shape}, "
+                f"got {given.dtype} of shape {given.shape}."
+            )
+        return given
+    if live.dtype.kind in "biu":
+        return _counter(name, given, live.dtype)
+    if given.dtype != live.dtype or given.shape != (1,):
+        raise ValueError(
+            f"optimizer scalar {name!r} must be {live.dtype} of shape (1,), "
+            f"got {given.dtype} of shape {given.shape}."
+        )
+    return given.reshape(()).copy()
+
+
+def _counter(name: str, given: np.ndarray, dtype: np.dtype, low: int | None = None) -> np.ndarray:
+    """A 0-d integer (a counter or a flag) that fits ``dtype``, as a 0-d array of it."""
+    lo, hi = (0, 1) if dtype.kind == "b" else (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    lo = lo if low is None else max(lo, low)
+    if given.shape != () or given.dtype.kind not in "iu" or not lo <= int(given) <= hi:
+        raise ValueError(
+            f"optimizer counter {name!r} must be a 0-d integer in [{lo}, {hi}], "
+            f"got {given.dtype} of shape {given.shape}."
+        )
+    return np.asarray(int(given), dtype=dtype)
 
 
 def _check_vector(what: str, x: np.ndarray, size: int) -> None:
@@ -270,55 +550,3 @@ def _check_vector(what: str, x: np.ndarray, size: int) -> None:
         raise ValueError(f"{what} must be a float32 vector of {size} elements, got {got}.")
     if not x.flags.writeable:
         raise ValueError(f"{what} must be writable: the optimizer updates it in place.")
-
-
-def _names(node: tuple[Any, ...]) -> tuple[str, ...]:
-    """Child names of a state node: NamedTuple fields, or positions in a `chain` tuple."""
-    fields: tuple[str, ...] | None = getattr(node, "_fields", None)
-    return fields if fields is not None else tuple(str(i) for i in range(len(node)))
-
-
-def _rebuild(like: tuple[Any, ...], items: list[Any]) -> tuple[Any, ...]:
-    return type(like)(*items) if hasattr(like, "_fields") else tuple(items)
-
-
-def _leaves(state: State, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted name, leaf) pairs of a state, e.g. ``("0.mu", mu)``."""
-    if isinstance(state, tuple):
-        for name, item in zip(_names(state), state, strict=True):
-            yield from _leaves(item, f"{prefix}{name}.")
-    else:
-        yield prefix[:-1], state
-
-
-def _map_leaves(state: State, fn: Callable[[str, Any], Any], prefix: str = "") -> State:
-    """``state`` with each leaf replaced by ``fn(dotted name, leaf)``."""
-    if isinstance(state, tuple):
-        items = [
-            _map_leaves(item, fn, f"{prefix}{name}.")
-            for name, item in zip(_names(state), state, strict=True)
-        ]
-        return _rebuild(state, items)
-    return fn(prefix[:-1], state)
-
-
-def _slice_state(state: State, block: slice) -> State:
-    """``state`` with its arrays replaced by views of ``block`` (counters unchanged)."""
-    if isinstance(state, np.ndarray):
-        return state[block]
-    if isinstance(state, tuple):
-        return _rebuild(state, [_slice_state(item, block) for item in state])
-    return state
-
-
-def _rebind(full: State, given: State, returned: State) -> State:
-    """The full-size state after a blocked update: ``full``'s arrays (updated in place through
-    the views in ``given``) and ``returned``'s counters."""
-    if isinstance(full, np.ndarray):
-        if returned is not given:
-            raise TypeError("a Transform must update its state arrays in place and return them.")
-        return full
-    if isinstance(full, tuple):
-        items = [_rebind(f, g, r) for f, g, r in zip(full, given, returned, strict=True)]
-        return _rebuild(full, items)
-    return returned

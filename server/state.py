@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -106,6 +106,9 @@ class ShardSpec:
     optimizer: OptimizerConfig
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     replication: ReplicationPolicy = ReplicationPolicy()
+    # The task's own optax transformation (its `optimizer()`), used in place of `optimizer`'s
+    # named one; None for the named one (DESIGN §11).
+    transformation: Any = None
 
 
 @dataclass(slots=True)
@@ -154,7 +157,11 @@ class ShardState:
             )
         self.spec = spec
         self.params = np.array(params, dtype=FLOAT, copy=True)
-        self.optimizer = Optimizer(spec.optimizer, spec.length)
+        # The offset aligns the optimizer's compiled blocks to the run's flat vector, so every
+        # element goes through the same code whatever the shard count (DESIGN §3, §4).
+        self.optimizer = Optimizer(
+            spec.optimizer, spec.length, offset=spec.offset, transformation=spec.transformation
+        )
         self.epoch = epoch
         self.version = 0
         self.workers = [WorkerEntry() for _ in range(spec.num_workers)]

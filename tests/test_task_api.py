@@ -232,3 +232,19 @@ def test_launch_refuses_unknown_settings_before_starting_anything(tmp_path: Path
     with pytest.raises(ValueError, match="unknown settings shardz"):
         tether.launch(f"{REPO}/examples/linear_regression.py:task", shardz=2, run_dir=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_task_optimizer_that_is_not_elementwise_is_refused_before_starting(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "clip.py"
+    path.write_text(
+        USER_TASK
+        + "\nimport optax\n\nclass Clipped(TwoLayer):\n"
+        + "    def optimizer(self):\n"
+        + "        return optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1))\n"
+        + "\nclipped = Clipped()\n"
+    )
+    with pytest.raises(ValueError, match="not elementwise"):
+        tether.launch(f"{path}:clipped", run_dir=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

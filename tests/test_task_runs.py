@@ -7,10 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_task_api import USER_TASK
 
 import tether
 from helpers import REPO
-from test_task_api import USER_TASK
 from tether.config import RunConfig
 from tether.tasks.api import TaskContext
 from tether.tasks.build import resolve_config, runtime_of
@@ -54,7 +54,11 @@ def test_a_user_task_trains_under_ssp_and_asp(tether_cli, tmp_path, task_spec, m
 def test_bsp_on_a_user_task_is_bit_identical_across_shards_and_kills(
     tether_cli, tmp_path, task_spec, watch
 ) -> None:
-    args = ["--task", task_spec, "--steps", "150", "--batch-size", "16", "--json", "--seed", "4"]
+    # adamw with a warm-up cosine schedule on the shards (DESIGN §4): elementwise, so the shard
+    # count changes nothing.
+    args = ["--task", task_spec, "--steps", "150", "--batch-size", "16", "--json", "--seed", "4",
+            "--optimizer", "adamw", "--opt", "weight_decay=0.01", "--lr", "0.01",
+            "--schedule", "warmup_cosine:warmup=20"]  # fmt: skip
     runs = {
         s: tether_cli("launch", *args, "--shards", str(s), "--run-dir", str(tmp_path / f"s{s}"))
         for s in (1, 2, 3)
@@ -74,6 +78,26 @@ def test_bsp_on_a_user_task_is_bit_identical_across_shards_and_kills(
     assert faulty["lost_updates"] == 0 and faulty["updates_applied"] == 150
     assert faulty["params_sha256"] == sha[1]
     assert runs[1].json()["final_loss"] < 0.5 * initial_loss(task_spec, 16)
+
+
+def test_a_task_s_own_optimizer_runs_on_the_shards(tmp_path) -> None:
+    path = tmp_path / "own_opt.py"
+    path.write_text(
+        USER_TASK
+        + "\nimport optax\n\nclass WithOpt(TwoLayer):\n"
+        + "    def optimizer(self):\n"
+        + "        return optax.chain(optax.scale_by_rms(), optax.scale(-0.3))\n"
+        + "\nwith_opt = WithOpt()\n"
+    )
+    spec = f"{path}:with_opt"
+    settings = dict(shards=1, workers=2, steps=30, batch_size=16, seed=1, optimizer="sgd", lr=0.1)
+    own = tether.launch(spec, run_dir=tmp_path / "own", **settings)
+    named = tether.launch(f"{path}:task", run_dir=tmp_path / "named", **settings)
+    # The task's transformation, not --optimizer sgd, ran: a different result, and 2 shards
+    # give the same bits as 1.
+    assert own["params_sha256"] != named["params_sha256"]
+    two = tether.launch(spec, run_dir=tmp_path / "own2", **{**settings, "shards": 2})
+    assert two["params_sha256"] == own["params_sha256"]
 
 
 def test_tether_launch_from_python_is_the_cli_run(tether_cli, tmp_path) -> None:

@@ -82,8 +82,9 @@ def parse_schedule(text: str) -> tuple[str, dict[str, float]]:
         except ValueError:
             problem = f"{key} must be {'an integer' if kind_of == 'steps' else 'a number'}"
             break
-        if not (math.isfinite(values[key]) and values[key] >= 0):
-            problem = f"{key} must be >= 0"
+        least = 1 if key in ("decay", "transition") else 0  # horizons: at least one update
+        if not (math.isfinite(values[key]) and values[key] >= least):
+            problem = f"{key} must be >= {least}"
             break
     missing = [k for k in _REQUIRED.get(kind, ()) if k not in values]
     if not problem and missing:
@@ -131,7 +132,9 @@ class OptimizerConfig:
         # (1e-50) would silently train nothing.
         lr = _real(self.lr)
         if not (math.isfinite(lr) and lr > 0 and 0 < np.float32(lr) < np.inf):
-            raise ValueError(f"optimizer lr must be a finite number > 0 in float32, got {self.lr!r}.")
+            raise ValueError(
+                f"optimizer lr must be a finite number > 0 in float32, got {self.lr!r}."
+            )
         if isinstance(self.horizon, bool) or not isinstance(self.horizon, int) or self.horizon < 0:
             raise ValueError(f"optimizer horizon must be an integer >= 0, got {self.horizon!r}.")
         if not isinstance(self.args, dict):
@@ -219,8 +222,7 @@ def _check_arg(name: str, key: str, value: Any) -> None:
         )
     if value is not None and not isinstance(value, bool | int | float | str):
         raise ValueError(
-            f"optimizer {name} argument {key}={value!r} must be a number, a bool, None or a "
-            "string."
+            f"optimizer {name} argument {key}={value!r} must be a number, a bool, None or a string."
         )
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"optimizer {name} argument {key}={value!r} must be finite.")

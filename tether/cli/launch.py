@@ -50,12 +50,37 @@ def add_parser(sub: Any) -> None:
     launch.add_argument("--batch-size", type=int, default=32, help="mini-batch per worker (32)")
     launch.add_argument(
         "--optimizer",
-        choices=("sgd", "momentum", "adam"),
         default="adam",
-        help="server-side optimizer (adam)",
+        metavar="NAME",
+        help="server-side optimizer: an optax alias by name (sgd, adam, adamw, rmsprop, adagrad, "
+        "lion, adabelief, nadam, radam, ...) or momentum (sgd with momentum 0.9). Each shard "
+        "applies it elementwise to its own slice of the parameters, which keeps the result bit "
+        "for bit the same for any number of shards; so transformations that reduce over the "
+        "whole vector (global-norm clipping, lamb, lars, novograd, ...) are refused (adam)",
     )
     launch.add_argument(
-        "--lr", type=float, default=None, help="learning rate (adam 0.01, sgd/momentum 0.1)"
+        "--opt",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="keyword argument of the optimizer, a Python literal or a bare string, e.g. "
+        "--opt weight_decay=0.01 --opt nesterov=True (repeatable)",
+    )
+    launch.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate, the schedule's initial or peak value (0.1 for sgd and momentum, "
+        "0.01 for the others)",
+    )
+    launch.add_argument(
+        "--schedule",
+        default="constant",
+        metavar="SPEC",
+        help="learning-rate schedule: constant | linear[:end=X] | cosine[:alpha=A] | "
+        "warmup_cosine:warmup=N[,end=X] | exponential:rate=R[,transition=N]; decay=N sets the "
+        "horizon in optimizer updates, by default the run's (steps for bsp, steps x workers "
+        "otherwise) (constant)",
     )
     launch.add_argument("--seed", type=int, default=0, help="seed of every random source (0)")
     launch.add_argument(
@@ -141,13 +166,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tether.config import RunConfig, new_run_id, parse_straggler
+    from tether.config import RunConfig, new_run_id, parse_opt_arg, parse_straggler
     from tether.consistency import check_staleness
+    from tether.driver.api import prepare
     from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
     from tether.store import StoreError, default_store_uri
-    from tether.tasks.build import resolve_config
 
-    lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "adam" else 0.1)
+    lr = args.lr
+    if lr is None:  # adaptive optimizers take smaller steps than plain gradient descent
+        lr = 0.1 if args.optimizer in ("sgd", "momentum") else 0.01
+    opt_args: dict[str, Any] = {}
+    for key, value in map(parse_opt_arg, args.opt):
+        if key in opt_args:
+            raise UsageError(f"--opt {key} is given twice.")
+        opt_args[key] = value
     stragglers = dict(parse_straggler(s) for s in args.straggler)
     staleness = args.staleness
     if staleness is None:
@@ -165,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         optimizer=args.optimizer,
         lr=lr,
+        opt_args=opt_args,
+        schedule=args.schedule,
         seed=args.seed,
         device=args.device,
         stragglers=stragglers,
@@ -177,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
         probe_timeout_s=args.probe_timeout,
         startup_timeout_s=args.startup_timeout,
     )
-    config = resolve_config(config)
+    config = prepare(config)  # resolved, and the optimizer refused here if not elementwise
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
     store_uri = args.store or default_store_uri(run_dir)
     opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)

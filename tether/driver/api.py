@@ -53,6 +53,22 @@ def _spec(module: Any, name: str) -> str:
     return f"{module.__name__}:{name}"
 
 
+def prepare(config: RunConfig) -> RunConfig:
+    """The config a run is created with: the task resolved (`resolve_config`) and the shards'
+    optimizer checked to be elementwise, so a bad one is refused before anything starts
+    (DESIGN §4, §10) rather than by every shard."""
+    from tether.server.optim import check_elementwise
+    from tether.tasks.build import resolve_config, task_optimizer
+
+    config = resolve_config(config)
+    own = task_optimizer(config)
+    if own is not None:
+        check_elementwise(own, f"the task's optimizer() ({config.task})")
+    else:
+        check_elementwise(config.optimizer_config.transformation(), f"optimizer {config.optimizer}")
+    return config
+
+
 def launch(
     task: Any = None,
     *,
@@ -69,7 +85,6 @@ def launch(
     Raises ValueError for a bad setting (nothing started) and `RunFailed` if the run fails.
     """
     from tether.store import default_store_uri
-    from tether.tasks.build import resolve_config
 
     if "run_id" in settings:
         raise ValueError("launch makes its own run id; pass run_dir to choose where it goes.")
@@ -79,9 +94,11 @@ def launch(
         raise ValueError(f"launch got unknown settings {', '.join(unknown)}: see tether.RunConfig.")
     if task is not None:
         settings["task"] = spec_of(task)
+    if "lr" not in settings:  # the command line's defaults: plain descent takes larger steps
+        settings["lr"] = 0.1 if settings.get("optimizer", "adam") in ("sgd", "momentum") else 0.01
     mode = settings.get("mode", "bsp")
     settings.setdefault("replication", "sync" if mode == "bsp" else "async")
-    config = resolve_config(RunConfig(run_id=new_run_id(), **settings))
+    config = prepare(RunConfig(run_id=new_run_id(), **settings))
     folder = Path(run_dir) if run_dir is not None else Path("runs") / config.run_id
     folder = folder.resolve()
     opts = LaunchOptions(

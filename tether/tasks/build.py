@@ -44,6 +44,15 @@ def runtime_of(config: RunConfig, device: str | None = None) -> TaskRuntime:
     return runtime
 
 
+def task_optimizer(config: RunConfig) -> Any:
+    """The optax transformation the run's task names for the shards (`task.optimizer()`), or
+    None: then the shards build `--optimizer` (DESIGN §4, §11)."""
+    if not config.task:
+        return None
+    make = getattr(task_of(config), "optimizer", None)
+    return make() if make is not None else None
+
+
 def context_of(
     config: RunConfig, role: Role, worker_id: int = 0, store_uri: str = ""
 ) -> TaskContext:
