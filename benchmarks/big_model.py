@@ -11,8 +11,9 @@ Reports, from one invocation:
 - each process's peak resident memory (members report it in their heartbeats), beside what it
   must hold: a shard its slice and the optimizer state (Adam: 2 slices), and under BSP one
   pending gradient slice per worker and the previous parameters; a worker one copy of the
-  parameters and of the gradient (XLA's output, copied into the push buffer), all above the
-  resident size of an idle process with JAX loaded (measured).
+  parameters and one of the gradient (XLA's output, pushed as it is), all above the resident
+  size of an idle process with JAX loaded (measured). `above_idle_in_vectors` is the same in
+  units of what the process holds one copy of: the shard's slice, or the worker's whole vector.
 
     python benchmarks/big_model.py [--steps 8] [--workers 2] [--json]
 
@@ -112,7 +113,7 @@ def main() -> int:
     slice_bytes = 4 * n / shards
     expect = {
         "server": slice_bytes * (1 + 2 + args.workers + 1),  # params, adam mu+nu, pending, prev
-        "worker": 4 * n * 3,  # pulled params, XLA's gradient, the push buffer
+        "worker": 4 * n * 2,  # the pulled parameters and XLA's gradient (pushed as it is)
     }
     procs = []
     for m in sorted(members, key=lambda m: (m.role, m.member_id)):
@@ -122,6 +123,7 @@ def main() -> int:
         procs.append({
             "role": m.role, "id": m.member_id, "peak_rss_mb": peak / 2**20,
             "above_idle_mb": (peak - idle_rss) / 2**20, "expected_mb": expect[m.role] / 2**20,
+            "above_idle_in_vectors": (peak - idle_rss) / (4 * n / (shards if m.role == "server" else 1)),
         })  # fmt: skip
     result = {
         "num_params": n,

@@ -201,7 +201,11 @@ class Worker:
                     pull_s = time.monotonic() - t_pull
                     wait_s += pull_s
                     step = self.runtime.step(self.flat, self.task.batch(self.ctx, clock))
-                    loss, grad = step.loss, step.grad
+                    loss, metrics, grad = step.loss, step.metrics, step.grad
+                    # The gradient's buffers are held by `grad` (and a push in flight) only, so
+                    # they are freed as soon as their push is done: one gradient in memory, not
+                    # two, while the next one is computed (BSP), two at most when overlapping.
+                    del step
                     if self.delay_s:
                         time.sleep(self.delay_s)  # --straggler: a deliberately slow worker
                     if pending is not None:
@@ -213,6 +217,7 @@ class Worker:
                         pending = self.pusher.submit(self._push_all, grad, clock, pulled, loss)
                     else:
                         self._push_all(grad, clock, pulled, loss)
+                    del grad
                 except (grpc.RpcError, StaleShard, ChannelClosed) as e:
                     _settle(pending)
                     pending = None
@@ -247,7 +252,7 @@ class Worker:
                             # The task's own metrics (its loss's aux dict), under their names.
                             **{
                                 k if k not in _OWN else f"task.{k}": v
-                                for k, v in step.metrics.items()
+                                for k, v in metrics.items()
                             },
                         },
                     )
