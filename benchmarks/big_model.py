@@ -115,6 +115,7 @@ def main() -> int:
         "server": slice_bytes * (1 + 2 + args.workers + 1),  # params, adam mu+nu, pending, prev
         "worker": 4 * n * 2,  # the pulled parameters and XLA's gradient (pushed as it is)
     }
+    unit = {"server": slice_bytes, "worker": 4 * n}
     procs = []
     for m in sorted(members, key=lambda m: (m.role, m.member_id)):
         if m.role not in expect:
@@ -123,7 +124,7 @@ def main() -> int:
         procs.append({
             "role": m.role, "id": m.member_id, "peak_rss_mb": peak / 2**20,
             "above_idle_mb": (peak - idle_rss) / 2**20, "expected_mb": expect[m.role] / 2**20,
-            "above_idle_in_vectors": (peak - idle_rss) / (4 * n / (shards if m.role == "server" else 1)),
+            "above_idle_in_vectors": (peak - idle_rss) / (unit[m.role]),
         })  # fmt: skip
     result = {
         "num_params": n,
