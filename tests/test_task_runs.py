@@ -108,3 +108,14 @@ def test_tether_launch_from_python_is_the_cli_run(tether_cli, tmp_path) -> None:
     cli_args = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
     cli = tether_cli("launch", "--task", LINREG, *cli_args, "--json", "--run-dir", "cli").json()
     assert cli["params_sha256"] == summary["params_sha256"]
+
+
+def test_the_readme_s_task_trains_as_written(tether_cli, tmp_path) -> None:
+    """The task in README.md's "Your model" section, copied as a new user would."""
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("```python\n# my_task.py\n") + len("```python\n")
+    (tmp_path / "my_task.py").write_text(readme[start : readme.index("```", start)])
+    args = ["--task", "my_task.py:task", "--optimizer", "sgd", "--lr", "0.1", "--steps", "60"]
+    summary = tether_cli("launch", *args, "--json", "--run-dir", "r").json()
+    # w starts at 0, where the README's evaluate gives 1.0; the data's true w is all ones.
+    assert summary["final_loss"] == summary["evaluation"]["loss"] < 0.01
