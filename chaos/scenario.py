@@ -259,7 +259,8 @@ def _config(run: dict[str, Any], run_id: str = "scenario") -> RunConfig:
     mode = opts.get("mode", "bsp")
     opts.setdefault("replication", "sync" if mode == "bsp" else "async")
     if "lr" not in opts:
-        opts["lr"] = 0.01 if opts.get("optimizer", "adam") == "adam" else 0.1
+        # The command line's defaults: plain gradient descent takes larger steps.
+        opts["lr"] = 0.1 if opts.get("optimizer", "adam") in ("sgd", "momentum") else 0.01
     if "stragglers" in opts:
         opts["stragglers"] = {int(k): int(v) for k, v in opts["stragglers"].items()}
     return RunConfig(run_id=run_id, **opts)

@@ -49,15 +49,19 @@ import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from jax.extend import core as jcore
 
 from tether.config import OptimizerConfig
+
+if TYPE_CHECKING:
+    import optax
+    from jax.extend import core as jcore
+
+# JAX and optax are imported only where a compiled transformation or a schedule needs them: a
+# shard running sgd, momentum or adam at a constant rate (the numpy rules) starts without them,
+# which takes a second off every shard's start and every recovery.
 
 # Elements per block of a compiled transformation: one program of this length serves every shard.
 # 128 Ki float32 is 512 KiB per array (a block's arrays stay in a core's cache) and enough work
@@ -95,6 +99,9 @@ def check_elementwise(tx: optax.GradientTransformation, name: str = "the optimiz
     that the state holds only per-element arrays and scalars of numpy dtypes, and that ``init``
     does not read the parameter values (a shard's optimizer is created before it has them).
     """
+    import jax
+    import jax.numpy as jnp
+
     probe = jax.ShapeDtypeStruct((_PROBE,), jnp.float32)
     try:
         init = jax.make_jaxpr(tx.init)(probe)
@@ -138,6 +145,8 @@ def check_elementwise(tx: optax.GradientTransformation, name: str = "the optimiz
 def _first_mixing(jaxpr: jcore.Jaxpr) -> str:
     """The first primitive in ``jaxpr`` (or a jaxpr inside it) that is not elementwise over a
     vector of `_PROBE` elements; "" if there is none."""
+    from jax.extend import core as jcore
+
     if any(_PROBE in getattr(v.aval, "shape", ()) for v in jaxpr.constvars):
         return "a constant of the parameter vector's length"
     for eqn in jaxpr.eqns:
@@ -162,6 +171,8 @@ def _first_mixing(jaxpr: jcore.Jaxpr) -> str:
 
 
 def _signature(state: Any) -> tuple[Any, ...]:
+    import jax
+
     leaves = jax.tree_util.tree_leaves(state)
     return jax.tree_util.tree_structure(state), [(x.shape, x.dtype) for x in leaves]
 
@@ -173,6 +184,8 @@ def _storable(dtype: Any) -> bool:
 
 def _name(path: Sequence[Any]) -> str:
     """A state leaf's name in `Optimizer.state_arrays`: its key path, e.g. ``0.mu``."""
+    import jax
+
     return jax.tree_util.keystr(tuple(path), simple=True, separator=".") or "state"
 
 
@@ -303,20 +316,26 @@ _Engine = _Compiled | _InPlace
 
 
 @functools.cache
-def _cpu() -> jax.Device:
+def _cpu() -> Any:
     """The device a shard's optimizer runs on: its CPU, whatever else the machine has."""
+    import jax
+
     return jax.devices("cpu")[0]
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled(tx: optax.GradientTransformation, name: str, block: int) -> _Compiled:
     """Check ``tx`` and compile it for a block (cached: the shards of a run share it)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
     check_elementwise(tx, name)
     sharding = jax.sharding.SingleDeviceSharding(_cpu())
     vector = jax.ShapeDtypeStruct((block,), jnp.float32, sharding=sharding)
     paths, treedef = jax.tree_util.tree_flatten_with_path(jax.eval_shape(tx.init, vector))
 
-    def step(params: jax.Array, grads: jax.Array, *leaves: jax.Array) -> tuple[jax.Array, ...]:
+    def step(params: Any, grads: Any, *leaves: Any) -> tuple[Any, ...]:
         updates, new = tx.update(grads, jax.tree_util.tree_unflatten(treedef, leaves), params)
         return (optax.apply_updates(params, updates), *jax.tree_util.tree_leaves(new))
 
@@ -330,6 +349,12 @@ def _compiled(tx: optax.GradientTransformation, name: str, block: int) -> _Compi
         initial.append(np.array(value[0] if value.ndim else value))
     layout = _layout([_name(path) for path, _ in paths], [x.shape != () for _, x in paths], initial)
     return _Compiled(layout, block, program)
+
+
+def _is_transformation(tx: Any) -> bool:
+    import optax
+
+    return isinstance(tx, optax.GradientTransformation)
 
 
 def _layout(names: list[str], per_element: list[bool], initial: list[np.ndarray]) -> _Layout:
@@ -379,7 +404,12 @@ def _in_place(config: OptimizerConfig) -> _InPlace | None:
         initial = [*initial, np.array(0, np.int32)]
     momentum = None if config.name == "adam" or args["momentum"] is None else args["momentum"]
     adam = (args["b1"], args["b2"], args["eps"]) if config.name == "adam" else None
-    rate = jax.jit(lr) if callable(lr) else float(lr)
+    if callable(lr):
+        import jax
+
+        rate: float | Callable[[Any], Any] = jax.jit(lr)
+    else:
+        rate = float(lr)
     return _InPlace(_layout(names, per_element, initial), rate, momentum, adam)
 
 
@@ -435,7 +465,7 @@ class Optimizer:
         if transformation is None:
             self._name = f"optimizer {config.name}"
             self._engine: _Engine = _configured(_key(config), BLOCK)
-        elif isinstance(transformation, optax.GradientTransformation):
+        elif _is_transformation(transformation):
             self._name = "the task's optimizer transformation"
             self._engine = _compiled(transformation, self._name, BLOCK)
         else:

@@ -159,10 +159,12 @@ class OptimizerConfig:
 
     def learning_rate(self) -> Any:
         """The lr, or an optax schedule of it (a function of the shard's update count)."""
-        import optax
-
         kind, v = parse_schedule(self.schedule)
         lr = float(self.lr)
+        if kind == "constant":
+            return lr
+        import optax  # only for a schedule: a constant rate starts a shard without it
+
         decay = int(v.get("decay", self.horizon))
         if kind == "linear":
             return optax.linear_schedule(lr, v.get("end", 0.0), decay)
@@ -174,7 +176,7 @@ class OptimizerConfig:
             )
         if kind == "exponential":
             return optax.exponential_decay(lr, int(v.get("transition", self.horizon)), v["rate"])
-        return lr  # constant: a plain float, so the state is exactly optax.<name>(lr)'s
+        raise AssertionError(f"unreachable: parse_schedule knows no {kind!r}")
 
     def transformation(self) -> Any:
         """``optax.<name>(learning_rate=<schedule>, **args)``, an optax GradientTransformation;

@@ -36,6 +36,8 @@ class RunSummary:
     task: str  # the user's task spec (DESIGN §11); "" for the built-in model on dataset
     num_params: int
     optimizer: str
+    opt_args: dict[str, Any]  # --opt K=V (DESIGN §4)
+    schedule: str
     lr: float
     seed: int
     final_loss: float | None
@@ -110,6 +112,8 @@ def summarise(
         task=cfg.task,
         num_params=cfg.num_params,
         optimizer=cfg.optimizer,
+        opt_args=dict(cfg.opt_args),
+        schedule=cfg.schedule,
         lr=cfg.lr,
         seed=cfg.seed,
         final_loss=final_loss(outcome.evaluation, outcome.last_losses),
