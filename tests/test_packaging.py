@@ -80,3 +80,18 @@ def test_a_regular_install_imports_every_package_from_site_packages(tmp_path):
     assert (target / "tether" / "proto" / "ps.proto").exists()
     # `tether chaos run --all` finds the shipped scenarios in an installed copy too.
     assert (target / "tether" / "chaos" / "scenarios" / "shard-kill.toml").exists()
+
+
+def test_the_command_line_and_a_restored_shard_start_without_jax() -> None:
+    """JAX takes about a second to import: `tether --help`, and a shard that restores its state
+    with a numpy optimizer rule (the recovery path), must not pay it (DESIGN §5: recovery time)."""
+    code = (
+        "import sys\n"
+        "import tether.cli.main, tether.server.main\n"
+        "from tether.config import OptimizerConfig\n"
+        "from tether.server.optim import Optimizer\n"
+        "Optimizer(OptimizerConfig('adam', lr=0.01), 10)\n"
+        "print(sorted(m for m in ('jax', 'optax') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

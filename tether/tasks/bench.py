@@ -17,12 +17,15 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any
-
-import jax
+from typing import TYPE_CHECKING, Any
 
 from tether.tasks.api import TaskContext
-from tether.tasks.runtime import TaskRuntime
+
+if TYPE_CHECKING:
+    from tether.tasks.runtime import TaskRuntime
+
+# JAX is imported inside the functions that time a model: `interleaved_medians` is also the
+# timing loop of `tether bench pushpull`, and the `tether` command must start without JAX.
 
 
 def interleaved_medians(
@@ -41,6 +44,8 @@ def interleaved_medians(
 
 def model_step(runtime: TaskRuntime, params: Any, batch: Any) -> Callable[[], Any]:
     """The task's own gradient step on device-resident parameters, blocking on the result."""
+    import jax
+
     grad = jax.jit(jax.value_and_grad(runtime.task.loss, has_aux=_has_aux(runtime, batch)))
     params = jax.device_put(params, runtime.device)
     batch = jax.device_put(batch, runtime.device)
@@ -48,6 +53,8 @@ def model_step(runtime: TaskRuntime, params: Any, batch: Any) -> Callable[[], An
 
 
 def _has_aux(runtime: TaskRuntime, batch: Any) -> bool:
+    import jax
+
     params = runtime.layout.views(runtime.init_flat(0))
     return isinstance(jax.eval_shape(runtime.task.loss, params, batch), tuple)
 
