@@ -207,7 +207,7 @@ def add_parser(sub: Any) -> None:
     step = bench_sub.add_parser(
         "step",
         help="the worker's gradient step against the task's own jitted tree gradient",
-        description="Time TaskRuntime.step (flat pulled buffer -> flat push buffer) against "
+        description="Time TaskRuntime.step (pulled flat buffer -> gradient ready to push) against "
         "jax.jit(jax.value_and_grad(task.loss)) on device-resident parameters, interleaved, "
         "same parameters and batch. Target: ratio <= 1.1.",
     )
