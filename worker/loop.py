@@ -250,10 +250,7 @@ class Worker:
                             "clock_gap": float(max(p.clock_gap for p in pulled)),
                             "read_version": float(sum(p.version for p in pulled)),
                             # The task's own metrics (its loss's aux dict), under their names.
-                            **{
-                                k if k not in _OWN else f"task.{k}": v
-                                for k, v in metrics.items()
-                            },
+                            **{k if k not in _OWN else f"task.{k}": v for k, v in metrics.items()},
                         },
                     )
                 )

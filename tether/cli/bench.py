@@ -233,7 +233,7 @@ def add_parser(sub: Any) -> None:
     train.add_argument("--optimizer", default="adam", help="server-side optimizer (adam)")
     train.add_argument("--lr", type=float, default=1e-3, help="learning rate (1e-3)")
     train.add_argument(
-        "--no-overlap", action="store_true", help="push each clock before the next pull"
+        "--overlap", action="store_true", help="push clock c while c+1 is pulled and computed"
     )
     train.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -291,7 +291,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         optimizer=args.optimizer,
         lr=args.lr,
         replication="off",
-        overlap=not args.no_overlap,
+        overlap=args.overlap,
     )
     return bench_train(config, skip=args.skip, err=sys.stderr)
 

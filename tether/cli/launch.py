@@ -163,10 +163,10 @@ def add_parser(sub: Any) -> None:
         help="deadline from starting a member to its serving (120)",
     )
     launch.add_argument(
-        "--no-overlap",
+        "--overlap",
         action="store_true",
-        help="ssp/asp: push each clock before pulling the next (by default the push of clock c "
-        "runs while c+1 is pulled and computed; bsp never overlaps)",
+        help="ssp/asp: push clock c while c+1 is pulled and computed (more updates per second, "
+        "about two versions more staleness per gradient; bsp never overlaps)",
     )
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         lease_s=args.lease,
         probe_timeout_s=args.probe_timeout,
         startup_timeout_s=args.startup_timeout,
-        overlap=not args.no_overlap,
+        overlap=args.overlap,
     )
     config = prepare(config)  # resolved, and the optimizer refused here if not elementwise
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
