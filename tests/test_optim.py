@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from tether.config import OptimizerConfig, RunConfig, parse_opt_arg, parse_schedule
 from tether.server import optim
-from tether.server.optim import Optimizer, check_elementwise
+from tether.server.elementwise import check_elementwise
+from tether.server.optim import Optimizer
 
 
 def _vectors(seed: int, count: int, size: int) -> list[np.ndarray]:

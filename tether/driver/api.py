@@ -57,7 +57,7 @@ def prepare(config: RunConfig) -> RunConfig:
     """The config a run is created with: the task resolved (`resolve_config`) and the shards'
     optimizer checked to be elementwise, so a bad one is refused before anything starts
     (DESIGN §4, §10) rather than by every shard."""
-    from tether.server.optim import check_elementwise
+    from tether.server.elementwise import check_elementwise
     from tether.tasks.build import resolve_config, task_optimizer
 
     config = resolve_config(config)
