@@ -559,3 +559,24 @@ def test_messages_never_show_the_password(client: mongomock.MongoClient) -> None
                 call()
             assert "s3cret" not in str(err.value) and "***@h1,h2" in str(err.value)
         assert "s3cret" not in repr(s)
+
+
+@pytest.mark.parametrize("skip", [1, 2], ids=["chunk-insert", "publish"])
+def test_a_fault_during_a_dataset_import_leaves_nothing_behind(
+    store: MongoStore, faults: FaultPlan, client: mongomock.MongoClient, skip: int
+) -> None:
+    """A dataset import that fails while writing its chunks or publishing its header leaves
+    no dataset and no chunks (DESIGN §11: all or nothing); a retry then succeeds."""
+    from tether.data import import_table
+    from tether.store import UnknownDataset
+    from tether.store.datasets import table_from_arrays
+
+    table = table_from_arrays({"x": np.arange(40, dtype=np.float32)}, "test arrays")
+    faults.fail("put_dataset", "not_primary", skip=skip)  # pass 0 is the existence check
+    with pytest.raises(StoreUnavailable, match="NotPrimaryError"):
+        import_table(store, "d", table, chunk_records=8)
+    with pytest.raises(UnknownDataset):
+        store.dataset_info("d")
+    assert client["tether_test"].dataset_chunks.count_documents({}) == 0
+    info = import_table(store, "d", table, chunk_records=8)
+    assert info.records == 40 and info.chunks == 5

@@ -14,7 +14,8 @@ Points (see :data:`POINTS`):
   ``create_run``, ``get_run``, ``list_runs``, ``finish_run``, ``register``, ``heartbeat``,
   ``set_member_state``, ``members``, ``member``, ``claim``, ``save``, ``load``, ``shard_heads``,
   and for results ``set_run_meta``, ``log_metrics``, ``metrics``, ``put_artifact``,
-  ``artifacts``, ``get_artifact``, ``delete_run``;
+  ``artifacts``, ``get_artifact``, ``delete_run``, and for input data ``put_dataset`` (each
+  step of an import), ``dataset_info``, ``list_datasets``, ``read_dataset``, ``delete_dataset``;
 - inside a save, in order: ``before_chunks``, ``chunks`` (before every batch of chunk inserts),
   ``after_chunks``, ``before_head``, ``after_head`` (the head switch was applied but, as far as
   the caller knows, its reply was lost) and ``gc`` (deleting old chunks);
@@ -64,6 +65,13 @@ OPERATION_POINTS = (
     "artifacts",
     "get_artifact",
     "delete_run",
+    # input data (DESIGN §11): every step of an import is a `put_dataset` pass (the existence
+    # check, each batch of chunk inserts, the publish, the clean-up)
+    "put_dataset",
+    "dataset_info",
+    "list_datasets",
+    "read_dataset",
+    "delete_dataset",
 )
 SAVE_POINTS = ("before_chunks", "chunks", "after_chunks", "before_head", "after_head", "gc")
 LOAD_POINTS = ("read", "read_chunks")
