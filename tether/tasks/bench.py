@@ -6,8 +6,9 @@ compilation:
 
 - model: the task's own jitted `value_and_grad(loss)` on parameters already on the device, until
   the gradient is ready: what a single-process training loop pays per step;
-- worker: `TaskRuntime.step` from the flat float32 buffer a pull lands in to the gradient in the
-  flat push buffer: the tree of views, the device transfer, the gradient and the copy out.
+- worker: `TaskRuntime.step` from the flat float32 buffer a pull lands in to the gradient ready to
+  push (its leaves on the host, in flat order): the tree of views, any device transfer, the
+  gradient and its host views.
 
 The ratio worker/model is the worker's overhead; DESIGN §11's target is <= 1.1.
 """
