@@ -92,6 +92,8 @@ def run_status(
                 "heartbeat_age_s": round(now - m.heartbeat, 3),
                 "clock": m.info.get("clock"),
                 "version": m.info.get("version"),
+                # Reported by the member itself (tether.member.heartbeat.peak_rss_bytes).
+                "peak_rss_mb": _mb(m.info.get("peak_rss_bytes")),
             }
             for m in members
         ],
@@ -108,13 +110,13 @@ def print_status(status: dict[str, Any]) -> None:
     )
     print(
         f"{'role':<9}{'id':>3} {'pid':>8} {'epoch':>6} {'alive':>6} {'clock':>6} "
-        f"{'version':>8}  address"
+        f"{'version':>8} {'peak MB':>8}  address"
     )
     for m in status["members"]:
         print(
             f"{m['role']:<9}{m['id']:>3} {m['pid']:>8} {m['epoch']:>6} "
             f"{'yes' if m['alive'] else 'no':>6} {_dash(m['clock']):>6} "
-            f"{_dash(m['version']):>8}  {m['address'] or '-'}"
+            f"{_dash(m['version']):>8} {_dash(m['peak_rss_mb']):>8}  {m['address'] or '-'}"
         )
     for r in status["recoveries"]:
         recovered = ""
@@ -122,6 +124,10 @@ def print_status(status: dict[str, Any]) -> None:
             recovered = f"; serving again {r['recovery_s']:.2f}s later"
         who = member_name(r["role"], r["id"])
         print(f"restart: {who} (epoch {r['epoch']}) {r['detail']}{recovered}")
+
+
+def _mb(nbytes: Any) -> float | None:
+    return None if nbytes is None else round(float(nbytes) / 2**20, 1)
 
 
 def _dash(v: Any) -> str:
