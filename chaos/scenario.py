@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tether.config import RunConfig
+from tether.config import RunConfig, default_lr, default_replication
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
@@ -256,11 +256,8 @@ def run_config(scenario: Scenario, run_id: str) -> RunConfig:
 
 def _config(run: dict[str, Any], run_id: str = "scenario") -> RunConfig:
     opts = {k: v for k, v in run.items() if k != "store"}
-    mode = opts.get("mode", "bsp")
-    opts.setdefault("replication", "sync" if mode == "bsp" else "async")
-    if "lr" not in opts:
-        # The command line's defaults: plain gradient descent takes larger steps.
-        opts["lr"] = 0.1 if opts.get("optimizer", "adam") in ("sgd", "momentum") else 0.01
+    opts.setdefault("replication", default_replication(opts.get("mode", "bsp")))
+    opts.setdefault("lr", default_lr(opts.get("optimizer", "adam")))  # as the command line
     if "stragglers" in opts:
         opts["stragglers"] = {int(k): int(v) for k, v in opts["stragglers"].items()}
     return RunConfig(run_id=run_id, **opts)

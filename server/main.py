@@ -54,6 +54,8 @@ def initial_params(config: RunConfig, offset: int, length: int) -> np.ndarray:
 
 
 def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
+    from tether.tasks.build import task_optimizer  # loads a task (and JAX) only if there is one
+
     if not 0 <= shard_id < config.shards:
         raise ValueError(f"--shard-id {shard_id} is outside 0..{config.shards - 1} for this run")
     offset, length = split_ranges(config.num_params, config.shards)[shard_id]
@@ -67,16 +69,8 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
         optimizer=config.optimizer_config,
         chunk_bytes=config.chunk_bytes,
         replication=config.replication_policy,
-        transformation=_task_optimizer(config),
+        transformation=task_optimizer(config),  # None unless the task names its own
     )
-
-
-def _task_optimizer(config: RunConfig) -> Any:
-    if not config.task:
-        return None
-    from tether.tasks.build import task_optimizer  # JAX only when a task is used
-
-    return task_optimizer(config)
 
 
 def create_server(address: str, *, max_workers: int) -> tuple[grpc.Server, int]:

@@ -282,6 +282,18 @@ class LivenessPolicy:
             raise ValueError("min_failed_probes and history must be >= 1, adaptive_factor >= 1")
 
 
+def default_lr(optimizer: str) -> float:
+    """The learning rate a run gets when none is given: plain gradient descent (sgd, momentum)
+    takes larger steps than the adaptive optimizers. The command line, `tether.launch` and chaos
+    scenarios all use this one rule."""
+    return 0.1 if optimizer in ("sgd", "momentum") else 0.01
+
+
+def default_replication(mode: str) -> ReplicationMode:
+    """Sync for BSP (its bit-identity through faults needs it, DESIGN §5), async otherwise."""
+    return "sync" if mode == "bsp" else "async"
+
+
 def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 

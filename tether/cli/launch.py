@@ -172,15 +172,20 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tether.config import RunConfig, new_run_id, parse_opt_arg, parse_straggler
+    from tether.config import (
+        RunConfig,
+        default_lr,
+        default_replication,
+        new_run_id,
+        parse_opt_arg,
+        parse_straggler,
+    )
     from tether.consistency import check_staleness
     from tether.driver.api import prepare
     from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
     from tether.store import StoreError, default_store_uri
 
-    lr = args.lr
-    if lr is None:  # adaptive optimizers take smaller steps than plain gradient descent
-        lr = 0.1 if args.optimizer in ("sgd", "momentum") else 0.01
+    lr = args.lr if args.lr is not None else default_lr(args.optimizer)
     opt_args: dict[str, Any] = {}
     for key, value in map(parse_opt_arg, args.opt):
         if key in opt_args:
@@ -209,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         stragglers=stragglers,
         wait_timeout_s=args.wait_timeout,
-        replication=args.replication or ("sync" if args.mode == "bsp" else "async"),
+        replication=args.replication or default_replication(args.mode),
         replicate_every=args.replicate_every,
         replicate_interval_ms=args.replicate_interval_ms,
         max_restarts=args.max_restarts,

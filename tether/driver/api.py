@@ -11,11 +11,12 @@ imports the file.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
 
-from tether.config import RunConfig, new_run_id
+from tether.config import RunConfig, default_lr, default_replication, new_run_id
 from tether.driver.launcher import Launcher, LaunchOptions
 
 
@@ -23,9 +24,9 @@ def spec_of(task: Any) -> str:
     """The import spec (`file.py:NAME` or `package.module:NAME`) of a task object or class."""
     if isinstance(task, str):
         return task
-    target = task if isinstance(task, type) or callable(task) and not _has_methods(task) else None
-    module_name = getattr(task if target is not None else type(task), "__module__", None)
-    module = sys.modules.get(module_name or "")
+    # A class or factory is defined in its own module; an instance where its class is.
+    owner = task if isinstance(task, type) or inspect.isroutine(task) else type(task)
+    module = sys.modules.get(getattr(owner, "__module__", None) or "")
     if module is not None:
         for name, value in vars(module).items():
             if value is task and not name.startswith("__"):
@@ -35,10 +36,6 @@ def spec_of(task: Any) -> str:
         f"load the task by import path, so bind it to a name in a .py file or module "
         f"(e.g. `task = MyTask()` in my_task.py) and pass that, or pass 'my_task.py:task'."
     )
-
-
-def _has_methods(obj: Any) -> bool:
-    return all(callable(getattr(obj, m, None)) for m in ("init", "loss", "batch"))
 
 
 def _spec(module: Any, name: str) -> str:
@@ -94,10 +91,8 @@ def launch(
         raise ValueError(f"launch got unknown settings {', '.join(unknown)}: see tether.RunConfig.")
     if task is not None:
         settings["task"] = spec_of(task)
-    if "lr" not in settings:  # the command line's defaults: plain descent takes larger steps
-        settings["lr"] = 0.1 if settings.get("optimizer", "adam") in ("sgd", "momentum") else 0.01
-    mode = settings.get("mode", "bsp")
-    settings.setdefault("replication", "sync" if mode == "bsp" else "async")
+    settings.setdefault("lr", default_lr(settings.get("optimizer", "adam")))
+    settings.setdefault("replication", default_replication(settings.get("mode", "bsp")))
     config = prepare(RunConfig(run_id=new_run_id(), **settings))
     folder = Path(run_dir) if run_dir is not None else Path("runs") / config.run_id
     folder = folder.resolve()

@@ -47,17 +47,11 @@ def model_step(runtime: TaskRuntime, params: Any, batch: Any) -> Callable[[], An
     """The task's own gradient step on device-resident parameters, blocking on the result."""
     import jax
 
-    grad = jax.jit(jax.value_and_grad(runtime.task.loss, has_aux=_has_aux(runtime, batch)))
+    has_aux = isinstance(jax.eval_shape(runtime.task.loss, params, batch), tuple)
+    grad = jax.jit(jax.value_and_grad(runtime.task.loss, has_aux=has_aux))
     params = jax.device_put(params, runtime.device)
     batch = jax.device_put(batch, runtime.device)
     return lambda: jax.block_until_ready(grad(params, batch))
-
-
-def _has_aux(runtime: TaskRuntime, batch: Any) -> bool:
-    import jax
-
-    params = runtime.layout.views(runtime.init_flat(0))
-    return isinstance(jax.eval_shape(runtime.task.loss, params, batch), tuple)
 
 
 def bench_step(

@@ -13,7 +13,7 @@ on CPU, which is what made the worker slower than the model it trains.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tether.config import DEVICES
 from tether.tasks.api import TaskContext
 from tether.wire import FLOAT, Pieces, aligned_empty
-
-DEVICES = ("cpu", "gpu", "tpu")
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +87,18 @@ class Layout:
     def write(self, tree: Any, out: np.ndarray, lo: int = 0, hi: int | None = None) -> None:
         """Copy the leaves of `tree` that overlap [lo, hi) of the flat vector into `out`, the
         buffer of that range (so a shard fills only its own slice)."""
-        hi = self.num_params if hi is None else hi
         leaves = jax.tree_util.tree_leaves(tree)
         if len(leaves) != len(self.leaves):
             raise ValueError(f"expected {len(self.leaves)} leaves, got {len(leaves)}.")
-        for x, value in zip(self.leaves, leaves, strict=True):
+        self.write_leaves(enumerate(leaves), out, lo, hi)
+
+    def write_leaves(
+        self, leaves: Iterable[tuple[int, Any]], out: np.ndarray, lo: int, hi: int | None = None
+    ) -> None:
+        """`write` for (leaf index, value) pairs: only the given leaves' parts in [lo, hi)."""
+        hi = self.num_params if hi is None else hi
+        for j, value in leaves:
+            x = self.leaves[j]
             a, b = max(x.offset, lo), min(x.offset + x.size, hi)
             if a < b:
                 # np.asarray of a CPU jax array is a view; ravel of a contiguous array too.
@@ -165,12 +171,7 @@ class TaskRuntime:
         out = aligned_empty(hi - lo)
         with jax.default_device(_cpu()):
             got = jax.jit(some_leaves)(jax.random.PRNGKey(seed))
-        for j, value in zip(wanted, got, strict=True):
-            x = self.layout.leaves[j]
-            a, b = max(x.offset, lo), min(x.offset + x.size, hi)
-            out[a - lo : b - lo] = np.asarray(value, dtype=FLOAT).reshape(-1)[
-                a - x.offset : b - x.offset
-            ]
+        self.layout.write_leaves(zip(wanted, got, strict=True), out, lo, hi)
         return out
 
     # -- the worker's step -----------------------------------------------------------------------
