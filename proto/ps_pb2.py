@@ -24,39 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/proto/ps.proto\x12\ttether.v1\"j\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x04 \x01(\x03\x12\x10\n\x08observer\x18\x05 \x01(\x08\"q\n\nPullHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x11\n\tclock_gap\x18\x06 \x01(\x03\"@\n\tPullChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.tether.v1.PullHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\x8e\x01\n\nPushHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12\x14\n\x0cread_version\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0e\n\x06length\x18\x07 \x01(\x03\x12\x0c\n\x04loss\x18\x08 \x01(\x02\"@\n\tPushChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.tether.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"O\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"T\n\x0bWorkerClock\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\r\n\x05\x63lock\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\"\xe8\x03\n\tInfoReply\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x11\n\tstaleness\x18\x07 \x01(\x03\x12\x17\n\x0fupdates_applied\x18\x08 \x01(\x03\x12\x17\n\x0fpushes_accepted\x18\t \x01(\x03\x12\x15\n\rmax_clock_gap\x18\n \x01(\x03\x12\x16\n\x0e\x63lock_gap_hist\x18\x0b \x03(\x03\x12\x16\n\x0estaleness_hist\x18\x0c \x03(\x03\x12\'\n\x07workers\x18\r \x03(\x0b\x32\x16.tether.v1.WorkerClock\x12\x14\n\x0cpulls_served\x18\x0e \x01(\x03\x12\x13\n\x0bpull_wait_s\x18\x0f \x01(\x01\x12\x13\n\x0breplication\x18\x10 \x01(\t\x12\x17\n\x0f\x64urable_version\x18\x11 \x01(\x03\x12\x14\n\x0creplications\x18\x12 \x01(\x03\x12\x1d\n\x15replication_lag_max_s\x18\x13 \x01(\x01\x12\x1e\n\x16replication_lag_mean_s\x18\x14 \x01(\x01\x12\x18\n\x10restored_version\x18\x15 \x01(\x03\"\x18\n\x08RawChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x06RawAck\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"1\n\nRawRequest\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x32\xb5\x01\n\x0fParameterServer\x12\x36\n\x04Pull\x12\x16.tether.v1.PullRequest\x1a\x14.tether.v1.PullChunk0\x01\x12\x34\n\x04Push\x12\x14.tether.v1.PushChunk\x1a\x14.tether.v1.PushReply(\x01\x12\x34\n\x04Info\x12\x16.tether.v1.InfoRequest\x1a\x14.tether.v1.InfoReply2t\n\x08RawBytes\x12\x30\n\x04Sink\x12\x13.tether.v1.RawChunk\x1a\x11.tether.v1.RawAck(\x01\x12\x36\n\x06Source\x12\x15.tether.v1.RawRequest\x1a\x13.tether.v1.RawChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tether/proto/ps.proto\x12\ttether.v1\"\xa3\x01\n\x0bPullRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x17\n\x0fwait_timeout_ms\x18\x04 \x01(\x03\x12\x10\n\x08observer\x18\x05 \x01(\x08\x12#\n\x07segment\x18\x06 \x01(\x0b\x32\x12.tether.v1.Segment\x12\x12\n\nrequest_id\x18\x07 \x01(\x03\"D\n\x07Segment\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\"\x85\x01\n\nPullHeader\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x11\n\tclock_gap\x18\x06 \x01(\x03\x12\x12\n\nin_segment\x18\x07 \x01(\x08\"@\n\tPullChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.tether.v1.PullHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\xd9\x01\n\nPushHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\x05\x12\r\n\x05\x63lock\x18\x03 \x01(\x03\x12\x0b\n\x03seq\x18\x04 \x01(\x03\x12\x14\n\x0cread_version\x18\x05 \x01(\x03\x12\r\n\x05\x65poch\x18\x06 \x01(\x03\x12\x0e\n\x06length\x18\x07 \x01(\x03\x12\x0c\n\x04loss\x18\x08 \x01(\x02\x12#\n\x07segment\x18\t \x01(\x0b\x32\x12.tether.v1.Segment\x12$\n\x04next\x18\n \x01(\x0b\x32\x16.tether.v1.PullRequest\"@\n\tPushChunk\x12%\n\x06header\x18\x01 \x01(\x0b\x32\x15.tether.v1.PushHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\tPushReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\x0f\n\x07\x61pplied\x18\x03 \x01(\x08\x12\r\n\x05\x65poch\x18\x04 \x01(\x03\x12%\n\x06pulled\x18\x05 \x01(\x0b\x32\x15.tether.v1.PullHeader\"\x1d\n\x0bInfoRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"T\n\x0bWorkerClock\x12\x11\n\tworker_id\x18\x01 \x01(\x05\x12\r\n\x05\x63lock\x18\x02 \x01(\x03\x12\x10\n\x08last_seq\x18\x03 \x01(\x03\x12\x11\n\tlast_seen\x18\x04 \x01(\x01\"\x97\x04\n\tInfoReply\x12\x10\n\x08shard_id\x18\x01 \x01(\x05\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06length\x18\x05 \x01(\x03\x12\x0c\n\x04mode\x18\x06 \x01(\t\x12\x11\n\tstaleness\x18\x07 \x01(\x03\x12\x17\n\x0fupdates_applied\x18\x08 \x01(\x03\x12\x17\n\x0fpushes_accepted\x18\t \x01(\x03\x12\x15\n\rmax_clock_gap\x18\n \x01(\x03\x12\x16\n\x0e\x63lock_gap_hist\x18\x0b \x03(\x03\x12\x16\n\x0estaleness_hist\x18\x0c \x03(\x03\x12\'\n\x07workers\x18\r \x03(\x0b\x32\x16.tether.v1.WorkerClock\x12\x14\n\x0cpulls_served\x18\x0e \x01(\x03\x12\x13\n\x0bpull_wait_s\x18\x0f \x01(\x01\x12\x13\n\x0breplication\x18\x10 \x01(\t\x12\x17\n\x0f\x64urable_version\x18\x11 \x01(\x03\x12\x14\n\x0creplications\x18\x12 \x01(\x03\x12\x1d\n\x15replication_lag_max_s\x18\x13 \x01(\x01\x12\x1e\n\x16replication_lag_mean_s\x18\x14 \x01(\x01\x12\x18\n\x10restored_version\x18\x15 \x01(\x03\x12\x15\n\rsegment_pulls\x18\x16 \x01(\x03\x12\x16\n\x0esegment_pushes\x18\x17 \x01(\x03\"\x18\n\x08RawChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x18\n\x06RawAck\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\"1\n\nRawRequest\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x32\xa9\x02\n\x0fParameterServer\x12\x36\n\x04Pull\x12\x16.tether.v1.PullRequest\x1a\x14.tether.v1.PullChunk0\x01\x12\x34\n\x04Push\x12\x14.tether.v1.PushChunk\x1a\x14.tether.v1.PushReply(\x01\x12\x34\n\x04Info\x12\x16.tether.v1.InfoRequest\x1a\x14.tether.v1.InfoReply\x12\x39\n\x08PullInto\x12\x16.tether.v1.PullRequest\x1a\x15.tether.v1.PullHeader\x12\x37\n\x08PushFrom\x12\x15.tether.v1.PushHeader\x1a\x14.tether.v1.PushReply2t\n\x08RawBytes\x12\x30\n\x04Sink\x12\x13.tether.v1.RawChunk\x1a\x11.tether.v1.RawAck(\x01\x12\x36\n\x06Source\x12\x15.tether.v1.RawRequest\x1a\x13.tether.v1.RawChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.proto.ps_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLREQUEST']._serialized_start=36
-  _globals['_PULLREQUEST']._serialized_end=142
-  _globals['_PULLHEADER']._serialized_start=144
-  _globals['_PULLHEADER']._serialized_end=257
-  _globals['_PULLCHUNK']._serialized_start=259
-  _globals['_PULLCHUNK']._serialized_end=323
-  _globals['_PUSHHEADER']._serialized_start=326
-  _globals['_PUSHHEADER']._serialized_end=468
-  _globals['_PUSHCHUNK']._serialized_start=470
-  _globals['_PUSHCHUNK']._serialized_end=534
-  _globals['_PUSHREPLY']._serialized_start=536
-  _globals['_PUSHREPLY']._serialized_end=615
-  _globals['_INFOREQUEST']._serialized_start=617
-  _globals['_INFOREQUEST']._serialized_end=646
-  _globals['_WORKERCLOCK']._serialized_start=648
-  _globals['_WORKERCLOCK']._serialized_end=732
-  _globals['_INFOREPLY']._serialized_start=735
-  _globals['_INFOREPLY']._serialized_end=1223
-  _globals['_RAWCHUNK']._serialized_start=1225
-  _globals['_RAWCHUNK']._serialized_end=1249
-  _globals['_RAWACK']._serialized_start=1251
-  _globals['_RAWACK']._serialized_end=1275
-  _globals['_RAWREQUEST']._serialized_start=1277
-  _globals['_RAWREQUEST']._serialized_end=1326
-  _globals['_PARAMETERSERVER']._serialized_start=1329
-  _globals['_PARAMETERSERVER']._serialized_end=1510
-  _globals['_RAWBYTES']._serialized_start=1512
-  _globals['_RAWBYTES']._serialized_end=1628
+  _globals['_PULLREQUEST']._serialized_start=37
+  _globals['_PULLREQUEST']._serialized_end=200
+  _globals['_SEGMENT']._serialized_start=202
+  _globals['_SEGMENT']._serialized_end=270
+  _globals['_PULLHEADER']._serialized_start=273
+  _globals['_PULLHEADER']._serialized_end=406
+  _globals['_PULLCHUNK']._serialized_start=408
+  _globals['_PULLCHUNK']._serialized_end=472
+  _globals['_PUSHHEADER']._serialized_start=475
+  _globals['_PUSHHEADER']._serialized_end=692
+  _globals['_PUSHCHUNK']._serialized_start=694
+  _globals['_PUSHCHUNK']._serialized_end=758
+  _globals['_PUSHREPLY']._serialized_start=760
+  _globals['_PUSHREPLY']._serialized_end=878
+  _globals['_INFOREQUEST']._serialized_start=880
+  _globals['_INFOREQUEST']._serialized_end=909
+  _globals['_WORKERCLOCK']._serialized_start=911
+  _globals['_WORKERCLOCK']._serialized_end=995
+  _globals['_INFOREPLY']._serialized_start=998
+  _globals['_INFOREPLY']._serialized_end=1533
+  _globals['_RAWCHUNK']._serialized_start=1535
+  _globals['_RAWCHUNK']._serialized_end=1559
+  _globals['_RAWACK']._serialized_start=1561
+  _globals['_RAWACK']._serialized_end=1585
+  _globals['_RAWREQUEST']._serialized_start=1587
+  _globals['_RAWREQUEST']._serialized_end=1636
+  _globals['_PARAMETERSERVER']._serialized_start=1639
+  _globals['_PARAMETERSERVER']._serialized_end=1936
+  _globals['_RAWBYTES']._serialized_start=1938
+  _globals['_RAWBYTES']._serialized_end=2054
 # @@protoc_insertion_point(module_scope)

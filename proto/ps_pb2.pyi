@@ -7,34 +7,52 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PullRequest(_message.Message):
-    __slots__ = ("run_id", "worker_id", "clock", "wait_timeout_ms", "observer")
+    __slots__ = ("run_id", "worker_id", "clock", "wait_timeout_ms", "observer", "segment", "request_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
     WAIT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     OBSERVER_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     worker_id: int
     clock: int
     wait_timeout_ms: int
     observer: bool
-    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ..., observer: _Optional[bool] = ...) -> None: ...
+    segment: Segment
+    request_id: int
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., wait_timeout_ms: _Optional[int] = ..., observer: _Optional[bool] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., request_id: _Optional[int] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("name", "token", "size", "offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    token: bytes
+    size: int
+    offset: int
+    def __init__(self, name: _Optional[str] = ..., token: _Optional[bytes] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class PullHeader(_message.Message):
-    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "clock_gap")
+    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "clock_gap", "in_segment")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     CLOCK_GAP_FIELD_NUMBER: _ClassVar[int]
+    IN_SEGMENT_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     version: int
     offset: int
     length: int
     clock_gap: int
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., clock_gap: _Optional[int] = ...) -> None: ...
+    in_segment: bool
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., clock_gap: _Optional[int] = ..., in_segment: _Optional[bool] = ...) -> None: ...
 
 class PullChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -45,7 +63,7 @@ class PullChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[PullHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("run_id", "worker_id", "clock", "seq", "read_version", "epoch", "length", "loss")
+    __slots__ = ("run_id", "worker_id", "clock", "seq", "read_version", "epoch", "length", "loss", "segment", "next")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     CLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +72,8 @@ class PushHeader(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     worker_id: int
     clock: int
@@ -62,7 +82,9 @@ class PushHeader(_message.Message):
     epoch: int
     length: int
     loss: float
-    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., seq: _Optional[int] = ..., read_version: _Optional[int] = ..., epoch: _Optional[int] = ..., length: _Optional[int] = ..., loss: _Optional[float] = ...) -> None: ...
+    segment: Segment
+    next: PullRequest
+    def __init__(self, run_id: _Optional[str] = ..., worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., seq: _Optional[int] = ..., read_version: _Optional[int] = ..., epoch: _Optional[int] = ..., length: _Optional[int] = ..., loss: _Optional[float] = ..., segment: _Optional[_Union[Segment, _Mapping]] = ..., next: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
 
 class PushChunk(_message.Message):
     __slots__ = ("header", "data")
@@ -73,16 +95,18 @@ class PushChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PushReply(_message.Message):
-    __slots__ = ("version", "duplicate", "applied", "epoch")
+    __slots__ = ("version", "duplicate", "applied", "epoch", "pulled")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PULLED_FIELD_NUMBER: _ClassVar[int]
     version: int
     duplicate: bool
     applied: bool
     epoch: int
-    def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., applied: _Optional[bool] = ..., epoch: _Optional[int] = ...) -> None: ...
+    pulled: PullHeader
+    def __init__(self, version: _Optional[int] = ..., duplicate: _Optional[bool] = ..., applied: _Optional[bool] = ..., epoch: _Optional[int] = ..., pulled: _Optional[_Union[PullHeader, _Mapping]] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -103,7 +127,7 @@ class WorkerClock(_message.Message):
     def __init__(self, worker_id: _Optional[int] = ..., clock: _Optional[int] = ..., last_seq: _Optional[int] = ..., last_seen: _Optional[float] = ...) -> None: ...
 
 class InfoReply(_message.Message):
-    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "mode", "staleness", "updates_applied", "pushes_accepted", "max_clock_gap", "clock_gap_hist", "staleness_hist", "workers", "pulls_served", "pull_wait_s", "replication", "durable_version", "replications", "replication_lag_max_s", "replication_lag_mean_s", "restored_version")
+    __slots__ = ("shard_id", "epoch", "version", "offset", "length", "mode", "staleness", "updates_applied", "pushes_accepted", "max_clock_gap", "clock_gap_hist", "staleness_hist", "workers", "pulls_served", "pull_wait_s", "replication", "durable_version", "replications", "replication_lag_max_s", "replication_lag_mean_s", "restored_version", "segment_pulls", "segment_pushes")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +149,8 @@ class InfoReply(_message.Message):
     REPLICATION_LAG_MAX_S_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_LAG_MEAN_S_FIELD_NUMBER: _ClassVar[int]
     RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_PULLS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_PUSHES_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     epoch: int
     version: int
@@ -146,7 +172,9 @@ class InfoReply(_message.Message):
     replication_lag_max_s: float
     replication_lag_mean_s: float
     restored_version: int
-    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., max_clock_gap: _Optional[int] = ..., clock_gap_hist: _Optional[_Iterable[int]] = ..., staleness_hist: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., pulls_served: _Optional[int] = ..., pull_wait_s: _Optional[float] = ..., replication: _Optional[str] = ..., durable_version: _Optional[int] = ..., replications: _Optional[int] = ..., replication_lag_max_s: _Optional[float] = ..., replication_lag_mean_s: _Optional[float] = ..., restored_version: _Optional[int] = ...) -> None: ...
+    segment_pulls: int
+    segment_pushes: int
+    def __init__(self, shard_id: _Optional[int] = ..., epoch: _Optional[int] = ..., version: _Optional[int] = ..., offset: _Optional[int] = ..., length: _Optional[int] = ..., mode: _Optional[str] = ..., staleness: _Optional[int] = ..., updates_applied: _Optional[int] = ..., pushes_accepted: _Optional[int] = ..., max_clock_gap: _Optional[int] = ..., clock_gap_hist: _Optional[_Iterable[int]] = ..., staleness_hist: _Optional[_Iterable[int]] = ..., workers: _Optional[_Iterable[_Union[WorkerClock, _Mapping]]] = ..., pulls_served: _Optional[int] = ..., pull_wait_s: _Optional[float] = ..., replication: _Optional[str] = ..., durable_version: _Optional[int] = ..., replications: _Optional[int] = ..., replication_lag_max_s: _Optional[float] = ..., replication_lag_mean_s: _Optional[float] = ..., restored_version: _Optional[int] = ..., segment_pulls: _Optional[int] = ..., segment_pushes: _Optional[int] = ...) -> None: ...
 
 class RawChunk(_message.Message):
     __slots__ = ("data",)

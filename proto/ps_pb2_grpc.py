@@ -49,6 +49,16 @@ class ParameterServerStub:
                 request_serializer=tether_dot_proto_dot_ps__pb2.InfoRequest.SerializeToString,
                 response_deserializer=tether_dot_proto_dot_ps__pb2.InfoReply.FromString,
                 _registered_method=True)
+        self.PullInto = channel.unary_unary(
+                '/tether.v1.ParameterServer/PullInto',
+                request_serializer=tether_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_ps__pb2.PullHeader.FromString,
+                _registered_method=True)
+        self.PushFrom = channel.unary_unary(
+                '/tether.v1.ParameterServer/PushFrom',
+                request_serializer=tether_dot_proto_dot_ps__pb2.PushHeader.SerializeToString,
+                response_deserializer=tether_dot_proto_dot_ps__pb2.PushReply.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -72,6 +82,19 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullInto(self, request, context):
+        """The same-host path (DESIGN §2): one unary call each way, the tensor in a shared segment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushFrom(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +112,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=tether_dot_proto_dot_ps__pb2.InfoRequest.FromString,
                     response_serializer=tether_dot_proto_dot_ps__pb2.InfoReply.SerializeToString,
+            ),
+            'PullInto': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullInto,
+                    request_deserializer=tether_dot_proto_dot_ps__pb2.PullRequest.FromString,
+                    response_serializer=tether_dot_proto_dot_ps__pb2.PullHeader.SerializeToString,
+            ),
+            'PushFrom': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushFrom,
+                    request_deserializer=tether_dot_proto_dot_ps__pb2.PushHeader.FromString,
+                    response_serializer=tether_dot_proto_dot_ps__pb2.PushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +205,60 @@ class ParameterServer:
             '/tether.v1.ParameterServer/Info',
             tether_dot_proto_dot_ps__pb2.InfoRequest.SerializeToString,
             tether_dot_proto_dot_ps__pb2.InfoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullInto(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ParameterServer/PullInto',
+            tether_dot_proto_dot_ps__pb2.PullRequest.SerializeToString,
+            tether_dot_proto_dot_ps__pb2.PullHeader.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushFrom(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ParameterServer/PushFrom',
+            tether_dot_proto_dot_ps__pb2.PushHeader.SerializeToString,
+            tether_dot_proto_dot_ps__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,

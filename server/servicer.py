@@ -2,7 +2,8 @@
 
 It only translates: wire messages into events for ``ShardState``, its instructions into replies,
 waits or statuses. The lock (a Condition) is the ``ShardHost``'s, shared with the replicator; no
-I/O happens while holding it except copying bytes. A waiting pull sleeps on the condition with a
+I/O happens while holding it except copying bytes (and mapping a worker's same-host segment the
+first time a request names it, `SegmentCache`). A waiting pull sleeps on the condition with a
 deadline, so pushes from other workers (which notify it) are never starved; the server's thread
 pool is sized above the number of workers so every worker can have a pull waiting and a push in
 flight at once (DESIGN §3).
@@ -15,9 +16,11 @@ from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import grpc
+import numpy as np
 
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.server.host import ShardHost
+from tether.server.segments import SegmentCache
 from tether.server.state import Ack, Code, PushHeader, Reject, Serve, Wait
 from tether.wire import Assembler, WireError
 
@@ -44,6 +47,9 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self._wait_timeout_s = wait_timeout_s
         self._now = now
         self.pull_wait_s = 0.0
+        self.segments = SegmentCache()  # the workers' same-host segments (DESIGN §2)
+        self.segment_pulls = 0  # pulls served into a segment
+        self.segment_pushes = 0  # gradients read from a segment
         self.waiting = 0  # pulls currently waiting for slower workers
         self.serving_since: float | None = None  # set by the process once it serves
         self._last_info: dict[str, Any] = {}
@@ -77,40 +83,64 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             with self.host.locked() as state:
                 decision: Serve | Wait | Reject = state.observe()
         else:
-            decision = self._wait_for_read(request, context)
+            decision = self._wait_for_read(request, context, None)
         if isinstance(decision, Reject):
             _abort(context, decision)
             return
         assert isinstance(decision, Serve)
+        yield ps_pb2.PullChunk(header=self._pull_header(decision), data=decision.chunks[0])
+        for data in decision.chunks[1:]:
+            yield ps_pb2.PullChunk(data=data)
+
+    def PullInto(  # noqa: N802 - gRPC method name
+        self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> ps_pb2.PullHeader:
+        """A pull served into the worker's same-host segment (DESIGN §2). When the segment
+        cannot be mapped here, the reply says so (in_segment = false) before anything is served,
+        and the worker pulls the bytes instead."""
         spec = self.host.state.spec
-        header = ps_pb2.PullHeader(
+        with self.host.locked():
+            mappable = self.segments.view(request.worker_id, request.segment, spec.length)
+        if mappable is None or request.observer:
+            return ps_pb2.PullHeader(shard_id=spec.shard_id, offset=spec.offset, in_segment=False)
+        decision = self._wait_for_read(request, context, request.segment)
+        if isinstance(decision, Reject):
+            _abort(context, decision)
+        assert isinstance(decision, Serve) and decision.in_segment
+        return self._pull_header(decision)
+
+    def _pull_header(self, decision: Serve) -> ps_pb2.PullHeader:
+        spec = self.host.state.spec
+        return ps_pb2.PullHeader(
             shard_id=spec.shard_id,
             epoch=decision.epoch,
             version=decision.version,
             offset=spec.offset,
             length=spec.length,
             clock_gap=decision.clock_gap,
+            in_segment=decision.in_segment,
         )
-        yield ps_pb2.PullChunk(header=header, data=decision.chunks[0])
-        for data in decision.chunks[1:]:
-            yield ps_pb2.PullChunk(data=data)
 
     def _wait_for_read(
-        self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
+        self,
+        request: ps_pb2.PullRequest,
+        context: grpc.ServicerContext,
+        segment: ps_pb2.Segment | None,
     ) -> Serve | Wait | Reject:
         timeout = request.wait_timeout_ms / 1000 if request.wait_timeout_ms > 0 else None
         timeout = timeout or self._wait_timeout_s
         start = time.monotonic()
         deadline = start + timeout
+        w = request.worker_id
         with self.host.locked() as state:
             while True:
-                decision = state.pull(request.run_id, request.worker_id, request.clock, self._now())
+                decision = self._read_once(request, segment)
                 if not isinstance(decision, Wait):
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     decision = state.pull_timed_out(
-                        request.worker_id, request.clock, time.monotonic() - start, self._now()
+                        w, request.clock, time.monotonic() - start, self._now()
                     )
                     break
                 if not context.is_active():
@@ -120,6 +150,26 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                 self.host.wait(min(remaining, _LIVENESS_CHECK_S))
                 self.waiting -= 1
             self.pull_wait_s += time.monotonic() - start
+        return decision
+
+    def _read_once(
+        self, request: ps_pb2.PullRequest, segment: ps_pb2.Segment | None
+    ) -> Serve | Wait | Reject:
+        """One try at serving a pull, with the lock held."""
+        state, w = self.host.state, request.worker_id
+        into = None
+        if segment is not None:
+            # Checked and written in one hold of the lock: a delayed request can never
+            # overwrite what a later pull of the same worker put there.
+            if self.segments.stale_pull(w, segment, request.request_id):
+                return Reject(Code.ABORTED, f"a later pull of worker {w} was served")
+            into = self.segments.view(w, segment, state.spec.length)
+            if into is None:  # remapped meanwhile (a newer segment of this worker)
+                return Reject(Code.ABORTED, "the pull's segment was replaced")
+        decision = state.pull(request.run_id, w, request.clock, self._now(), into)
+        if isinstance(decision, Serve) and segment is not None:
+            self.segments.served(w, segment, request.request_id)
+            self.segment_pulls += 1
         return decision
 
     # -- Push -----------------------------------------------------------------------------
@@ -133,7 +183,54 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             _abort(context, Reject(Code.INVALID_ARGUMENT, "a push must start with its header"))
-        h = first.header
+        header = self._checked_header(first.header, context)
+        try:
+            assembler = Assembler(header.length)
+            assembler.add(first.data)
+            for msg in request_iterator:
+                if msg.HasField("header"):
+                    raise WireError("a push carries exactly one header, in its first message")
+                assembler.add(msg.data)
+            grad = assembler.result()
+        except WireError as e:
+            _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
+        return self._accept(header, grad, context)
+
+    def PushFrom(  # noqa: N802 - gRPC method name
+        self, request: ps_pb2.PushHeader, context: grpc.ServicerContext
+    ) -> ps_pb2.PushReply:
+        """A push whose gradient is in the worker's same-host segment (DESIGN §2).
+
+        Read in place, under the lock, once `ShardState.push` has decided it is no duplicate:
+        the worker writes that region again only after this push is acknowledged, or into a new
+        segment after a failure, so no write can overlap a push that is applied (a late
+        duplicate is discarded unread). A BSP gradient is held until the others arrive, so it
+        is copied out."""
+        if rejected := self.host.state.not_serving():
+            _abort(context, rejected)
+        header = self._checked_header(request, context)
+
+        def read() -> np.ndarray | None:  # called under the lock
+            view = self.segments.view(header.worker_id, request.segment, header.length)
+            if view is not None:
+                self.segment_pushes += 1
+                if self.host.state.spec.consistency.aggregates:
+                    view = view.copy()
+            return view
+
+        reply = self._accept(header, read, context)
+        nxt = request.next
+        if request.HasField("next") and nxt.worker_id == header.worker_id:
+            # The next clock's pull in the same call, served only if it needs no wait: a
+            # refusal or a wait is left to the worker's own PullInto, which reports it.
+            with self.host.locked() as state:
+                if not state.spec.consistency.aggregates and nxt.HasField("segment"):
+                    decision = self._read_once(nxt, nxt.segment)
+                    if isinstance(decision, Serve):
+                        reply.pulled.CopyFrom(self._pull_header(decision))
+        return reply
+
+    def _checked_header(self, h: ps_pb2.PushHeader, context: grpc.ServicerContext) -> PushHeader:
         header = PushHeader(
             run_id=h.run_id,
             worker_id=h.worker_id,
@@ -147,18 +244,17 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             rejected = state.check_push_header(header)
         if rejected is not None:
             _abort(context, rejected)
-        try:
-            assembler = Assembler(header.length)
-            assembler.add(first.data)
-            for msg in request_iterator:
-                if msg.HasField("header"):
-                    raise WireError("a push carries exactly one header, in its first message")
-                assembler.add(msg.data)
-            grad = assembler.result()
-        except WireError as e:
-            _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
+        return header
+
+    def _accept(
+        self,
+        header: PushHeader,
+        gradient: np.ndarray | Callable[[], np.ndarray | None],
+        context: grpc.ServicerContext,
+    ) -> ps_pb2.PushReply:
+        """Apply (or hold, or de-duplicate) a push whose header passed (`ShardState.push`)."""
         with self.host.locked() as state:
-            result: Ack | Reject = state.push(header, grad, self._now())
+            result: Ack | Reject = state.push(header, gradient, self._now())
             if isinstance(result, Ack) and not result.duplicate:
                 self.host.notify_all()  # clocks moved: waiting pulls re-check the read rule
             if isinstance(result, Ack):
@@ -226,6 +322,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                 replication_lag_max_s=stats.replication_lag_max_s,
                 replication_lag_mean_s=stats.replication_lag_sum_s / max(stats.replications, 1),
                 restored_version=state.restored_version,
+                segment_pulls=self.segment_pulls,
+                segment_pushes=self.segment_pushes,
             )
 
 

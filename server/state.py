@@ -11,6 +11,7 @@ with no sockets and no database. The replica's encoding for the store is in ``co
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
@@ -62,6 +63,8 @@ class Serve:
     epoch: int
     clock_gap: int
     chunks: tuple[bytes, ...]  # the shard's slice as little-endian float32 bytes, one snapshot
+    # The slice was copied into the buffer the pull named (a same-host segment): no chunks.
+    in_segment: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +271,12 @@ class ShardState:
 
     # -- events ---------------------------------------------------------------------------
 
-    def push(self, h: PushHeader, grad: np.ndarray, now: float) -> Ack | Reject:
-        """A worker's gradient for its clock; `grad` is consumed (used as scratch)."""
+    def push(
+        self, h: PushHeader, grad: np.ndarray | Callable[[], np.ndarray | None], now: float
+    ) -> Ack | Reject:
+        """A worker's gradient for its clock; `grad` is consumed (used as scratch). It may be a
+        function that reads the values (from a same-host segment, DESIGN §2): called only once
+        the push is known not to be a duplicate; None from it means they cannot be read."""
         if rejected := self.check_push_header(h):
             return rejected
         entry = self.workers[h.worker_id]
@@ -282,6 +289,14 @@ class ShardState:
                 self.version, self.epoch, applied, duplicate=True,
                 durable_needed=self._durable_needed(needed),
             )  # fmt: skip
+        if callable(grad):
+            read = grad()
+            if read is None:
+                return Reject(
+                    Code.FAILED_PRECONDITION,
+                    f"shard {self.spec.shard_id} cannot read the gradient's segment; pull again",
+                )
+            grad = read
         if grad.dtype != FLOAT or grad.shape != (self.spec.length,):
             return Reject(Code.INVALID_ARGUMENT, "gradient is not a flat float32 vector")
         if not _all_finite(grad):
@@ -328,8 +343,16 @@ class ShardState:
         self.version += 1
         self.stats.updates_applied += 1
 
-    def pull(self, run_id: str, worker_id: int, clock: int, now: float) -> Serve | Wait | Reject:
-        """A worker at `clock` asks for the parameters of its next iteration."""
+    def pull(
+        self,
+        run_id: str,
+        worker_id: int,
+        clock: int,
+        now: float,
+        into: np.ndarray | None = None,
+    ) -> Serve | Wait | Reject:
+        """A worker at `clock` asks for the parameters of its next iteration; served as wire
+        chunks, or copied into `into` (the worker's same-host segment) when one is given."""
         if rejected := self.not_serving():
             return rejected
         if rejected := self._check_member(run_id, worker_id):
@@ -365,6 +388,9 @@ class ShardState:
         self.stats.pulls_served += 1
         self.stats.max_clock_gap = max(self.stats.max_clock_gap, gap)
         _bump(self.stats.clock_gap_hist, max(gap, 0))
+        if into is not None:
+            np.copyto(into, params)  # the one copy, under the lock like the chunks'
+            return Serve(version, self.epoch, gap, (), in_segment=True)
         return Serve(version, self.epoch, gap, self._chunks(params))
 
     def observe(self) -> Serve | Reject:

@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "foundations",
         (
-            "tether.exitcodes", "tether.config", "tether.wire", "tether.malloc",
+            "tether.exitcodes", "tether.config", "tether.wire", "tether.shm", "tether.malloc",
             "tether.retry", "tether.store", "tether.proto", "tether.consistency",
         ),
     ),

@@ -327,6 +327,9 @@ class RunConfig:
     # Off by default: measured, it bought 8% more updates/s and cost every gradient about two
     # versions more staleness, which tripled the final loss of an SSP(2) run (DESIGN §11).
     overlap: bool = False
+    # A worker whose shard runs on its own machine moves parameters and gradients through a
+    # shared-memory segment instead of gRPC bytes (DESIGN §2); False: always the byte stream.
+    shared_memory: bool = True
     steps: int = 200
     batch_size: int = 32
     optimizer: str = "adam"

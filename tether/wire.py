@@ -105,6 +105,15 @@ class Pieces:
         if pending or self.size == 0:
             yield b"".join(pending)
 
+    def write_into(self, out: np.ndarray) -> None:
+        """Copy the pieces, in order, into `out` (a float32 vector of exactly `size`)."""
+        if out.shape != (self.size,):
+            raise ValueError(f"cannot write {self.size} elements into shape {out.shape}")
+        start = 0
+        for p in self.pieces:
+            out[start : start + p.size] = p
+            start += p.size
+
     def to_array(self) -> np.ndarray:
         """A joined copy (for tests and callers that need one array)."""
         if not self.pieces:

@@ -37,6 +37,16 @@ class Pulled:
     version: int
     offset: int
     clock_gap: int
+    in_segment: bool = False  # the shard wrote the slice into the request's segment
+
+
+@dataclass(frozen=True, slots=True)
+class InSegment:
+    """A gradient slice the caller wrote into a same-host segment (DESIGN §2): `size` floats at
+    `segment.offset`, left unchanged until its push returns."""
+
+    segment: ps_pb2.Segment
+    size: int
 
 
 class ChannelClosed(RuntimeError):
@@ -78,8 +88,13 @@ class ShardClient:
         observer: bool = False,
         wait_timeout_s: float = 0.0,
         timeout_s: float | None = None,
+        segment: ps_pb2.Segment | None = None,
+        request_id: int = 0,
     ) -> Pulled:
-        """Stream the shard's slice into `out` (a float32 view of its range); one copy."""
+        """The shard's slice into `out` (a float32 view of its range); one copy. Given the
+        same-host `segment` that `out` is a view of (DESIGN §2), the shard writes it there
+        (`PullInto`); when it cannot map the segment, the bytes are streamed (`in_segment` is
+        then false in the result)."""
         request = ps_pb2.PullRequest(
             run_id=self.run_id,
             worker_id=worker_id,
@@ -88,6 +103,17 @@ class ShardClient:
             wait_timeout_ms=int(wait_timeout_s * 1000),
         )
         with self._calling():
+            if segment is not None:
+                into = ps_pb2.PullRequest(segment=segment, request_id=request_id)
+                into.MergeFrom(request)
+                h = self.stub.PullInto(into, timeout=timeout_s)
+                if h.in_segment:
+                    if h.length != out.size:
+                        raise ValueError(
+                            f"shard at {self.address} serves {h.length} parameters, expected "
+                            f"{out.size}"
+                        )
+                    return Pulled(h.epoch, h.version, h.offset, h.clock_gap, in_segment=True)
             stream = self.stub.Pull(request, timeout=timeout_s)
             first = next(stream)
             h = first.header
@@ -109,7 +135,7 @@ class ShardClient:
 
     def push(
         self,
-        grad: np.ndarray | Pieces,
+        grad: np.ndarray | Pieces | InSegment,
         *,
         worker_id: int,
         clock: int,
@@ -118,7 +144,11 @@ class ShardClient:
         epoch: int,
         loss: float = 0.0,
         timeout_s: float | None = None,
+        then_pull: ps_pb2.PullRequest | None = None,
     ) -> ps_pb2.PushReply:
+        """Push a gradient: its values, or where in a same-host segment the caller wrote them.
+        With the segment, `then_pull` (a pull into the segment) may be served in the same call:
+        `prefetched(reply)` says whether it was."""
         header = ps_pb2.PushHeader(
             run_id=self.run_id,
             worker_id=worker_id,
@@ -129,6 +159,12 @@ class ShardClient:
             length=grad.size,
             loss=loss,
         )
+        if isinstance(grad, InSegment):
+            header.segment.CopyFrom(grad.segment)
+            if then_pull is not None:
+                header.next.CopyFrom(then_pull)
+            with self._calling():
+                return self.stub.PushFrom(header, timeout=timeout_s)  # type: ignore[no-any-return]
 
         def messages() -> Iterator[ps_pb2.PushChunk]:
             # Copied chunk by chunk as gRPC asks for them (the caller keeps `grad` unchanged
@@ -148,6 +184,14 @@ class ShardClient:
             return self.stub.Info(  # type: ignore[no-any-return]
                 ps_pb2.InfoRequest(run_id=self.run_id), timeout=timeout_s
             )
+
+
+def prefetched(reply: ps_pb2.PushReply) -> Pulled | None:
+    """The pull a push's reply carries (`then_pull`, served into the segment), if any."""
+    if not reply.HasField("pulled"):
+        return None
+    h = reply.pulled
+    return Pulled(h.epoch, h.version, h.offset, h.clock_gap, in_segment=True)
 
 
 def read_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, list[InfoReply]]:

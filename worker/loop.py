@@ -20,8 +20,10 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -30,6 +32,7 @@ from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.health import serve_health
 from tether.member.heartbeat import Heartbeat, peak_rss_bytes
+from tether.proto import ps_pb2
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
     Fenced,
@@ -40,9 +43,10 @@ from tether.store import (
     open_store,
 )
 from tether.tasks.build import context_of, runtime_of
-from tether.wire import Pieces, aligned_empty
-from tether.worker.client import ChannelClosed, Pulled
+from tether.wire import Pieces
+from tether.worker.client import ChannelClosed, InSegment, Pulled, prefetched
 from tether.worker.ledger import AckLedger
+from tether.worker.local import GRADS, PARAMS, LocalPath
 from tether.worker.resolve import (
     Fatal,
     GiveUp,
@@ -53,6 +57,7 @@ from tether.worker.resolve import (
     status_of,
 )
 
+T = TypeVar("T")
 EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 # The worker's own per-step metric names; a task metric of the same name is logged as task.NAME.
 _OWN = frozenset({"loss", "step_s", "pull_s", "clock_gap", "read_version"})
@@ -64,6 +69,12 @@ def _settle(pending: Future[None] | None) -> None:
     if pending is not None:
         with contextlib.suppress(Exception):
             pending.result()
+
+
+def _each(pool: ThreadPoolExecutor, fn: Callable[[int], T], n: int) -> list[T]:
+    """fn(0..n-1), on the pool's threads at once; on this thread when there is one (a hand-off
+    to another thread and back costs more than a same-host call takes)."""
+    return [fn(0)] if n == 1 else list(pool.map(fn, range(n)))
 
 
 def _describe(e: BaseException) -> str:
@@ -113,9 +124,14 @@ class Worker:
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
         # The parameters as pulled, one view per shard's slice (set once the ranges are known).
-        # Aligned, so that the parameter leaves JAX reads are views of it, not copies.
-        self.flat = aligned_empty(config.num_params)
+        # Aligned, so that the parameter leaves JAX reads are views of it, not copies; the first
+        # region of a new same-host segment at every resolution (DESIGN §2).
+        self.local = LocalPath(config.run_id, self.wid, config.num_params, config.shared_memory)
+        self.flat = np.empty(0, dtype=np.float32)  # made by connect()
         self.views: list[np.ndarray] = []
+        self.all_mapped = False  # every shard has served a pull since the segment was made
+        # shard -> (clock, what it served): pulls answered in the reply of the last push.
+        self.prefetched: dict[int, tuple[int, Pulled]] = {}
         # Threads start on first use; one per shard, so every pull and push runs at once.
         self.pool = ThreadPoolExecutor(max_workers=config.shards, thread_name_prefix="io")
         # Overlap (SSP/ASP): the push of clock c runs on its own threads while c+1 is pulled
@@ -132,6 +148,10 @@ class Worker:
         """
         shards, infos = self.shards.resolve()
         self.ranges = [(i.offset, i.length) for i in infos]
+        self.flat = self.local.renew()
+        self.views = [self.flat[o : o + n] for o, n in self.ranges]
+        self.all_mapped = False
+        self.prefetched = {}
         for i, (m, info) in enumerate(zip(shards, infos, strict=True)):
             self.ledger.resolved(
                 i,
@@ -143,52 +163,93 @@ class Worker:
         self.clock = min(i.workers[self.wid].clock for i in infos)
 
     def _pull_all(self, clock: int) -> list[Pulled]:
-        """Pull every shard's slice into its view of `self.flat`, in parallel."""
+        """Pull every shard's slice into its view of `self.flat`, in parallel; a slice the
+        previous push's reply already carried (`prefetched`) is not pulled again."""
+        ready, self.prefetched = self.prefetched, {}
 
         def pull(i: int) -> Pulled:
+            if (have := ready.get(i)) is not None and have[0] == clock:
+                got = have[1]
+                self._check_epoch(i, got)
+                return got
+            segment = None if i in self.opts.routes else self.local.ref(PARAMS, self.ranges[i][0])
             got = with_retry(
                 lambda: self.shards.clients[i].pull_into(
                     self.views[i],
                     worker_id=self.wid,
                     clock=clock,
                     wait_timeout_s=self.config.wait_timeout_s,
+                    segment=segment,
+                    request_id=self.local.next_request_id(),
                 ),
                 self.policy,
                 self.rng,
             )
-            resolved_at = self.shards.epochs[i]
-            if got.epoch < resolved_at:
-                # A zombie answered: its parameters are stale and must not be used (DESIGN §5).
-                raise StaleShard(f"shard {i} answered at epoch {got.epoch} < {resolved_at}")
+            self._check_epoch(i, got)
             return got
 
-        return list(self.pool.map(pull, range(len(self.shards.clients))))
+        pulled = _each(self.pool, pull, len(self.shards.clients))
+        if not self.all_mapped:
+            self.all_mapped = True
+            self.local.mapped()  # every shard has the segment mapped now, or streams bytes
+        return pulled
+
+    def _check_epoch(self, i: int, got: Pulled) -> None:
+        resolved_at = self.shards.epochs[i]
+        if got.epoch < resolved_at:
+            # A zombie answered: its parameters are stale and must not be used (DESIGN §5).
+            raise StaleShard(f"shard {i} answered at epoch {got.epoch} < {resolved_at}")
+
+    def _next_pull(self, i: int, clock: int) -> ps_pb2.PullRequest | None:
+        """The pull of `clock` to send with a same-host push (SSP/ASP, not overlapping: the
+        overlapped push runs while that pull is already under way), or None."""
+        segment = self.local.ref(PARAMS, self.ranges[i][0])
+        if self.overlap or self.config.consistency.aggregates or clock >= self.config.steps:
+            return None
+        if segment is None:
+            return None
+        return ps_pb2.PullRequest(
+            run_id=self.config.run_id,
+            worker_id=self.wid,
+            clock=clock,
+            wait_timeout_ms=int(self.config.wait_timeout_s * 1000),
+            segment=segment,
+            request_id=self.local.next_request_id(),
+        )
 
     def _push_all(self, grad: Pieces, clock: int, pulled: list[Pulled], loss: float) -> None:
         """Push each slice of the gradient to its shard, in parallel; retries reuse the seq."""
 
         def push(i: int) -> None:
             o, n = self.ranges[i]
+            data: Pieces | InSegment = grad.slice(o, o + n)
+            segment = self.local.ref(GRADS, o) if pulled[i].in_segment else None
+            if segment is not None:
+                # Written once, before any attempt: a retry sends the same bytes.
+                self.local.write_grad(grad.slice(o, o + n), o)
+                data = InSegment(segment, n)
             reply = with_retry(
                 lambda: self.shards.clients[i].push(
-                    grad.slice(o, o + n),
+                    data,
                     worker_id=self.wid,
                     clock=clock,
                     seq=clock,
                     read_version=pulled[i].version,
                     epoch=pulled[i].epoch,
                     loss=loss,
+                    then_pull=self._next_pull(i, clock + 1) if segment is not None else None,
                 ),
                 self.policy,
                 self.rng,
             )
             self.ledger.acked(i, seq=clock, version=reply.version)
+            if (got := prefetched(reply)) is not None:
+                self.prefetched[i] = (clock + 1, got)
 
-        list(self.push_pool.map(push, range(len(self.shards.clients))))
+        _each(self.push_pool, push, len(self.shards.clients))
 
     def run(self) -> None:
         config = self.config
-        self.views = [self.flat[o : o + n] for o, n in self.ranges]
         samples, wait_s, last_beat, t0 = 0, 0.0, 0.0, time.monotonic()
         failures = 0  # failed attempts at the current clock
         pending: Future[None] | None = None  # the push of the previous clock, when overlapping
@@ -262,6 +323,7 @@ class Worker:
             for pool in (self.pusher, self.push_pool, self.pool):
                 pool.shutdown(wait=True)
             self.shards.close()
+            self.local.close()
 
     def start_heartbeat(self) -> Heartbeat:
         """Heartbeat from a thread with its own store connection, so a worker waiting at a

@@ -235,6 +235,12 @@ def add_parser(sub: Any) -> None:
     train.add_argument(
         "--overlap", action="store_true", help="push clock c while c+1 is pulled and computed"
     )
+    train.add_argument(
+        "--no-shared-memory",
+        dest="shared_memory",
+        action="store_false",
+        help="stream over gRPC between the processes of this machine too",
+    )
     train.add_argument("--json", action="store_true", help="print results as JSON")
 
 
@@ -292,6 +298,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         lr=args.lr,
         replication="off",
         overlap=args.overlap,
+        shared_memory=args.shared_memory,
     )
     return bench_train(config, skip=args.skip, err=sys.stderr)
 

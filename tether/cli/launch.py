@@ -168,6 +168,13 @@ def add_parser(sub: Any) -> None:
         help="ssp/asp: push clock c while c+1 is pulled and computed (more updates per second, "
         "about two versions more staleness per gradient; bsp never overlaps)",
     )
+    launch.add_argument(
+        "--no-shared-memory",
+        dest="shared_memory",
+        action="store_false",
+        help="stream parameters and gradients through gRPC even between processes of one "
+        "machine (by default they go through a /dev/shm segment there)",
+    )
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -222,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
         probe_timeout_s=args.probe_timeout,
         startup_timeout_s=args.startup_timeout,
         overlap=args.overlap,
+        shared_memory=args.shared_memory,
     )
     config = prepare(config)  # resolved, and the optimizer refused here if not elementwise
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()

@@ -73,6 +73,8 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
         "workers": config.workers,
         "optimizer": config.optimizer,
         "overlap": config.overlap,
+        "shared_memory": config.shared_memory,
+        "segment_pulls": summary.segment_pulls,
         "seed": config.seed,
         "model_step_ms": base * 1e3,
         "single_process_steps_per_s": single,

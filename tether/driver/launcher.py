@@ -49,6 +49,7 @@ from tether.driver.spawner import Handle, LocalSpawner, MemberSpec, Spawner, sto
 from tether.driver.summary import Outcome, RunSummary, summarise
 from tether.member.heartbeat import Heartbeat
 from tether.retry import PollTimeout, poll_until
+from tether.shm import remove_leftovers
 from tether.store import Member, Role, Store, open_store
 from tether.tasks.build import context_of, runtime_of
 from tether.worker.client import read_params
@@ -485,3 +486,5 @@ class Launcher:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
         self.prober.close()
         stop_all([c.handle for c in self.children], grace_s)
+        # Same-host segments a killed worker made and had not unlinked yet (DESIGN §2).
+        remove_leftovers(self.config.run_id)

@@ -49,6 +49,9 @@ class RunSummary:
     clock_gap_hist: list[int]
     version_staleness_hist: list[int]
     pull_wait_s: float
+    # Pulls served into, and gradients read from, workers' same-host segments (DESIGN §2).
+    segment_pulls: int
+    segment_pushes: int
     wall_s: float
     train_s: float
     samples_per_s: float
@@ -125,6 +128,8 @@ def summarise(
         clock_gap_hist=sum_hists([list(i.clock_gap_hist) for i in infos]),
         version_staleness_hist=sum_hists([list(i.staleness_hist) for i in infos]),
         pull_wait_s=sum(i.pull_wait_s for i in infos),
+        segment_pulls=sum(i.segment_pulls for i in infos),
+        segment_pushes=sum(i.segment_pushes for i in infos),
         wall_s=outcome.wall_s,
         train_s=outcome.train_s,
         samples_per_s=samples / outcome.train_s,
