@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import RUN, RunWatch
+from tether import shm
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.server.host import ShardHost
@@ -90,6 +91,7 @@ class Proc:
 def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     """Run `tether ...` in its own process group; teardown kills and reaps the whole group."""
     procs: list[subprocess.Popen[str]] = []
+    segments_before = same_host_segments()
 
     def run(*args: str) -> Proc:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -110,6 +112,10 @@ def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     # Leak check: a command that ended by itself must have reaped every process it started
     # (they share its process group). Then kill whatever is left, e.g. of a failed test.
     leaked = {p.pid: processes_in_groups({p.pid}) for p in procs if p.poll() is not None}
+    # ... and every same-host segment its workers made (DESIGN §2).
+    if all(p.poll() is not None for p in procs):
+        left = same_host_segments() - segments_before
+        assert not left, f"same-host segments left in /dev/shm by finished commands: {left}"
     for proc in procs:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -120,6 +126,10 @@ def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
             if pipe:
                 pipe.close()
     assert not any(leaked.values()), f"processes left behind by finished commands: {leaked}"
+
+
+def same_host_segments() -> set[str]:
+    return {p.name for p in shm.SHM_DIR.glob(f"{shm.PREFIX}*")} if shm.SHM_DIR.is_dir() else set()
 
 
 def processes_in_groups(groups: set[int]) -> list[int]:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tether import shm
 from tether.cli.main import main
 from tether.driver.bench_train import steady_rate
 from tether.store import MetricRow
@@ -42,3 +43,18 @@ def test_bench_step_reports_both_steps_and_their_ratio(capsys: pytest.CaptureFix
     assert out["ratio"] == pytest.approx(out["worker_step_ms"] / out["model_step_ms"])
     assert main([*args, "--repeats", "0"]) == 2  # bad input: one sentence, exit 2
     assert "--repeats and --warmup must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_train_runs_shards_and_workers_and_reports_the_ratio(tether_cli) -> None:
+    proc = tether_cli("bench", "train", "--model", "logreg", "--dataset", "digits",
+                      "--batch-size", "8", "--steps", "60", "--skip", "5", "--json")  # fmt: skip
+    out = proc.json()
+    assert out["single_process_steps_per_s"] == pytest.approx(
+        (out["single_process_before"] + out["single_process_after"]) / 2
+    )
+    assert out["ratio"] == pytest.approx(out["updates_per_s"] / out["single_process_steps_per_s"])
+    assert out["window_updates"] > 0 and out["updates_per_s"] > 0
+    # Every pull of the run took the same-host path (2 workers x 60 clocks), where it exists.
+    assert out["segment_pulls"] == (120 if shm.SHM_DIR.is_dir() else 0)

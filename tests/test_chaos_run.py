@@ -12,6 +12,7 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from tether import shm
 from tether.chaos.scenario import load_scenario, shipped
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -56,6 +57,11 @@ def test_the_ci_scenarios_pass_their_invariants(tether_cli, tmp_path):
     assert resume["step"] > replace["step"], zombie["faults"]
     partition = by_name["worker-partition"]
     assert partition["proxy"] is not None
+    # Every link crosses the proxy, so no tensor took the same-host path around it (DESIGN §2);
+    # without a proxy the same machine's workers and shards use it, across kills and fencing.
+    assert partition["summary"]["segment_pulls"] == partition["summary"]["segment_pushes"] == 0
+    if shm.SHM_DIR.is_dir():
+        assert kill["summary"]["segment_pushes"] > 0 and zombie["summary"]["segment_pulls"] > 0
     heal = partition["faults"][1]
     assert heal["action"] == "enable" and heal["recovery_s"] is not None
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from helpers import wait_until
+from tether import shm
 from tether.config import OptimizerConfig
 from tether.server.optim import Optimizer
 from tether.tasks.builtin import build_model
@@ -100,16 +101,20 @@ def single_process_training(seed: int, steps: int, workers: int, batch: int, lr:
 def test_bsp_is_independent_of_shard_count_and_equals_single_process_training(tether_cli, tmp_path):
     common = ["--json", "--steps", "40", "--optimizer", "sgd", "--lr", "0.1", "--seed", "7"]
     procs = {}
-    for shards in (1, 2, 3):
+    # The same-host path (DESIGN §2) and the byte stream carry the same bits.
+    for shards, transport in ((1, []), (2, []), (3, []), ("2-grpc", ["--no-shared-memory"])):
         export = tmp_path / f"params-{shards}.npz"
         procs[shards] = (
-            tether_cli("launch", *common, "--shards", str(shards), "--export", str(export),
-                       "--run-dir", str(tmp_path / f"r{shards}")),
+            tether_cli("launch", *common, "--shards", str(shards)[0], "--export", str(export),
+                       "--run-dir", str(tmp_path / f"r{shards}"), *transport),
             export,
         )  # fmt: skip
     summaries = {s: p.json() for s, (p, _) in procs.items()}
     shas = {s["params_sha256"] for s in summaries.values()}
     assert len(shas) == 1, summaries
+    assert summaries["2-grpc"]["segment_pulls"] == summaries["2-grpc"]["segment_pushes"] == 0
+    if shm.SHM_DIR.is_dir():
+        assert all(summaries[s]["segment_pushes"] == 2 * 40 * s for s in (1, 2, 3))
     exported = np.load(procs[2][1])["params"]
     assert hashlib.sha256(exported.astype("<f4").tobytes()).hexdigest() == shas.pop()
     reference = single_process_training(seed=7, steps=40, workers=2, batch=32, lr=0.1)

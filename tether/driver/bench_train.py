@@ -8,7 +8,9 @@ In one invocation, on the same machine and task:
    which the shards applied updates once every worker is past its first `skip` clocks (start-up
    and compilation excluded), read from the workers' per-step metric rows in the store.
 
-The baseline is measured before the run starts, so the two never compete for the CPUs.
+The baseline is measured before the run starts and again after it ends, so the two never
+compete for the CPUs; `single_process_steps_per_s` is the mean of the two rates, so that a shared
+machine's speed drifting during the run moves the baseline too (both are reported).
 """
 
 from __future__ import annotations
@@ -50,10 +52,9 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
     ctx = context_of(config, "worker")
     flat = runtime.init_flat(config.seed)
     batch = runtime.task.batch(ctx, 0)
-    base = interleaved_medians(
-        {"model": model_step(runtime, runtime.layout.views(flat), batch)}, 50, 5
-    )["model"]
-    print(f"tether bench: model step {base * 1e3:.2f} ms ({1 / base:.0f}/s); starting the run",
+    step = model_step(runtime, runtime.layout.views(flat), batch)
+    before = interleaved_medians({"model": step}, 200, 5)["model"]
+    print(f"tether bench: model step {before * 1e3:.2f} ms ({1 / before:.0f}/s); starting the run",
           file=err)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
         run_dir = Path(tmp)
@@ -63,7 +64,8 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
         ).run()
         with open_store(store_uri) as store:
             rate, count, window = steady_rate(store.metrics(config.run_id), skip)
-    single = 1 / base
+    after = interleaved_medians({"model": step}, 200, 5)["model"]
+    single = (1 / before + 1 / after) / 2
     return {
         "task": config.task or config.model,
         "num_params": config.num_params,
@@ -76,8 +78,10 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
         "shared_memory": config.shared_memory,
         "segment_pulls": summary.segment_pulls,
         "seed": config.seed,
-        "model_step_ms": base * 1e3,
+        "model_step_ms": 2e3 / (1 / before + 1 / after),
         "single_process_steps_per_s": single,
+        "single_process_before": 1 / before,
+        "single_process_after": 1 / after,
         "updates_per_s": rate,
         "ratio": rate / single,
         "window_updates": count,
