@@ -77,6 +77,10 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-shared-memory", dest="shared_memory", action="store_false",
+        help="stream over gRPC only (by default same-host tensors go through /dev/shm)",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     from tether.cli.bench import BenchOptions, bench_pushpull
@@ -97,6 +101,7 @@ def main() -> int:
             optimizer="adam",
             lr=1e-4,
             replication="off",
+            shared_memory=args.shared_memory,
             run_dir=Path(tmp) / "run",
         )
         with open_store(summary["store"]) as store:
@@ -113,7 +118,9 @@ def main() -> int:
     slice_bytes = 4 * n / shards
     expect = {
         "server": slice_bytes * (1 + 2 + args.workers + 1),  # params, adam mu+nu, pending, prev
-        "worker": 4 * n * 2,  # the pulled parameters and XLA's gradient (pushed as it is)
+        # The pulled parameters and XLA's gradient; with the same-host path also the segment's
+        # gradient region, which the gradient is copied into for the shards to read.
+        "worker": 4 * n * (3 if summary["segment_pushes"] else 2),
     }
     unit = {"server": slice_bytes, "worker": 4 * n}
     procs = []
@@ -133,6 +140,8 @@ def main() -> int:
         "batch_size": args.batch_size,
         "steps": args.steps,
         "seed": args.seed,
+        "shared_memory": args.shared_memory,
+        "segment_pulls": summary["segment_pulls"],
         "step_s": step_s,
         "pull_s": pull_s,
         "bytes_per_worker_step": moved,

@@ -11,6 +11,7 @@ a pull request older than one already served into the segment" and the write it 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +27,9 @@ class _Mapped:
 
 
 class SegmentCache:
-    def __init__(self) -> None:
+    def __init__(self, shard_id: int = 0) -> None:
         self._by_worker: dict[int, tuple[str, _Mapped]] = {}
-        self.failures: list[str] = []  # why segments could not be mapped, for the shard's log
+        self._shard_id = shard_id
 
     def _mapped(self, worker_id: int, msg: ps_pb2.Segment) -> _Mapped:
         have = self._by_worker.get(worker_id)
@@ -36,8 +37,8 @@ class SegmentCache:
             return have[1]
         try:
             entry = _Mapped(Segment.attach(SegmentRef(msg.name, msg.token, msg.size)))
-        except SegmentUnavailable as e:
-            self.failures.append(str(e))
+        except SegmentUnavailable as e:  # said once per segment: the worker streams bytes
+            self._say(f"worker {worker_id}'s segment is not mappable here ({e})")
             entry = _Mapped(None)
         self._by_worker[worker_id] = (msg.name, entry)
         return entry
@@ -51,8 +52,11 @@ class SegmentCache:
         try:
             return entry.segment.floats(msg.offset, length)
         except ValueError as e:
-            self.failures.append(f"segment {msg.name}: {e}")
+            self._say(f"worker {worker_id}'s request names {e}")
             return None
+
+    def _say(self, what: str) -> None:
+        print(f"tether server: shard {self._shard_id}: {what}; streaming bytes", file=sys.stderr)
 
     def stale_pull(self, worker_id: int, msg: ps_pb2.Segment, request_id: int) -> bool:
         """True when a pull into this segment with a higher request id was already served."""

@@ -47,7 +47,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self._wait_timeout_s = wait_timeout_s
         self._now = now
         self.pull_wait_s = 0.0
-        self.segments = SegmentCache()  # the workers' same-host segments (DESIGN §2)
+        # The workers' same-host segments (DESIGN §2).
+        self.segments = SegmentCache(host.state.spec.shard_id)
         self.segment_pulls = 0  # pulls served into a segment
         self.segment_pushes = 0  # gradients read from a segment
         self.waiting = 0  # pulls currently waiting for slower workers

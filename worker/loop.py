@@ -130,6 +130,9 @@ class Worker:
         self.flat = np.empty(0, dtype=np.float32)  # made by connect()
         self.views: list[np.ndarray] = []
         self.all_mapped = False  # every shard has served a pull since the segment was made
+        # Shards that could not map this segment (another machine): pulled as bytes until the
+        # next resolution, without asking again.
+        self.streamed: set[int] = set()
         # shard -> (clock, what it served): pulls answered in the reply of the last push.
         self.prefetched: dict[int, tuple[int, Pulled]] = {}
         # Threads start on first use; one per shard, so every pull and push runs at once.
@@ -152,6 +155,7 @@ class Worker:
         self.views = [self.flat[o : o + n] for o, n in self.ranges]
         self.all_mapped = False
         self.prefetched = {}
+        self.streamed = set(self.opts.routes)  # a proxied link carries its bytes (DESIGN §7)
         for i, (m, info) in enumerate(zip(shards, infos, strict=True)):
             self.ledger.resolved(
                 i,
@@ -172,7 +176,7 @@ class Worker:
                 got = have[1]
                 self._check_epoch(i, got)
                 return got
-            segment = None if i in self.opts.routes else self.local.ref(PARAMS, self.ranges[i][0])
+            segment = None if i in self.streamed else self.local.ref(PARAMS, self.ranges[i][0])
             got = with_retry(
                 lambda: self.shards.clients[i].pull_into(
                     self.views[i],
@@ -186,6 +190,8 @@ class Worker:
                 self.rng,
             )
             self._check_epoch(i, got)
+            if segment is not None and not got.in_segment:
+                self.streamed.add(i)
             return got
 
         pulled = _each(self.pool, pull, len(self.shards.clients))
