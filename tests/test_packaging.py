@@ -29,7 +29,7 @@ def test_stale_generated_code_is_detected(tmp_path):
     shutil.copytree(REPO / "scripts", copy / "scripts")
     proto = copy / "proto" / "ps.proto"
     proto.write_text(
-        proto.read_text().replace("bool observer = 5;", "bool observer = 5;\n  int32 x = 6;")
+        proto.read_text().replace("bool observer = 5;", "bool observer = 5;\n  int32 x = 99;")
     )
     proc = subprocess.run(
         [sys.executable, str(copy / "scripts" / "gen_proto.py"), "--check"],
