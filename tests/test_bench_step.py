@@ -50,8 +50,9 @@ def test_bench_step_reports_both_steps_and_their_ratio(capsys: pytest.CaptureFix
 def test_bench_train_runs_shards_and_workers_and_reports_the_ratio(tether_cli) -> None:
     # BSP keeps the workers in step, so a steady window exists however far apart they start
     # (under ASP a fast worker can finish 60 clocks before the other has begun).
-    proc = tether_cli("bench", "train", "--model", "logreg", "--dataset", "digits", "--mode",
-                      "bsp", "--batch-size", "8", "--steps", "60", "--skip", "5", "--json")  # fmt: skip
+    proc = tether_cli("bench", "train", "--model", "logreg", "--dataset", "digits",
+                      "--mode", "bsp", "--batch-size", "8", "--steps", "60", "--skip", "5",
+                      "--json")  # fmt: skip
     out = proc.json()
     assert out["single_process_steps_per_s"] == pytest.approx(
         (out["single_process_before"] + out["single_process_after"]) / 2

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
 import numpy as np
 
 from tether.config import RunConfig
@@ -48,6 +49,7 @@ from tether.driver.progress import ProgressView
 from tether.driver.spawner import Handle, LocalSpawner, MemberSpec, Spawner, stop_all
 from tether.driver.summary import Outcome, RunSummary, summarise
 from tether.member.heartbeat import Heartbeat
+from tether.proto.ps_pb2 import InfoReply
 from tether.retry import PollTimeout, poll_until
 from tether.shm import remove_leftovers
 from tether.store import Member, Role, Store, open_store
@@ -431,9 +433,10 @@ class Launcher:
 
     def _finish(self, store: Store, t_start: float, train_s: float) -> RunSummary:
         cfg = self.config
-        shards = store.members(cfg.run_id, "server")
         workers = store.members(cfg.run_id, "worker")
-        flat, infos = read_params(cfg, shards)
+        flat, infos = final_params(
+            cfg, lambda: store.members(cfg.run_id, "server"), cfg.startup_timeout_s
+        )
         # The task's evaluate on the final parameters (DESIGN §11), on the CPU backend.
         runtime = runtime_of(cfg, device="cpu")
         evaluation = runtime.evaluate(
@@ -488,3 +491,34 @@ class Launcher:
         stop_all([c.handle for c in self.children], grace_s)
         # Same-host segments a killed worker made and had not unlinked yet (DESIGN §2).
         remove_leftovers(self.config.run_id)
+
+
+def final_params(
+    config: RunConfig, shards: Callable[[], list[Member]], timeout_s: float
+) -> tuple[np.ndarray, list[InfoReply]]:
+    """The run's final parameters and each shard's statistics, once every shard answers.
+
+    A shard restarted near the end may still be starting when the last worker finishes: until
+    its replacement registers, the store names the dead one's address (refused) or a fenced one
+    (FAILED_PRECONDITION). Those are read again, at the addresses `shards()` names then, until
+    `timeout_s`; after that the run fails, naming the last error."""
+    last: list[str] = []
+
+    def attempt() -> tuple[np.ndarray, list[InfoReply]] | None:
+        try:
+            return read_params(config, shards())
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
+                raise
+            last[:] = [f"{e.code().name}: {e.details()}"]
+            return None
+
+    try:
+        got = poll_until(attempt, timeout_s, "the final parameters", interval_s=0.1)
+    except PollTimeout:
+        raise RunFailed(
+            f"the final parameters could not be read from the shards within {timeout_s:.0f}s "
+            f"(--startup-timeout): {last[0] if last else 'no answer'}"
+        ) from None
+    assert got is not None
+    return got
