@@ -62,6 +62,9 @@ def test_an_experiment_keeps_everything_in_the_store_and_rerenders_from_it(tethe
             for w in range(2):
                 steps = [r.step for r in rows if r.source == f"worker:{w}"]
                 assert steps == list(range(30)), (run_id, w, steps)
+            # Each step's time holds its pull's and its push's (acknowledged by every shard).
+            timed = [r.values for r in rows if r.source.startswith("worker:")]
+            assert all(0 < v["push_s"] and v["pull_s"] + v["push_s"] <= v["step_s"] for v in timed)
             # The figure shows this run's stored loss curve, exactly.
             condition = "straggler" if config.stragglers else "no straggler"
             mode = point["mode"]

@@ -60,7 +60,7 @@ from tether.worker.resolve import (
 T = TypeVar("T")
 EXIT_STOPPED = 128 + signal.SIGTERM  # the shell's code for a process ended by SIGTERM
 # The worker's own per-step metric names; a task metric of the same name is logged as task.NAME.
-_OWN = frozenset({"loss", "step_s", "pull_s", "clock_gap", "read_version"})
+_OWN = frozenset({"loss", "step_s", "pull_s", "push_s", "clock_gap", "read_version"})
 
 
 def _settle(pending: Future[None] | None) -> None:
@@ -280,10 +280,12 @@ class Worker:
                         # and the clock read back from the shards then says what to redo.
                         done, pending = pending, None
                         done.result()
+                    t_push = time.monotonic()
                     if self.overlap and clock + 1 < config.steps:
                         pending = self.pusher.submit(self._push_all, grad, clock, pulled, loss)
                     else:
                         self._push_all(grad, clock, pulled, loss)
+                    push_s = time.monotonic() - t_push  # overlapped: the hand-off only
                     del grad
                 except (grpc.RpcError, StaleShard, ChannelClosed) as e:
                     _settle(pending)
@@ -313,6 +315,8 @@ class Worker:
                             "loss": float(loss),
                             "step_s": now - t_pull,
                             "pull_s": pull_s,
+                            # Until every shard acknowledged (with the next pull when fused).
+                            "push_s": push_s,
                             # What the shards measured when they served this iteration's pulls.
                             "clock_gap": float(max(p.clock_gap for p in pulled)),
                             "read_version": float(sum(p.version for p in pulled)),

@@ -303,6 +303,14 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     return bench_train(config, skip=args.skip, err=sys.stderr)
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_shown(v)}" for k, v in value.items())
+    return str(value)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.bench != "pushpull":
         result = run_step(args) if args.bench == "step" else run_train(args)
@@ -310,9 +318,7 @@ def run(args: argparse.Namespace) -> int:
             emit_json(result)
         else:
             for key, value in result.items():
-                print(
-                    f"  {key:22} {value:.4g}" if isinstance(value, float) else f"  {key:22} {value}"
-                )
+                print(f"  {key:22} {_shown(value)}")
         return EXIT_OK
     result = bench_pushpull(
         BenchOptions(
