@@ -3,7 +3,8 @@
 One real `tether launch` run on the SQLite store; shard 0 is killed every `--every` clocks of
 progress (read from the store) and the launcher's measured `recovery_s` values are summarised.
 
-    python benchmarks/recovery.py [--kills 5] [--mode bsp] [--json]
+    python benchmarks/recovery.py [--kills 5] [--mode bsp] [--model M --dataset D]
+        [--replication sync|async] [--batch-size B] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=5)
     p.add_argument("--every", type=int, default=60, help="clocks of progress between kills")
     p.add_argument("--mode", default="bsp", choices=("bsp", "ssp", "asp"))
+    p.add_argument("--model", default=None, help="built-in model (the launch default)")
+    p.add_argument("--dataset", default=None, help="built-in data set (the launch default)")
+    p.add_argument("--replication", default=None, choices=("sync", "async"))
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     steps = args.every * (args.kills + 2)
@@ -37,6 +42,9 @@ def main() -> int:
                str(run_dir)]  # fmt: skip
         if args.mode == "ssp":
             cmd += ["--staleness", "2"]
+        for flag in ("model", "dataset", "replication", "batch_size"):
+            if (value := getattr(args, flag)) is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(value)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
         try:
             db = run_dir / "tether.db"
@@ -66,6 +74,8 @@ def main() -> int:
     rec = summary["recovery_s"]
     result = {
         "mode": args.mode,
+        "num_params": summary["num_params"],
+        "replication": summary.get("replication"),
         "kills": args.kills,
         "recovery_s": rec,
         "median_s": statistics.median(rec),

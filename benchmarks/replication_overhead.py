@@ -1,64 +1,150 @@
-"""Step time with sync and async replication against replication off (issue: recovery).
+"""What replication costs: steady step time, bytes written and store size per setting and size.
 
-Runs real `tether launch` runs (separate shard and worker processes, SQLite store) for each
-replication setting, interleaved over several rounds so machine drift hits all alike, and reports
-the median step time of each setting and its ratio to `off` measured in the same run.
+For each model size and replication setting (off, async, sync) one real `tether launch` run
+(separate shard and worker processes, SQLite store; BSP, 2 shards, 2 workers by default) trains
+`--steps` clocks. Reported per run, all measured in this invocation:
 
-    python benchmarks/replication_overhead.py [--mode bsp] [--rounds 3] [--steps 200] [--json]
+- `step_ms`: the median of the workers' own per-step times (`step_s` rows in the store) after
+  the first `--skip` clocks, so start-up and compilation are left out; `over_off`: its ratio to
+  the `off` run of the same size and round;
+- `written_per_clock_mb`: what the shard processes passed to write(2) (`wchar` in /proc, sampled
+  while they run: the store's writes, their logs and heartbeats) divided by the clocks; and
+  `x_update`: that against one aggregated update of the whole model (num_params x 4 bytes);
+- `store_mb`: the SQLite files (database, WAL) at the end of the run (`store_files_mb`: each).
+
+Settings run interleaved within a round, so a drifting machine hits them alike.
+
+    python benchmarks/replication_overhead.py [--sizes 2M,8M] [--steps 60] [--rounds 1] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from pathlib import Path
+
+from tether.store import open_store
+
+# name -> (model, dataset): MLPs of about 2M, 8M and 32M parameters.
+SIZES = {
+    "2M": ("mlp:1024x1024", "synthetic:1024"),  # 2,109,450
+    "8M": ("mlp:2048x2048", "synthetic:2048"),  # 8,413,194
+    "32M": ("mlp:4096x4096", "synthetic:4096"),  # 33,603,594
+}
+SETTINGS = ("off", "async", "sync")
 
 
-def launch(mode: str, replication: str, steps: int, extra: list[str], run_dir: str) -> dict:
-    cmd = [sys.executable, "-m", "tether", "launch", "--json", "--mode", mode, "--steps",
-           str(steps), "--replication", replication, "--run-dir", run_dir, *extra]  # fmt: skip
-    if mode == "ssp":
+def _wchar(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+    except (OSError, ValueError):
+        return None
+    return int(fields["wchar"])
+
+
+def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -> dict:
+    model, dataset = SIZES[size]
+    cmd = [sys.executable, "-m", "tether", "launch", "--json", "--mode", args.mode,
+           "--shards", str(args.shards), "--workers", str(args.workers),
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+           "--model", model, "--dataset", dataset, "--replication", setting,
+           "--run-dir", str(run_dir)]  # fmt: skip
+    if args.mode == "ssp":
         cmd += ["--staleness", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    written: dict[int, int] = {}  # shard pid -> the last wchar read
+    db = run_dir / "tether.db"
+    try:
+        store = None
+        while proc.poll() is None:
+            if store is None and db.exists():
+                store = open_store(f"sqlite:///{db}")
+            runs = store.list_runs() if store is not None else []
+            for m in store.members(runs[0].run_id, "server") if runs else []:
+                if (w := _wchar(m.pid)) is not None:
+                    written[m.pid] = max(w, written.get(m.pid, 0))
+            time.sleep(0.05)  # a sampling interval, not a wait for an event
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"run failed ({' '.join(cmd)}):\n{err[-3000:]}")
+    summary = json.loads(out.strip().splitlines()[-1])
+    with open_store(f"sqlite:///{db}") as reader:
+        rows = reader.metrics(summary["run_id"])
+    steps = [
+        r.values["step_s"] for r in rows if r.source.startswith("worker:") and r.step >= args.skip
+    ]
+    files = {p.name: p.stat().st_size for p in run_dir.glob("tether.db*")}
+    per_clock = sum(written.values()) / args.steps
+    update_bytes = summary["num_params"] * 4
+    if store is not None:
+        store.close()
+    return {
+        "size": size,
+        "setting": setting,
+        "num_params": summary["num_params"],
+        "step_ms": 1e3 * statistics.median(steps),
+        "written_per_clock_mb": per_clock / 1e6,
+        "x_update": per_clock / update_bytes,
+        "store_mb": sum(files.values()) / 1e6,
+        "store_files_mb": {name: size / 1e6 for name, size in files.items()},
+    }
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="2M,8M", help=f"comma-separated, of {', '.join(SIZES)}")
+    p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--mode", default="bsp", choices=("bsp", "ssp", "asp"))
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--model", default="mlp:64")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--skip", type=int, default=10, help="start-up clocks left out (10)")
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    extra = ["--model", args.model, "--dataset", args.dataset]
-    step_ms: dict[str, list[float]] = {"off": [], "sync": [], "async": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            for setting in step_ms:
-                s = launch(args.mode, setting, args.steps, extra, f"{tmp}/{setting}-{r}")
-                step_ms[setting].append(s["train_s"] / args.steps * 1000)
-                print(f"round {r} {setting:5s} {step_ms[setting][-1]:.2f} ms/step", file=sys.stderr)
-    med = {k: statistics.median(v) for k, v in step_ms.items()}
-    result = {
-        "mode": args.mode,
-        "model": args.model,
-        "steps": args.steps,
-        "rounds": args.rounds,
-        "step_ms": med,
-        "sync_over_off": med["sync"] / med["off"],
-        "async_over_off": med["async"] / med["off"],
-    }
-    for k, v in med.items():
-        print(f"{k:5s} {v:7.2f} ms/step  x{v / med['off']:.2f} of off", file=sys.stderr)
+    sizes, settings = args.sizes.split(","), args.settings.split(",")
+    if bad := [s for s in sizes if s not in SIZES] + [s for s in settings if s not in SETTINGS]:
+        p.error(f"unknown size or setting: {', '.join(bad)}")
+    if not 0 <= args.skip < args.steps - 1:
+        p.error("--skip must be in [0, --steps - 1)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tether-repl-") as tmp:
+        for size in sizes:
+            for r in range(args.rounds):
+                off = None
+                for setting in settings:
+                    got = run_once(args, size, setting, Path(tmp) / f"{size}-{setting}-{r}")
+                    if setting == "off":
+                        off = got["step_ms"]
+                    got["over_off"] = got["step_ms"] / off if off else None
+                    got["round"] = r
+                    results.append(got)
+                    print(
+                        f"{size:>4} {setting:5s} round {r}: {got['step_ms']:8.1f} ms/step"
+                        + (f" (x{got['over_off']:.2f} of off)" if got["over_off"] else "")
+                        + f", {got['written_per_clock_mb']:8.1f} MB written per clock"
+                        f" (x{got['x_update']:.1f} of one update), store {got['store_mb']:.0f} MB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"mode": args.mode, "steps": args.steps, "skip": args.skip,
+                          "batch_size": args.batch_size, "results": results}))  # fmt: skip
     return 0
 
 
