@@ -164,3 +164,33 @@ def test_a_writer_process_and_a_reader_process_share_the_file(tmp_path):
     proc.join(30)
     assert proc.exitcode == 0 and last == 39
     store.close()
+
+
+def test_the_wal_shrinks_back_once_readers_let_it_reset(tmp_path, monkeypatch):
+    """Shard states are megabytes per save; while a reader holds an old snapshot (the launcher
+    and heartbeats read all the time) the WAL cannot restart and grows. Once it can, it is cut
+    back to `WAL_SIZE_LIMIT` instead of keeping its high-water size on disk for good."""
+    import sqlite3
+
+    from tether.store import sqlite_schema
+
+    monkeypatch.setattr(sqlite_schema, "WAL_SIZE_LIMIT", 1 << 20)
+    store = SQLiteStore(tmp_path / "t.db")
+    store.create_run(RUN, {})
+    store.claim_shard(RUN, 0, 1)
+    wal = tmp_path / "t.db-wal"
+    reader = sqlite3.connect(tmp_path / "t.db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM meta").fetchone()  # holds its snapshot
+    sizes = []
+    for version in range(1, 41):
+        if version == 6:
+            reader.execute("COMMIT")  # the reader lets go: the next checkpoint can reset the WAL
+            reader.close()
+        store.save_shard_state(snap(1, version, n=250_000))
+        sizes.append(wal.stat().st_size)
+    store.close()
+    assert max(sizes) > 16 << 20  # it did grow, by megabytes per save
+    # ... and after a reset the file was cut back (kept at its high-water size, it never shrinks)
+    shrunk = [b for a, b in zip(sizes, sizes[1:], strict=False) if b < a]
+    assert shrunk and min(shrunk) < max(sizes) / 4, sizes

@@ -145,6 +145,13 @@ def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
     return switched[0]
 
 
+# Bytes the WAL file is cut back to when a checkpoint resets it. Shard states are megabytes per
+# save and readers (the launcher, heartbeats) keep the WAL from resetting for a while, so without
+# a limit the file keeps its high-water size, gigabytes after a few dozen clocks of an 8M-parameter
+# model (benchmarks/replication_overhead.py); cutting it back costs the next saves re-extending it.
+WAL_SIZE_LIMIT = 64 << 20
+
+
 def configure(conn: sqlite3.Connection, busy_timeout_s: float, uri: str) -> None:
     """Set the connection's pragmas; raise StoreError if the file cannot be in WAL mode."""
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
@@ -158,6 +165,7 @@ def configure(conn: sqlite3.Connection, busy_timeout_s: float, uri: str) -> None
             f"store {uri} cannot use WAL journal mode (got {mode!r}); put it on a local file system"
         )
     conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
     conn.execute("PRAGMA foreign_keys = ON")
 
 
