@@ -59,13 +59,16 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
            "--run-dir", str(run_dir)]  # fmt: skip
     if args.mode == "ssp":
         cmd += ["--staleness", "2"]
+    # stderr to a file: the launcher's progress lines would fill a pipe nobody reads while polling
+    run_dir.mkdir(parents=True)
+    log = open(run_dir / "launch.err", "w+")  # noqa: SIM115 - closed in the finally below
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
     )
     written: dict[int, int] = {}  # shard pid -> the last wchar read
     db = run_dir / "tether.db"
+    store = None
     try:
-        store = None
         while proc.poll() is None:
             if store is None and db.exists():
                 store = open_store(f"sqlite:///{db}")
@@ -74,11 +77,16 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
                 if (w := _wchar(m.pid)) is not None:
                     written[m.pid] = max(w, written.get(m.pid, 0))
             time.sleep(0.05)  # a sampling interval, not a wait for an event
-        out, err = proc.communicate(timeout=600)
+        out, _ = proc.communicate(timeout=600)
+        log.seek(0)
+        err = log.read()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
+        if store is not None:
+            store.close()
     if proc.returncode != 0:
         raise SystemExit(f"run failed ({' '.join(cmd)}):\n{err[-3000:]}")
     summary = json.loads(out.strip().splitlines()[-1])
@@ -90,8 +98,6 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
     files = {p.name: p.stat().st_size for p in run_dir.glob("tether.db*")}
     per_clock = sum(written.values()) / args.steps
     update_bytes = summary["num_params"] * 4
-    if store is not None:
-        store.close()
     return {
         "size": size,
         "setting": setting,

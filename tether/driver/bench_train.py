@@ -26,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -55,11 +56,14 @@ def steady_rate(rows: list[MetricRow], skip: int) -> tuple[float, int, tuple[flo
 
 
 class CpuSampler:
-    """CPU seconds (user + system) of the launcher's member processes, sampled from /proc every
-    `interval_s` while the run goes, by role; `used` gives what each role spent in a window."""
+    """CPU seconds (user + system) of the processes `members()` names as (role, pid), sampled
+    from /proc every `interval_s` while the run goes; `used` gives what each role spent in a
+    window."""
 
-    def __init__(self, launcher: Launcher, interval_s: float = 0.1) -> None:
-        self.launcher, self.interval_s = launcher, interval_s
+    def __init__(
+        self, members: Callable[[], list[tuple[str, int]]], interval_s: float = 0.1
+    ) -> None:
+        self.members, self.interval_s = members, interval_s
         self.tick_s = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
         self.samples: list[tuple[float, dict[tuple[str, int], float]]] = []  # (unix time, cpu)
         self.done = threading.Event()
@@ -85,9 +89,9 @@ class CpuSampler:
         while not self.done.wait(self.interval_s):
             now = time.time()
             cpu: dict[tuple[str, int], float] = {}
-            for child in list(self.launcher.children):
-                if (used := self._cpu_s(child.pid)) is not None:
-                    cpu[(child.role, child.pid)] = used
+            for role, pid in self.members():
+                if (used := self._cpu_s(pid)) is not None:
+                    cpu[(role, pid)] = used
             if cpu:
                 self.samples.append((now, cpu))
 
@@ -111,17 +115,17 @@ def cpu_figures(
 ) -> dict[str, Any]:
     """The steady window's CPU per update and the rate at which the member processes would keep
     every CPU this process may use busy (`ceiling_updates_per_s`); nulls without a sample."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if not used or updates == 0:
         return {"cpus": cpus, "cpu_ms_per_update": None, "cpu_busy": None,
                 "ceiling_updates_per_s": None, "ceiling_ratio": None}  # fmt: skip
     per_update = {role: 1e3 * used.get(role, 0.0) / updates for role in ("worker", "server")}
     total_ms = sum(per_update.values())
-    ceiling = (cpus or 1) * 1e3 / total_ms if total_ms > 0 else None
+    ceiling = cpus * 1e3 / total_ms if total_ms > 0 else None
     return {
         "cpus": cpus,
         "cpu_ms_per_update": {"workers": per_update["worker"], "shards": per_update["server"]},
-        "cpu_busy": sum(used.values()) / window_s / (cpus or 1),
+        "cpu_busy": sum(used.values()) / window_s / cpus,
         "ceiling_updates_per_s": ceiling,
         "ceiling_ratio": ceiling / single if ceiling is not None else None,
     }
@@ -144,7 +148,7 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
         launcher = Launcher(
             LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri), err=err
         )
-        with CpuSampler(launcher) as cpu:
+        with CpuSampler(lambda: [(c.role, c.pid) for c in list(launcher.children)]) as cpu:
             summary = launcher.run()
         with open_store(store_uri) as store:
             rate, count, (start, end) = steady_rate(store.metrics(config.run_id), skip)
