@@ -15,6 +15,7 @@ message naming it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -56,6 +57,9 @@ from tether.store import Member, Role, Store, open_store
 from tether.tasks.build import context_of, runtime_of
 from tether.worker.client import read_params
 
+# How long the end of a run waits for a shard that was restarted at the very end and already
+# answered its final read to heartbeat that it serves (a few heartbeat intervals).
+_LAST_RECOVERY_WAIT_S = 10.0
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
 PROBE_ATTEMPT_S = 2.0
 
@@ -431,12 +435,28 @@ class Launcher:
 
     # -- the end of the run --------------------------------------------------------------------
 
+    def _shards_seen(self, store: Store) -> list[Member]:
+        """The shards' records, noting the recovery of any restarted one that serves again."""
+        members = store.members(self.config.run_id)
+        self._observe_recoveries(members)
+        return [m for m in members if m.role == "server"]
+
+    def _shards_recovered(self, store: Store) -> bool:
+        """Whether every restarted shard has been seen serving again (read from the store)."""
+        self._shards_seen(store)
+        return not any(role == "server" for role, _ in self.supervisor.pending)
+
     def _finish(self, store: Store, t_start: float, train_s: float) -> RunSummary:
         cfg = self.config
         workers = store.members(cfg.run_id, "worker")
-        flat, infos = final_params(
-            cfg, lambda: store.members(cfg.run_id, "server"), cfg.startup_timeout_s
-        )
+        flat, infos = final_params(cfg, lambda: self._shards_seen(store), cfg.startup_timeout_s)
+        # A shard restarted at the very end answers before its heartbeat says it serves: wait
+        # for that heartbeat, so that its recovery is in the summary like any other.
+        with contextlib.suppress(PollTimeout):
+            poll_until(
+                lambda: self._shards_recovered(store), _LAST_RECOVERY_WAIT_S,
+                "the restarted shards' heartbeats", interval_s=0.05,
+            )  # fmt: skip
         # The task's evaluate on the final parameters (DESIGN §11), on the CPU backend.
         runtime = runtime_of(cfg, device="cpu")
         evaluation = runtime.evaluate(
