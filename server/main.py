@@ -29,9 +29,9 @@ from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.heartbeat import Heartbeat
 from tether.proto import ps_pb2_grpc
-from tether.server.codec import from_replica
+from tether.server.codec import recover
 from tether.server.host import ShardHost
-from tether.server.replication import Replicator
+from tether.server.replication import Compactor, Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
 from tether.server.state import ShardSpec, ShardState, split_ranges
 from tether.store import Fenced, Store, open_store
@@ -114,17 +114,15 @@ class ServerOptions:
 
 
 def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
-    """Claim the shard for `epoch`, then start from its replicated state if there is one.
+    """Claim the shard for `epoch`, then rebuild it from its replicated base and log, if any.
 
     Claiming first fences every older epoch: once the claim is made, a paused or partitioned
-    predecessor can no longer write, so the state loaded next is the last one (DESIGN §5).
+    predecessor can no longer append, so the log loaded next ends where the shard will go on
+    (DESIGN §5).
     """
     store.claim_shard(config.run_id, spec.shard_id, epoch)
-    snapshot = store.load_shard_state(config.run_id, spec.shard_id)
-    if snapshot is None:
-        params = initial_params(config, spec.offset, spec.length)
-        return ShardState(spec, params, epoch=epoch)
-    return from_replica(spec, epoch, snapshot.meta, snapshot.arrays)
+    stored = store.load_shard_log(config.run_id, spec.shard_id)
+    return recover(spec, epoch, stored, lambda: initial_params(config, spec.offset, spec.length))
 
 
 def serve(opts: ServerOptions) -> int:
@@ -179,10 +177,15 @@ def serve(opts: ServerOptions) -> int:
             failed.append(e)
         stop.set()
 
-    replicator = None
+    replicator = compactor = None
     if spec.replication.mode != "off":
         replicator = Replicator(shard, store, on_failure=on_failure, seed=config.seed)
         replicator.start()
+        compactor = Compactor(
+            shard, store, on_failure=on_failure, seed=config.seed,
+            initial=lambda: initial_params(config, spec.offset, spec.length),
+        )  # fmt: skip
+        compactor.start()
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
@@ -196,6 +199,8 @@ def serve(opts: ServerOptions) -> int:
     shard.stop(fenced=bool(fenced))
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if compactor is not None:
+        compactor.stop()
     if replicator is not None:
         replicator.stop()  # flushes the last changes on a graceful stop; a zombie writes nothing
     if fenced:

@@ -150,9 +150,12 @@ class _InPlace:
             named["0.count"][...] = count
             # float64 from the step counter, then float32: the same scalars on every shard (§3).
             scalars = (np.float32(1.0 - b1**count), np.float32(1.0 - b2**count))
+        scratch = np.empty(min(CHUNK, params.size), dtype=params.dtype)  # one block
         for lo in range(0, params.size, CHUNK):
             block = slice(lo, lo + CHUNK)
-            g = grads[block]
+            # The gradient is read, never written: the shard logs it as the update (DESIGN §5).
+            g = scratch[: min(CHUNK, params.size - lo)]
+            np.copyto(g, grads[block])
             if self.momentum is not None:  # optax.trace: t = g + decay * t; updates = t
                 t = named["0.trace"][block]
                 np.multiply(t, np.float32(self.momentum), out=t)
@@ -369,14 +372,15 @@ class Optimizer:
     def apply(self, params: np.ndarray, grads: np.ndarray) -> None:
         """``params += update(grads)`` in place; advances the step.
 
-        ``grads`` may be consumed: the numpy rules use it as scratch. NaN/Inf are not checked here
-        (that is a pass over the data): the caller rejects them before calling, as DESIGN §10
-        asks, because a step cannot be undone. One that gets here stays in its own element.
+        ``grads`` is only read (the shard keeps it as the update's log entry). NaN/Inf are not
+        checked here (that is a pass over the data): the caller rejects them before calling, as
+        DESIGN §10 asks, because a step cannot be undone. One that gets here stays in its own
+        element.
         """
         _check_vector("params", params, self.size)
         _check_vector("grads", grads, self.size)
         if np.may_share_memory(params, grads):
-            raise ValueError("params and grads must not share memory: grads is used as scratch.")
+            raise ValueError("params and grads must not share memory.")
         self._engine.run(self, params, grads)
         self.step += 1
 

@@ -205,8 +205,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         Read in place, under the lock, once `ShardState.push` has decided it is no duplicate:
         the worker writes that region again only after this push is acknowledged, or into a new
         segment after a failure, so no write can overlap a push that is applied (a late
-        duplicate is discarded unread). A BSP gradient is held until the others arrive, so it
-        is copied out."""
+        duplicate is discarded unread). A BSP gradient is held until the others arrive, and a
+        replicated one becomes a log entry, so those are copied out."""
         if rejected := self.host.state.not_serving():
             _abort(context, rejected)
         header = self._checked_header(request, context)
@@ -215,7 +215,10 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             view = self.segments.view(header.worker_id, request.segment, header.length)
             if view is not None:
                 self.segment_pushes += 1
-                if self.host.state.spec.consistency.aggregates:
+                spec = self.host.state.spec
+                # Kept past the acknowledgement, so copied: a BSP gradient held for its clock,
+                # or any gradient that becomes a log entry (the worker reuses its segment).
+                if spec.consistency.aggregates or spec.replication.mode != "off":
                     view = view.copy()
             return view
 

@@ -10,7 +10,10 @@ with no sockets and no database. The replica's encoding for the store is in ``co
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,6 +24,7 @@ import numpy as np
 from tether.config import OptimizerConfig, ReplicationPolicy
 from tether.consistency import Consistency, blocking_workers, clock_gap, may_read
 from tether.server.optim import Optimizer
+from tether.store.base import LogEntry
 from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
 
 
@@ -173,16 +177,22 @@ class ShardState:
         # to two shards must recompute its gradient from the same parameters (DESIGN §5).
         self.prev_params = self.params.copy() if spec.consistency.aggregates else None
         self.stats = Stats()
-        # Replication bookkeeping: `revision` counts accepted changes, the durable_* fields what
-        # the store holds (the replication adapter reports it through replicated()).
+        # Replication bookkeeping (DESIGN §5): `revision` counts accepted pushes; every applied
+        # update becomes a log entry (`unlogged` until the replicator reports it durable through
+        # replicated()); `durable_version` is the store's last log position.
         self.revision = 0
-        self.durable_revision = 0
         self.durable_version = 0
-        self.dirty_since: float | None = None  # time of the first change not yet durable
+        self.unlogged: list[LogEntry] = []
+        self.dirty_since: float | None = None  # time of the first entry not yet durable
         self.last_replicated_at = 0.0
-        self.updates_at_replication = 0
+        # Compaction (DESIGN §5): the base the store holds, and per durable entry after it
+        # (position, bytes, estimated replay seconds), which the compaction budget is judged on.
+        self.base_version = 0
+        self.since_base: deque[tuple[int, int, float]] = deque()
+        self.apply_s = 0.0  # moving average of one optimizer apply, for the replay estimate
         self.restored_version = restored_version  # the replicated version it started from; -1
         self.status: Status = "serving"  # fenced: the store says a newer epoch replaced it
+        self.applied_tables = self.tables()  # as of the last applied update: a base's tables
         self.rebase_invariants()
 
     def rebase_invariants(self) -> None:
@@ -334,14 +344,42 @@ class ShardState:
         return Ack(self.version, self.epoch, applied=True, durable_needed=needed)
 
     def _durable_needed(self, version: int) -> int:
-        return version if self.spec.replication.mode == "sync" else 0
+        """The log position that must be durable before an acknowledgement of `version` leaves:
+        all of it under sync; under async all but the last `every_updates`, which bounds both
+        what a crash may lose and the entries held in memory (DESIGN §5)."""
+        policy = self.spec.replication
+        if policy.mode == "sync":
+            return version
+        if policy.mode == "async":
+            return max(0, version - policy.every_updates)
+        return 0
 
-    def _apply(self, grad: np.ndarray) -> None:
+    def _apply(self, grad: np.ndarray, *, log: bool = True) -> None:
+        """Apply one update (the optimizer only reads `grad`) and, when the shard replicates,
+        keep `grad` as its log entry: it is what redoes the update exactly (DESIGN §5)."""
         if self.prev_params is not None:
             np.copyto(self.prev_params, self.params)
+        started = time.perf_counter()
         self.optimizer.apply(self.params, grad)
+        took = time.perf_counter() - started
+        self.apply_s = took if self.apply_s == 0 else 0.8 * self.apply_s + 0.2 * took
         self.version += 1
         self.stats.updates_applied += 1
+        if self.spec.replication.mode != "off":
+            self.applied_tables = self.tables()
+            if log:
+                self.unlogged.append(LogEntry(self.version, self.applied_tables, {"grad": grad}))
+
+    def tables(self) -> dict[str, Any]:
+        """The small tables as they stand (JSON): what a log entry or base records besides its
+        arrays, and what a recovery restores from the last one it replays."""
+        return {
+            "version": self.version,
+            "revision": self.revision,
+            "clocks": self.clocks,
+            "last_seq": [w.last_seq for w in self.workers],
+            "stats": dataclasses.asdict(self.stats),
+        }
 
     def pull(
         self,
@@ -428,38 +466,76 @@ class ShardState:
     # -- replication (DESIGN §5) ----------------------------------------------------------
 
     def replication_due(self, now: float) -> bool:
-        """Should the adapter write the state to the store now?"""
-        if self.revision == self.durable_revision:
+        """Should the adapter append the unlogged entries to the store now?"""
+        if not self.unlogged:
             return False
         policy = self.spec.replication
         if policy.mode == "sync":
             return True
         if policy.mode == "async":
-            behind = self.stats.updates_applied - self.updates_at_replication
             started = self.dirty_since if self.dirty_since is not None else now
-            return behind >= policy.every_updates or now - started >= policy.interval_s
+            return len(self.unlogged) >= policy.every_updates or now - started >= policy.interval_s
         return False
 
     def replication_wait_s(self, now: float) -> float | None:
-        """How long until an async replication falls due by time (None: nothing pending)."""
-        if self.revision == self.durable_revision or self.dirty_since is None:
+        """How long until an async append falls due by time (None: nothing pending)."""
+        if not self.unlogged or self.dirty_since is None:
             return None
         return max(0.0, self.dirty_since + self.spec.replication.interval_s - now)
 
-    def replicated(self, revision: int, version: int, now: float) -> None:
-        """The adapter made the state at (revision, version) durable."""
-        if revision <= self.durable_revision:
+    def log_batch(self) -> list[LogEntry]:
+        """The entries to append next: every unlogged one (a group commit; no copy is made,
+        the optimizer never writes a gradient it applied)."""
+        return list(self.unlogged)
+
+    def replicated(self, position: int, now: float) -> None:
+        """The adapter made the log durable up to `position`."""
+        if position <= self.durable_version:
             return
-        self.durable_revision, self.durable_version = revision, version
-        self.updates_at_replication = self.stats.updates_applied
+        self.durable_version = position
+        per_entry_s = self.apply_s + REPLAY_FIXED_S
+        while self.unlogged and self.unlogged[0].position <= position:
+            entry = self.unlogged.pop(0)
+            cost = per_entry_s + entry.nbytes / REPLAY_READ_BPS
+            self.since_base.append((entry.position, entry.nbytes, cost))
         self.stats.replications += 1
         if self.dirty_since is not None:
             lag = now - self.dirty_since
             self.stats.replication_lag_max_s = max(self.stats.replication_lag_max_s, lag)
             self.stats.replication_lag_sum_s += lag
-        # Changes after the snapshot are still pending: they are at most `now` old.
-        self.dirty_since = None if revision == self.revision else now
+        # Entries after the batch are still pending: they are at most `now` old.
+        self.dirty_since = now if self.unlogged else None
         self.last_replicated_at = now
+
+    # -- compaction (DESIGN §5) --------------------------------------------------------------
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of a base: parameters, previous parameters and per-element optimizer state."""
+        arrays = self.optimizer.state_arrays().values()
+        n = self.params.nbytes + sum(a.nbytes for a in arrays if a.ndim == 1 and a.size > 1)
+        return n + (0 if self.prev_params is None else self.prev_params.nbytes)
+
+    def replay_estimate_s(self) -> float:
+        """Seconds a recovery would spend replaying the durable log after the base."""
+        return sum(cost for _, _, cost in self.since_base)
+
+    def compaction_due(self) -> bool:
+        """Is the durable log past its budget, so that a new base should be written? The budget
+        is replay time (`compact_replay_s`), and bytes: `COMPACT_LOG_FACTOR` bases' worth."""
+        if not self.since_base:
+            return False
+        logged = sum(n for _, n, _ in self.since_base)
+        return (
+            self.replay_estimate_s() >= self.spec.replication.compact_replay_s
+            or logged >= COMPACT_LOG_FACTOR * self.state_nbytes
+        )
+
+    def base_saved(self, version: int) -> None:
+        """The store now holds a base at `version`: the entries up to it no longer count."""
+        self.base_version = max(self.base_version, version)
+        while self.since_base and self.since_base[0][0] <= version:
+            self.since_base.popleft()
 
     def durable_ack(self, ack: Ack, *, waited: bool = False) -> Ack | Wait | Reject:
         """What to answer a push that push() acknowledged with `ack` (DESIGN §5). Wait: its version
@@ -509,7 +585,13 @@ class ShardState:
         else:
             assert self.version == sum(clocks), "an accepted push was not applied exactly once"
         assert self.stats.pushes_accepted == sum(clocks)
-        assert self.durable_version <= self.version and self.durable_revision <= self.revision
+        assert self.durable_version <= self.version
+        assert self.base_version <= self.durable_version
+        positions = [e.position for e in self.unlogged]
+        # The unlogged entries are exactly the versions past the durable log, in order.
+        assert positions == list(range(self.durable_version + 1, self.version + 1)) or (
+            self.spec.replication.mode == "off" and not positions
+        ), (positions, self.durable_version, self.version)
         seqs = [w.last_seq for w in self.workers]
         # An accepted seq is never accepted again: the de-dup table only moves forward.
         assert all(a >= b for a, b in zip(seqs, self._validated_seqs, strict=True)), seqs
@@ -518,6 +600,14 @@ class ShardState:
         order = _STATUS_ORDER.index
         assert order(self.status) >= order(self._validated_status), "a stopped shard was revived"
         self._validated_status = self.status
+
+
+# The replay estimate of one log entry: the optimizer's apply (measured), a fixed cost per
+# entry (opening, decoding) and its bytes at a conservative read rate.
+REPLAY_FIXED_S = 2e-4
+REPLAY_READ_BPS = 1e9
+# The log is compacted once it holds this many bases' worth of bytes, whatever the replay time.
+COMPACT_LOG_FACTOR = 8.0
 
 
 def _all_finite(a: np.ndarray) -> bool:

@@ -17,24 +17,32 @@ from tether.consistency import Consistency, Mode
 from tether.server.host import ShardHost
 from tether.server.replication import STORE_BACKOFF, Replicator
 from tether.server.state import Ack, Code, PushHeader, Reject, ShardSpec, ShardState
-from tether.store import Fenced, ShardSnapshot, StoreUnavailable
+from tether.store import Fenced, LogEntry, ShardSnapshot, StoreUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
 
 class ScriptedStore:
-    """Raises the scripted errors, one per write, then saves."""
+    """Raises the scripted errors, one per write, then appends (or saves a base)."""
 
     def __init__(self, errors: list[Exception]) -> None:
         self.errors = errors
-        self.saved: list[ShardSnapshot] = []
+        self.saved: list[LogEntry] = []
+        self.bases: list[ShardSnapshot] = []
         self.attempts = 0
 
-    def save_shard_state(self, snap: ShardSnapshot) -> None:
+    def append_shard_log(
+        self, run_id: str, shard_id: int, epoch: int, entries: list[LogEntry]
+    ) -> None:
         self.attempts += 1
         if self.errors:
             raise self.errors.pop(0)
-        self.saved.append(snap)
+        self.saved.extend(entries)
+
+    def save_shard_state(self, snap: ShardSnapshot) -> None:
+        if self.errors:
+            raise self.errors.pop(0)
+        self.bases.append(snap)
 
 
 def sync_host() -> ShardHost:
@@ -69,7 +77,7 @@ def test_an_unavailable_store_is_retried_until_the_write_lands():
         wait_until(lambda: host.state.durable_version == 1, what="the write to land")
     finally:
         replicator.stop()
-    assert store.attempts == 3 and [s.version for s in store.saved] == [1] and not failures
+    assert store.attempts == 3 and [e.position for e in store.saved] == [1] and not failures
     with host.locked() as state:
         state.validate()
         assert state.status == "serving" and state.stats.replications == 1

@@ -35,7 +35,7 @@ from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used throug
     with_database,
 )
 
-import tether.store.sqlite as sqlite_backend
+import tether.store.sqlite_state as sqlite_state
 import tether.store.sqlite_schema as sqlite_schema
 from tether.store import (
     Fenced,
@@ -83,11 +83,16 @@ class Backend:
     open: Callable[[Clock | None, int], Store]
     # a URI that another OS process can open, or None
     uri: str | None
-    # how many shard-state chunks (rows, documents) the store holds
+    # how many shard-state pieces (payload files, chunk documents) the store holds
     chunk_count: Callable[[], int]
     # make the next save fail (StoreUnavailable) after it wrote some of its chunks
     break_next_save: Callable[[pytest.MonkeyPatch], None]
     cleanup: Callable[[], None] = lambda: None
+    # how many pieces one state is stored in (None: its chunks of SMALL_CHUNK bytes)
+    pieces: Callable[[ShardSnapshot], int] | None = None
+
+    def per_state(self, snap: ShardSnapshot) -> int:
+        return self.pieces(snap) if self.pieces else _chunks_per_state(snap)
 
 
 def _sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
@@ -97,27 +102,24 @@ def _sqlite_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
         return SQLiteStore(path, clock=clock or time.time, chunk_bytes=chunk_bytes)
 
     def chunk_count() -> int:
-        conn = sqlite3.connect(path)
-        try:
-            return int(conn.execute("SELECT count(*) FROM shard_chunks").fetchone()[0])
-        finally:
-            conn.close()
+        # One payload file per base or log entry (tether.store.sqlite_state).
+        return len(list((path.parent / (path.name + "-state")).glob("*/*/*.bin")))
 
     def break_next_save(monkeypatch: pytest.MonkeyPatch) -> None:
-        real = sqlite_backend.state_chunks
+        real = sqlite_state.write_payload
 
-        def failing(snap: ShardSnapshot, chunk_bytes: int) -> Iterator[Any]:
-            monkeypatch.setattr(sqlite_backend, "state_chunks", real)  # once
-            for n, chunk in enumerate(real(snap, chunk_bytes)):
-                if n == 3:
-                    raise sqlite3.OperationalError("disk I/O error (injected)")
-                yield chunk
+        def failing(target: Path, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+            monkeypatch.setattr(sqlite_state, "write_payload", real)  # once
+            with open(target, "wb") as f:  # a partial file, as a full disk leaves it
+                f.write(b"\0" * 100)
+            raise OSError(28, "No space left on device (injected)")
 
-        monkeypatch.setattr(sqlite_backend, "state_chunks", failing)
+        monkeypatch.setattr(sqlite_state, "write_payload", failing)
 
     return Backend(
-        "sqlite", open_, default_store_uri(tmp_path / "store"), chunk_count, break_next_save
-    )
+        "sqlite", open_, default_store_uri(tmp_path / "store"), chunk_count, break_next_save,
+        pieces=lambda snap: 1,
+    )  # fmt: skip
 
 
 def _mongo_backend(
@@ -764,8 +766,11 @@ def test_shard_state_round_trip(store: Store, clock: FakeClock) -> None:
     store.claim_shard(RUN, 0, 3)
     assert store.load_shard_state(RUN, 0) is None  # claimed, not saved
     assert store.shard_heads(RUN) == {
-        0: {"owner_epoch": 3, "epoch": None, "version": None, "saved_at": None, "nbytes": None}
-    }
+        0: {
+            "owner_epoch": 3, "epoch": None, "version": None, "saved_at": None, "nbytes": None,
+            "last": 0, "log_entries": 0,
+        }
+    }  # fmt: skip
     rng = np.random.default_rng(0)
     params = rng.standard_normal(1_000_003).astype(np.float32)  # ~4 MB: 62 chunks
     params[7] = np.nan
@@ -796,6 +801,8 @@ def test_shard_state_round_trip(store: Store, clock: FakeClock) -> None:
             "version": 42,
             "saved_at": clock.now,
             "nbytes": snap.nbytes,
+            "last": 42,  # a base past the log's end moves it up
+            "log_entries": 0,
         }
     }
 
@@ -860,7 +867,8 @@ def test_claim_fences_the_previous_owner(store_factory: StoreFactory) -> None:
         replacement.save_shard_state(_snapshot(3, 3))
     _assert_same(zombie.load_shard_state(RUN, 0), _snapshot(2, 2))
     assert zombie.shard_heads(RUN)[0] | {"saved_at": 0} == {
-        "owner_epoch": 2, "epoch": 2, "version": 2, "saved_at": 0, "nbytes": _snapshot(2, 2).nbytes
+        "owner_epoch": 2, "epoch": 2, "version": 2, "saved_at": 0, "nbytes": _snapshot(2, 2).nbytes,
+        "last": 2, "log_entries": 0,
     }  # fmt: skip
 
 
@@ -880,7 +888,7 @@ def test_failed_save_leaves_the_previous_state(
     store.save_shard_state(v3)
     _assert_same(store.load_shard_state(RUN, 0), v3)
     # the orphans of the failed save are gone: only the head's chunks and the previous head's
-    assert backend.chunk_count() == _chunks_per_state(v3) + _chunks_per_state(v1)
+    assert backend.chunk_count() == backend.per_state(v3) + backend.per_state(v1)
 
 
 def test_old_chunks_are_collected(backend: Backend, store: Store) -> None:
@@ -889,11 +897,11 @@ def test_old_chunks_are_collected(backend: Backend, store: Store) -> None:
     store.claim_shard(RUN, 1, 1)
     other = _snapshot(1, 1, shard_id=1, n=1000)
     store.save_shard_state(other)
-    per_state = _chunks_per_state(_snapshot(1, 1))
+    per_state = backend.per_state(_snapshot(1, 1))
     for version in range(1, 7):
         store.save_shard_state(_snapshot(1, version))
         kept = min(version, 2) * per_state  # the head's chunks and the previous head's
-        assert backend.chunk_count() == kept + _chunks_per_state(other)
+        assert backend.chunk_count() == kept + backend.per_state(other)
     _assert_same(store.load_shard_state(RUN, 1), other)  # other shards are left alone
 
 

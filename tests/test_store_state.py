@@ -1,4 +1,5 @@
-"""Replicated shard state in the store: chunks, atomic head, fencing, no torn reads (DESIGN §5)."""
+"""Replicated shard state in the SQLite store: bases and log entries in payload files, atomic
+head, fencing, compaction, no torn reads (DESIGN §5)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from tether.store import Fenced, ShardSnapshot, SQLiteStore, StoreError
+from tether.store import Fenced, LogEntry, ShardSnapshot, SQLiteStore, StoreError
 
 RUN = "r"
 
@@ -41,8 +42,10 @@ def same(a: ShardSnapshot, b: ShardSnapshot) -> bool:
     )
 
 
-def chunk_rows(store) -> int:
-    return store._conn.execute("SELECT COUNT(*) FROM shard_chunks").fetchone()[0]
+def payloads(store, kind="base") -> list[str]:
+    """The payload files of shard 0 of kind "base" or "log", sorted."""
+    folder = store.state_dir / RUN / "0"
+    return sorted(p.name for p in folder.glob(f"{kind}-*.bin")) if folder.exists() else []
 
 
 def test_nothing_saved_loads_as_none(store):
@@ -55,7 +58,8 @@ def test_round_trip_across_many_chunks(store):
     store.claim_shard(RUN, 0, 1)
     s = snap(1, 5, n=10_000)  # 40 KB arrays in 1 KiB chunks
     store.save_shard_state(s)
-    assert chunk_rows(store) > 70
+    [name] = payloads(store)
+    assert (store.state_dir / RUN / "0" / name).stat().st_size == s.nbytes
     loaded = store.load_shard_state(RUN, 0)
     assert loaded is not None and same(loaded, s)
     assert store.shard_heads(RUN)[0]["version"] == 5
@@ -87,13 +91,9 @@ def test_the_version_never_goes_back_and_an_equal_rewrite_is_idempotent(store):
 
 def test_old_states_are_garbage_collected_keeping_the_previous_one(store):
     store.claim_shard(RUN, 0, 1)
-    store.save_shard_state(snap(1, 1))
-    one = chunk_rows(store)
-    for v in range(2, 6):
+    for v in range(1, 6):
         store.save_shard_state(snap(1, v))
-    assert chunk_rows(store) == 2 * one  # versions 5 and 4 only
-    versions = {r[0] for r in store._conn.execute("SELECT DISTINCT version FROM shard_chunks")}
-    assert versions == {4, 5}
+    assert [name.split("-")[1] for name in payloads(store)] == ["4", "5"]  # versions 5 and 4
 
 
 def test_shards_are_independent(store):
@@ -166,31 +166,31 @@ def test_a_writer_process_and_a_reader_process_share_the_file(tmp_path):
     store.close()
 
 
-def test_the_wal_shrinks_back_once_readers_let_it_reset(tmp_path, monkeypatch):
-    """Shard states are megabytes per save; while a reader holds an old snapshot (the launcher
-    and heartbeats read all the time) the WAL cannot restart and grows. Once it can, it is cut
-    back to `WAL_SIZE_LIMIT` instead of keeping its high-water size on disk for good."""
+def test_shard_state_bytes_never_pass_through_the_wal(tmp_path):
+    """Bases and log entries are megabytes per write; a WAL database writes each page twice
+    and, while a reader holds an old snapshot (the launcher and heartbeats read all the time),
+    cannot restart its WAL, which then grows by every write. In payload files the WAL only sees
+    the head and the rows (a few pages per transaction), not the 120 MB of bases and entries."""
     import sqlite3
 
-    from tether.store import sqlite_schema
-
-    monkeypatch.setattr(sqlite_schema, "WAL_SIZE_LIMIT", 1 << 20)
     store = SQLiteStore(tmp_path / "t.db")
     store.create_run(RUN, {})
     store.claim_shard(RUN, 0, 1)
     wal = tmp_path / "t.db-wal"
     reader = sqlite3.connect(tmp_path / "t.db")
     reader.execute("BEGIN")
-    reader.execute("SELECT COUNT(*) FROM meta").fetchone()  # holds its snapshot
-    sizes = []
+    reader.execute("SELECT COUNT(*) FROM meta").fetchone()  # holds its snapshot throughout
+    grad = np.ones(250_000, dtype=np.float32)
+    total = 0
     for version in range(1, 41):
-        if version == 6:
-            reader.execute("COMMIT")  # the reader lets go: the next checkpoint can reset the WAL
-            reader.close()
-        store.save_shard_state(snap(1, version, n=250_000))
-        sizes.append(wal.stat().st_size)
+        store.append_shard_log(RUN, 0, 1, [LogEntry(version, {"v": version}, {"grad": grad})])
+        base = snap(1, version, n=250_000)
+        store.save_shard_state(base)
+        total += grad.nbytes + base.nbytes
+    size = wal.stat().st_size
+    reader.execute("COMMIT")
+    reader.close()
+    written = sum(p.stat().st_size for p in (store.state_dir / RUN / "0").iterdir())
     store.close()
-    assert max(sizes) > 16 << 20  # it did grow, by megabytes per save
-    # ... and after a reset the file was cut back (kept at its high-water size, it never shrinks)
-    shrunk = [b for a, b in zip(sizes, sizes[1:], strict=False) if b < a]
-    assert shrunk and min(shrunk) < max(sizes) / 4, sizes
+    assert written >= 2 * 2 * 10**6  # two bases and some entries, a megabyte each, are on disk
+    assert size < total / 4, (size, total)  # through the WAL it would be at least `total`

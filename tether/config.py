@@ -250,6 +250,9 @@ class ReplicationPolicy:
     mode: ReplicationMode = "off"
     every_updates: int = 50  # async: replicate at least every k applied updates...
     interval_s: float = 0.1  # ...and at most t seconds after any change
+    # Compaction budget: a new base is written once replaying the log after the last one would
+    # take this long (estimated from the measured optimizer step and the entries' bytes).
+    compact_replay_s: float = 0.25
 
     def __post_init__(self) -> None:
         if self.mode not in ("off", "sync", "async"):
@@ -258,6 +261,11 @@ class ReplicationPolicy:
             raise ValueError(f"--replicate-every must be >= 1, got {self.every_updates}")
         if not 0 < self.interval_s <= 3600:
             raise ValueError(f"--replicate-interval-ms must be > 0, got {self.interval_s * 1e3}")
+        if not (math.isfinite(self.compact_replay_s) and 0 < self.compact_replay_s <= 3600):
+            raise ValueError(
+                f"--compaction-budget-ms must be > 0 and at most an hour, got "
+                f"{self.compact_replay_s * 1e3}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +355,7 @@ class RunConfig:
     replication: str = "off"
     replicate_every: int = 50
     replicate_interval_ms: float = 100.0
+    compaction_budget_ms: float = 250.0  # replay time a recovery may spend on the log
     max_restarts: int = 3
     # Failure detection (DESIGN §5 Liveness, tether/liveness.py): a serving member whose heartbeat
     # is silent past the lease is probed directly and killed only if the probes keep failing for
@@ -413,6 +422,7 @@ class RunConfig:
             mode=self.replication,  # type: ignore[arg-type]
             every_updates=self.replicate_every,
             interval_s=self.replicate_interval_ms / 1000,
+            compact_replay_s=self.compaction_budget_ms / 1000,
         )
 
     @property

@@ -131,7 +131,16 @@ def add_parser(sub: Any) -> None:
         type=float,
         default=100.0,
         metavar="T",
-        help="async: replicate at most T ms after a change (100)",
+        help="async: replicate at most T ms after a change (100); an acknowledgement waits "
+        "only when the log is K updates behind",
+    )
+    launch.add_argument(
+        "--compaction-budget-ms",
+        type=float,
+        default=250.0,
+        metavar="MS",
+        help="write a new base state once replaying the log after the last one would take MS "
+        "(250): the replay part of a shard's recovery time",
     )
     launch.add_argument(
         "--max-restarts",
@@ -224,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         replication=args.replication or default_replication(args.mode),
         replicate_every=args.replicate_every,
         replicate_interval_ms=args.replicate_interval_ms,
+        compaction_budget_ms=args.compaction_budget_ms,
         max_restarts=args.max_restarts,
         lease_s=args.lease,
         probe_timeout_s=args.probe_timeout,

@@ -17,21 +17,36 @@ Contracts every backend keeps (the shared test suite checks them against each ba
 - JSON fields (config, info, summary) round-trip through JSON: keys come back as strings, tuples
   as lists.
 
-Replicated shard state (DESIGN §5) is a small *head* record per ``(run, shard)`` plus the chunks of
-the complete states it points at:
+Replicated shard state (DESIGN §5) is a small *head* record per ``(run, shard)``, a *log* of
+the updates the shard applied and a *base* state the log continues from (state-machine
+replication: a recovery loads the base and replays the log through the same optimizer code):
 
 - ``claim_shard(run, shard, e)`` sets the head's owner epoch to ``e`` if the stored one is ``<= e``
   (equal: an idempotent retry of the same claim) and raises :class:`Fenced` otherwise. A
   replacement shard claims *before* it loads, so once it has loaded, no older epoch can write.
-- ``save_shard_state(snap)`` writes the chunks first, then switches the head in one atomic write
-  conditional on ``owner_epoch == snap.epoch`` (else :class:`Fenced`, head untouched) and
-  ``snap.version >= head version`` (else :class:`StoreError`: a state never goes back; an equal
-  version rewrites, e.g. the same optimizer step with more pending gradients). Chunks are written
-  under a fresh save id, never over the ones the head points at, so a failure at any point leaves
-  the previous state complete and loadable. After the switch the chunks of every state but the
-  new one and the previous one are deleted (a reader still following the previous head is not
-  torn); chunks orphaned by a failed save go with them.
-- ``load_shard_state`` returns the state the head points at, complete, or raises; never a mix.
+- ``append_shard_log(run, shard, e, entries)`` makes a batch of entries (contiguous positions)
+  durable, then advances the head's ``last`` position in one atomic write conditional on
+  ``owner_epoch == e`` (else :class:`Fenced`, head untouched) and on the batch leaving no gap
+  after ``last`` (else :class:`StoreError`); entries it repeats at or below ``last`` must be
+  this epoch's (a retry's), and are skipped, so an entry is never written twice. An
+  entry's payload is keyed by its epoch and position, so a zombie's append never overwrites the
+  owner's entry; the head names the epoch of its last entry and every entry the epoch of the one
+  before it, so a reader follows the owner's chain and ignores a zombie's refused leftovers. A
+  retry of an append whose head switch was applied counts as done. An entry is visible only once
+  the head names it, so a torn entry is never read.
+- ``save_shard_state(snap)`` writes a *base*: the complete state at ``snap.version``. Its payload
+  goes under a fresh save id, never over the one the head points at; then the head switches to
+  it in one atomic write conditional on ``owner_epoch == snap.epoch`` (else :class:`Fenced`) and
+  ``snap.version`` not below the head's base version (else :class:`StoreError`; equal rewrites).
+  A base past the log's end moves ``last`` up to it (a state installed whole; the next append
+  follows it); a shard's own compactor only writes bases of versions already durable in the
+  log. After the switch the store deletes what no reader of
+  the new head *or of the previous one* needs: bases other than those two, and entries at or
+  below the previous base's version (compaction never tears a recovery that read the head just
+  before the switch). A failure at any point leaves the previous base and log complete.
+- ``load_shard_log`` returns the base the head points at and every entry after it up to
+  ``last``, complete and contiguous, or raises; never a mix of two heads. ``load_shard_state``
+  is its base alone.
 
 Results (DESIGN §8, a Sacred-like layout: runs, metrics, artifacts) live beside the run so that
 experiments can be queried later: free-form ``meta`` on the run record, per-step
@@ -227,6 +242,76 @@ class ShardSnapshot:
     @property
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One applied update of a shard, as appended to its replication log (DESIGN §5).
+
+    ``position`` is the shard version the update produced (1 for the first), so a log is the
+    contiguous run of positions after its base. ``arrays`` holds what redoes the update exactly
+    (``{"grad": g}``, the gradient the optimizer applied) and ``meta`` the small JSON tables as
+    they stood right after it (clocks, de-dup table, stats).
+    """
+
+    position: int
+    meta: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.arrays.values())
+
+
+@dataclass(frozen=True, slots=True)
+class ShardLog:
+    """What a recovery reads: the base state the head names (None: the shard's initial state,
+    version 0) and the entries after it, in position order, contiguous up to the head's last."""
+
+    base: ShardSnapshot | None
+    entries: list[LogEntry]
+    last_epoch: int | None  # the epoch that wrote the last entry (None: there is none)
+
+    @property
+    def base_version(self) -> int:
+        return 0 if self.base is None else self.base.version
+
+    @property
+    def last(self) -> int:
+        return self.entries[-1].position if self.entries else self.base_version
+
+
+def check_log_entries(run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]) -> None:
+    """Raise ValueError for a batch that is empty, not contiguous, or not plain 1-D arrays."""
+    if not isinstance(run_id, str) or not run_id:
+        raise ValueError(f"run_id must be a non-empty string; got {run_id!r}")
+    check_member_id(shard_id)
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+        raise ValueError(f"epoch must be a positive int; got {epoch!r}")
+    if not entries:
+        raise ValueError("a log append needs at least one entry")
+    first = entries[0].position
+    if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+        raise ValueError(f"log positions start at 1; got {first!r}")
+    for i, e in enumerate(entries):
+        if not isinstance(e, LogEntry):
+            raise TypeError(f"expected LogEntry; got {type(e).__name__}")
+        if e.position != first + i:
+            raise ValueError(
+                f"log entries must have contiguous positions; got {e.position} after "
+                f"{first + i - 1}"
+            )
+        if not isinstance(e.meta, dict):
+            raise TypeError(f"log entry meta must be a dict; got {type(e.meta).__name__}")
+        state_layout(ShardSnapshot(run_id, shard_id, epoch, e.position, e.meta, e.arrays), 1)
+
+
+def log_order_error(run_id: str, shard_id: int, first: int, head_last: int) -> StoreError:
+    """An append that does not continue the log: its first position is not head's last + 1."""
+    return StoreError(
+        f"shard {shard_id} of run {run_id!r}: a log append at position {first} does not follow "
+        f"the stored log, which ends at {head_last}"
+    )
 
 
 class TornState(StoreError):
@@ -427,18 +512,42 @@ class Store(Protocol):
         """
         ...
 
+    def append_shard_log(
+        self, run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]
+    ) -> None:
+        """Durably append ``entries`` (contiguous positions) to the shard's log, then advance
+        the head's last position to theirs atomically.
+
+        Only if the head's owner epoch is ``epoch`` (else :class:`Fenced`, nothing changes) and
+        the first position is the stored last + 1 (else :class:`StoreError`). ValueError for a
+        malformed batch (nothing is written). After :class:`StoreUnavailable` the append may or
+        may not have happened; retrying the same batch is safe (a retry finding it applied by
+        this epoch returns).
+        """
+        ...
+
     def save_shard_state(self, snap: ShardSnapshot) -> None:
-        """Durably write a complete state, then switch the head to it atomically.
+        """Durably write a base state, then switch the head to it atomically.
 
         Only if the head's owner epoch is ``snap.epoch`` (else :class:`Fenced`, nothing
-        changes) and ``snap.version`` is not below the head's version (else
-        :class:`StoreError`; equal rewrites). After :class:`StoreUnavailable` the save may or
-        may not have happened; retrying the same snapshot is safe.
+        changes) and ``snap.version`` is not below the head's base version (else
+        :class:`StoreError`; an equal version rewrites). A base past the log's last position
+        moves it up to ``snap.version``. Entries and bases older than the previous base are
+        deleted after the switch. After
+        :class:`StoreUnavailable` the save may or may not have happened; retrying the same
+        snapshot is safe.
+        """
+        ...
+
+    def load_shard_log(self, run_id: str, shard_id: int) -> ShardLog | None:
+        """The base and the log after it (see :class:`ShardLog`), or None if the shard was never
+        claimed. The arrays are new, writable, C-contiguous arrays. Raises :class:`UnknownRun`,
+        and :class:`StoreError` if what the head names stays incomplete after a few re-reads.
         """
         ...
 
     def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
-        """The latest complete state (never a torn one), or None if none was ever saved.
+        """The base the head points at (never a torn one), or None if none was ever saved.
 
         The arrays are new, writable, C-contiguous arrays. Raises :class:`UnknownRun`, and
         :class:`StoreError` if the stored state stays incomplete after a few re-reads.
@@ -446,8 +555,10 @@ class Store(Protocol):
         ...
 
     def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
-        """Per claimed shard: ``owner_epoch``, and of the saved state ``epoch``, ``version``,
-        ``saved_at`` (unix s) and ``nbytes`` -- None for the four until a state is saved."""
+        """Per claimed shard: ``owner_epoch``; ``last``, the log's last durable position (the
+        shard version a recovery reaches, 0 before any append) and ``log_entries``, the entries
+        after the base; and of the base ``epoch``, ``version``, ``saved_at`` (unix s) and
+        ``nbytes`` -- None for the four until a base is saved."""
         ...
 
     # -- results: run metadata, metrics, artifacts (DESIGN §8) -------------------------------

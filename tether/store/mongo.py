@@ -165,11 +165,15 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
         self._members_primary = self._members.with_options(**recovery)
         self._heads_primary = self._heads.with_options(**recovery)
         self._chunks_primary = self._chunks.with_options(**recovery)
+        self._log = db.get_collection("shard_log")
+        self._log_primary = self._log.with_options(**recovery)
         self._runs_status = self._runs.with_options(**status)
         self._members_status = self._members.with_options(**status)
         self._heads_status = self._heads.with_options(**status)
         results_indexes = self._open_results(db, status)
         indexes = store_indexes(self._runs, self._members, self._heads, self._chunks)
+        log_key = [("run_id", ASCENDING), ("shard_id", ASCENDING), ("position", ASCENDING)]
+        indexes.append((self._log, log_key, False))
         # Datasets (DESIGN §11): read from the primary with the recovery read concern, so the
         # chunks a header names are visible wherever the header was.
         self._datasets = db.get_collection("datasets")

@@ -50,6 +50,7 @@ class MongoResults:
     _members: Any
     _heads: Any
     _chunks: Any
+    _log: Any
 
     if TYPE_CHECKING:
 
@@ -152,6 +153,7 @@ class MongoResults:
                 self._members,
                 self._heads,
                 self._chunks,
+                self._log,
                 self._metrics,
                 self._artifacts,
             ):

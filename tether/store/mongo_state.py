@@ -1,8 +1,21 @@
-"""The replicated-shard-state half of the MongoDB store: claim, save, load (DESIGN §5, §6).
+"""The replicated-shard-state half of the MongoDB store: claim, log appends, bases, loads
+(DESIGN §5, §6).
 
 :class:`MongoShardState` is a base of :class:`tether.store.mongo.MongoStore` and uses its plumbing
 (``_op``, ``_fault``, ``_require_run``). Collections: ``shard_heads``, one document per
-``(run, shard)``, and ``shard_chunks``, the chunks of the states the heads point at.
+``(run, shard)``; ``shard_log``, one document per log entry, ``_id`` its (run, shard, position,
+epoch); and ``shard_chunks``, the bytes of bases (``kind`` "base", under a save id) and of log
+entries (``kind`` "log", under ``log-<position>-e<epoch>``), each at most ``chunk_bytes``.
+
+A log append reads the head (a zombie that is already fenced writes nothing), writes the
+entries' chunks and documents -- keyed by epoch and position, so never over another writer's,
+and idempotent when retried (a duplicate key is the same bytes written before) -- and then
+advances the head with one conditional update: owner epoch, last position and the epoch of the
+last entry must be what was read (:func:`tether.store.rules.append_refusal` as a query). Each
+entry names the epoch of the entry before it, so a reader follows the chain back from the head's
+``last_epoch`` and never reads a zombie's refused entry at the same position. Every write is
+``w=majority``; a retried append whose head update was applied (its reply lost) finds the head
+at its last position under its own epoch and returns.
 
 Chunks are written first, under a fresh save id (never over the chunks the head points at), then
 the head is switched by one conditional single-document update: :func:`tether.store.rules.
@@ -14,27 +27,31 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from bson import ObjectId
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from tether.store.base import (
+    LogEntry,
+    ShardLog,
     ShardSnapshot,
     StoreError,
     StoreUnavailable,
     TornState,
     UnknownRun,
     assemble_state,
+    check_log_entries,
     check_member_id,
+    log_order_error,
     state_chunks,
     state_layout,
 )
 from tether.store.mongo_setup import doc_id, json_doc, retry_upsert
-from tether.store.rules import claim_refusal, save_refusal
+from tether.store.rules import append_refusal, claim_refusal, save_refusal
 
 log = logging.getLogger("tether.store.mongo")
 
@@ -56,6 +73,8 @@ class MongoShardState:
     _heads_status: Any
     _chunks: Any
     _chunks_primary: Any
+    _log: Any
+    _log_primary: Any
 
     if TYPE_CHECKING:
 
@@ -70,6 +89,7 @@ class MongoShardState:
         key = doc_id(run_id, shard_id)
         empty = {"run_id": run_id, "shard_id": shard_id, "epoch": None, "version": None}
         empty |= {"save_id": None, "layout": None, "meta": None, "nbytes": None}
+        empty |= {"last": 0, "last_epoch": None}
 
         def upsert() -> None:
             try:
@@ -98,6 +118,7 @@ class MongoShardState:
         key = doc_id(snap.run_id, snap.shard_id)
         save_id = ObjectId()
         common = {"run_id": snap.run_id, "shard_id": snap.shard_id, "save_id": save_id}
+        common["kind"] = "base"
         with self._op("save"):
             self._fault("before_chunks")
             batch: list[dict[str, Any]] = []
@@ -116,29 +137,35 @@ class MongoShardState:
             head = {"epoch": snap.epoch, "version": snap.version, "save_id": save_id}
             head |= {"layout": layout, "meta": meta, "nbytes": snap.nbytes}
             head["saved_at"] = self._clock()
-            # rules.save_refusal as a query: the switch is one atomic conditional write.
+            # rules.base_refusal as a query: the switch is one atomic conditional write.
             before = self._heads.find_one_and_update(
                 {
                     "_id": key,
                     "owner_epoch": snap.epoch,
                     "$or": [{"version": None}, {"version": {"$lte": snap.version}}],
                 },
-                {"$set": head},
-                projection={"save_id": 1},
+                {"$set": head, "$max": {"last": snap.version}},
+                projection={"save_id": 1, "version": 1},
                 return_document=ReturnDocument.BEFORE,
             )
             if before is None:
                 self._discard(save_id, common)
                 self._raise_save_refused(snap, key)
             self._fault("after_head")
-        # Keep the new state and the previous one (a reader may still follow the old head).
-        # Chunks of newer epochs are never touched: they may be a successor's save in flight.
+        # Keep the new base and the previous one, and the entries after the previous one (a
+        # reader may still follow the old head). Bases of newer epochs are never touched: they
+        # may be a successor's save in flight; entries at or below the previous base are
+        # nobody's any more, whoever wrote them.
         assert before is not None
         keep = [save_id] if before.get("save_id") is None else [save_id, before["save_id"]]
-        gc = {"run_id": snap.run_id, "shard_id": snap.shard_id, "epoch": {"$lte": snap.epoch}}
+        cutoff = before.get("version") or 0
+        shard = {"run_id": snap.run_id, "shard_id": snap.shard_id}
+        gc = shard | {"epoch": {"$lte": snap.epoch}, "kind": {"$ne": "log"}}
         try:
             with self._op("gc"):
                 self._chunks.delete_many(gc | {"save_id": {"$nin": keep}})
+                self._chunks.delete_many(shard | {"kind": "log", "version": {"$lte": cutoff}})
+                self._log.delete_many(shard | {"position": {"$lte": cutoff}})
         except StoreError as e:  # the new state is durable; the next save collects again
             log.warning("old chunks of shard %d were not deleted: %s", snap.shard_id, e)
 
@@ -164,39 +191,160 @@ class MongoShardState:
             f"store {self._where}: the head of shard {snap.shard_id} changed during the save"
         )
 
-    def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
+    def append_shard_log(
+        self, run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]
+    ) -> None:
+        check_log_entries(run_id, shard_id, epoch, entries)
+        metas = [json.dumps(json_doc(e.meta, "log entry meta")) for e in entries]
+        key = doc_id(run_id, shard_id)
+        first, last = entries[0].position, entries[-1].position
+        shard = {"run_id": run_id, "shard_id": shard_id}
+        with self._op("append"):
+            head = self._heads_primary.find_one(
+                {"_id": key}, {"owner_epoch": 1, "last": 1, "last_epoch": 1}
+            )
+            if head is None:
+                self._require_run(run_id)
+            owner = None if head is None else head["owner_epoch"]
+            head_last = 0 if head is None else head.get("last", 0)
+            prev_epoch = None if head is None else head.get("last_epoch")
+            if refusal := append_refusal(run_id, shard_id, epoch, first, owner, head_last):
+                raise refusal
+            done = [e for e in entries if e.position <= head_last]
+            if done:  # a retry: skip what this epoch already appended
+                stored = self._log_primary.count_documents(
+                    shard | {"epoch": epoch, "position": {"$gte": first, "$lte": done[-1].position}}
+                )
+                if stored != len(done):
+                    raise log_order_error(run_id, shard_id, first, head_last)
+                entries = [e for e in entries if e.position > head_last]
+                metas = metas[len(done) :]
+                if not entries:
+                    return
+                first = entries[0].position
+                prev_epoch = epoch
+            self._fault("before_chunks")
+            docs = []
+            for e, meta in zip(entries, metas, strict=True):
+                save_id = f"log-{e.position}-e{epoch}"
+                snap = ShardSnapshot(run_id, shard_id, epoch, e.position, e.meta, e.arrays)
+                batch = [
+                    shard | {"save_id": save_id, "kind": "log", "epoch": epoch,
+                             "version": e.position, "name": name, "idx": idx,
+                             "data": bytes(data)}
+                    for name, idx, data in state_chunks(snap, self.chunk_bytes)
+                ]  # fmt: skip
+                for at in range(0, len(batch), _INSERT_BATCH_CHUNKS):
+                    self._insert_idempotent(self._chunks, batch[at : at + _INSERT_BATCH_CHUNKS])
+                docs.append(
+                    shard | {"_id": doc_id(run_id, shard_id, e.position, epoch),
+                             "position": e.position, "epoch": epoch, "prev_epoch": prev_epoch,
+                             "save_id": save_id, "meta": meta, "nbytes": e.nbytes,
+                             "layout": state_layout(snap, self.chunk_bytes)}
+                )  # fmt: skip
+                prev_epoch = epoch
+            self._fault("after_chunks")
+            self._insert_idempotent(self._log, docs)
+            self._fault("before_head")
+            # rules.append_refusal as a query, plus the chain: the head still ends where it was
+            # read, so the entries' prev_epoch is right.
+            moved = self._heads.find_one_and_update(
+                {
+                    "_id": key,
+                    "owner_epoch": epoch,
+                    "last": head_last,
+                    "last_epoch": None if head is None else head.get("last_epoch"),
+                },
+                {"$set": {"last": last, "last_epoch": epoch}},
+                projection={"_id": 1},
+            )
+            self._fault("after_head")
+            if moved is None:
+                now = self._heads_primary.find_one({"_id": key}, {"owner_epoch": 1, "last": 1})
+                owner = None if now is None else now["owner_epoch"]
+                now_last = 0 if now is None else now.get("last", 0)
+                if owner == epoch and now_last >= last:
+                    return  # applied by an earlier try of this same append
+                if refusal := append_refusal(run_id, shard_id, epoch, first, owner, now_last):
+                    raise refusal
+                raise StoreUnavailable(f"store {self._where}: the head of shard {shard_id} moved")
+
+    def _insert_idempotent(self, collection: Any, docs: list[dict[str, Any]]) -> None:
+        """Insert documents whose keys say what they are: a duplicate key is this same write
+        repeated (a retry after a lost reply), so it counts as done."""
+        self._fault("chunks")
+        try:
+            collection.insert_many(docs, ordered=False)
+        except BulkWriteError as e:
+            if any(err.get("code") != 11000 for err in e.details.get("writeErrors", [])):
+                raise
+            if e.details.get("writeConcernErrors"):
+                raise
+
+    def load_shard_log(self, run_id: str, shard_id: int) -> ShardLog | None:
         key = doc_id(run_id, shard_id)
         what = f"store {self._where}: state of shard {shard_id} of run {run_id!r}"
         torn: TornState | None = None
-        torn_save = None
+        torn_head = None
         for _attempt in range(_LOAD_ATTEMPTS):
             with self._op("load"):
                 self._fault("read")
                 head = self._heads_primary.find_one({"_id": key})
-                if head is None or head["save_id"] is None:
+                if head is None:
                     self._require_run(run_id)
                     return None
-                if torn is not None and head["save_id"] == torn_save:
-                    raise torn  # the head did not move: the store lost chunks
+                marker = (head.get("save_id"), head.get("last", 0), head.get("last_epoch"))
+                if torn is not None and marker == torn_head:
+                    raise torn  # the head did not move: the store lost data
                 self._fault("read_chunks")
-                docs = self._chunks_primary.find(
-                    {"run_id": run_id, "shard_id": shard_id, "save_id": head["save_id"]},
-                    {"_id": 0, "name": 1, "idx": 1, "data": 1},
-                )
                 try:
-                    arrays = assemble_state(
-                        head["layout"], ((d["name"], d["idx"], d["data"]) for d in docs), what
-                    )
-                except TornState as e:  # the head moved on and its chunks were collected
-                    torn, torn_save = e, head["save_id"]
+                    log = self._read_log(run_id, shard_id, head, what)
+                except TornState as e:  # the head moved on and what it named was collected
+                    torn, torn_head = e, marker
                     continue
-            meta = json.loads(head["meta"])
-            return ShardSnapshot(run_id, shard_id, head["epoch"], head["version"], meta, arrays)
+            return log
         assert torn is not None
         raise torn
 
+    def _read_log(self, run_id: str, shard_id: int, head: Mapping[str, Any], what: str) -> ShardLog:
+        shard = {"run_id": run_id, "shard_id": shard_id}
+        base = None
+        if head.get("save_id") is not None:
+            docs = self._chunks_primary.find(
+                shard | {"save_id": head["save_id"]}, {"_id": 0, "name": 1, "idx": 1, "data": 1}
+            )
+            arrays = assemble_state(
+                head["layout"], ((d["name"], d["idx"], d["data"]) for d in docs), what
+            )
+            meta = json.loads(head["meta"])
+            base = ShardSnapshot(run_id, shard_id, head["epoch"], head["version"], meta, arrays)
+        first, last = (head.get("version") or 0) + 1, head.get("last", 0)
+        found = self._log_primary.find(shard | {"position": {"$gte": first, "$lte": last}})
+        by_key = {(d["position"], d["epoch"]): d for d in found}
+        chain, epoch = [], head.get("last_epoch")
+        for position in range(last, first - 1, -1):  # back from the head along prev_epoch
+            doc = by_key.get((position, epoch))
+            if doc is None:
+                raise TornState(f"{what}: log entry {position} of epoch {epoch} is missing")
+            chain.append(doc)
+            epoch = doc["prev_epoch"]
+        entries = []
+        for doc in reversed(chain):
+            chunks = self._chunks_primary.find(
+                shard | {"save_id": doc["save_id"]}, {"_id": 0, "name": 1, "idx": 1, "data": 1}
+            )
+            arrays = assemble_state(
+                doc["layout"], ((c["name"], c["idx"], c["data"]) for c in chunks), what
+            )
+            entries.append(LogEntry(doc["position"], json.loads(doc["meta"]), arrays))
+        return ShardLog(base, entries, head.get("last_epoch") if last else None)
+
+    def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
+        log = self.load_shard_log(run_id, shard_id)
+        return None if log is None else log.base
+
     def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
-        fields = ("owner_epoch", "epoch", "version", "saved_at", "nbytes")
+        fields = ("owner_epoch", "epoch", "version", "saved_at", "nbytes", "last")
         with self._op("shard_heads"):
             docs = list(
                 self._heads_status.find(
@@ -205,7 +353,13 @@ class MongoShardState:
             )
             if not docs and self._runs_status.find_one({"_id": run_id}, {"_id": 1}) is None:
                 raise UnknownRun(run_id, self._where)
-        return {d["shard_id"]: {f: d.get(f) for f in fields} for d in sorted(docs, key=_shard)}
+        heads = {}
+        for d in sorted(docs, key=_shard):
+            head = {f: d.get(f) for f in fields}
+            head["last"] = head["last"] or 0
+            head["log_entries"] = head["last"] - (head["version"] or 0)
+            heads[d["shard_id"]] = head
+        return heads
 
 
 def _shard(doc: Mapping[str, Any]) -> int:

@@ -13,11 +13,20 @@ the rule here which error that was.
   claim retried).
 - A save goes ahead only if the head's owner epoch is the snapshot's, and its version is not below
   the head's (an equal version rewrites).
+- A log append goes ahead only if the head's owner epoch is the writer's and it leaves no gap
+  after the head's last position (what it repeats of the log is a retry's, skipped).
 """
 
 from __future__ import annotations
 
-from tether.store.base import Fenced, Role, ShardSnapshot, StoreError, version_regression
+from tether.store.base import (
+    Fenced,
+    Role,
+    ShardSnapshot,
+    StoreError,
+    log_order_error,
+    version_regression,
+)
 
 
 def next_epoch(stored_epoch: int | None) -> int:
@@ -60,4 +69,23 @@ def save_refusal(
         return Fenced(snap.run_id, "server", snap.shard_id, snap.epoch, owner_epoch)
     if head_version is not None and snap.version < head_version:
         return version_regression(snap, head_version)
+    return None
+
+
+def append_refusal(
+    run_id: str,
+    shard_id: int,
+    epoch: int,
+    first: int,
+    owner_epoch: int | None,
+    head_last: int,
+) -> Fenced | StoreError | None:
+    """Why an append by ``epoch`` whose first position is ``first`` is refused (None: it may go
+    ahead). ``head_last`` is the head's last log position (0 before any append). Fencing first;
+    then a gap is refused. Entries at or below ``head_last`` are a retry's: the backend skips
+    them once it has checked that this epoch wrote them."""
+    if owner_epoch != epoch:
+        return Fenced(run_id, "server", shard_id, epoch, owner_epoch)
+    if first > head_last + 1:
+        return log_order_error(run_id, shard_id, first, head_last)
     return None

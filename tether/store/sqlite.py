@@ -35,18 +35,14 @@ from tether.store.base import (
     Role,
     RunExists,
     RunRecord,
-    ShardSnapshot,
     StoreError,
     StoreUnavailable,
     UnknownDataset,
     UnknownRun,
-    assemble_state,
     check_chunk_bytes,
     check_member_id,
     check_role,
     check_state,
-    state_chunks,
-    state_layout,
 )
 from tether.store.datasets import (
     ChunkTally,
@@ -62,9 +58,10 @@ from tether.store.datasets import (
     torn_read,
     unpack_buffers,
 )
-from tether.store.rules import claim_refusal, member_write_refusal, next_epoch, save_refusal
+from tether.store.rules import member_write_refusal, next_epoch
 from tether.store.sqlite_results import SQLiteResults
 from tether.store.sqlite_schema import configure, init_schema
+from tether.store.sqlite_state import SQLiteShardState
 
 _MEMBER_COLUMNS = (
     "run_id, role, member_id, epoch, address, pid, host, started_at, heartbeat, state, info"
@@ -94,14 +91,15 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-class SQLiteStore(ProcessLocal, SQLiteResults):
+class SQLiteStore(ProcessLocal, SQLiteShardState, SQLiteResults):
     """A :class:`tether.store.base.Store` on a SQLite file (created, with its parents, if absent).
 
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
     thread and its request threads use the same store). ``clock`` gives the times written to the
-    store (tests pass a fake one). Shard state is stored in BLOB chunks of at most
-    ``chunk_bytes``. See the module docstring for fork safety; the file's settings and schema are
-    in :mod:`tether.store.sqlite_schema`, results (run meta, metrics, artifacts) in
+    store (tests pass a fake one). Replicated shard state is in
+    :mod:`tether.store.sqlite_state` (payload files beside the database). See the module
+    docstring for fork safety; the file's settings and schema are in
+    :mod:`tether.store.sqlite_schema`, results (run meta, metrics, artifacts) in
     :mod:`tether.store.sqlite_results`.
     """
 
@@ -322,105 +320,11 @@ class SQLiteStore(ProcessLocal, SQLiteResults):
 
     # -- replicated shard state (DESIGN §5) -----------------------------------------------------
     #
-    # SQLite has real transactions, so a save is one BEGIN IMMEDIATE transaction: the fencing and
-    # version checks first (a zombie writes nothing), then the chunks, the head switch and the
-    # garbage collection. A crash or error before COMMIT rolls all of it back, so there are never
-    # orphan chunks, and a reader's BEGIN sees one committed state (WAL snapshot isolation).
+    # Replicated shard state: tether.store.sqlite_state (SQLiteShardState).
 
-    def claim_shard(self, run_id: str, shard_id: int, epoch: int) -> None:
-        check_member_id(shard_id)
-        with self._tx(write=True) as conn:
-            self._require_run(conn, run_id)
-            row = conn.execute(
-                "SELECT owner_epoch FROM shard_heads WHERE run_id = ? AND shard_id = ?",
-                (run_id, shard_id),
-            ).fetchone()
-            refusal = claim_refusal(run_id, shard_id, epoch, row and row[0])
-            if refusal is not None:
-                raise refusal
-            conn.execute(
-                "INSERT INTO shard_heads (run_id, shard_id, owner_epoch) VALUES (?, ?, ?) "
-                "ON CONFLICT (run_id, shard_id) DO UPDATE SET owner_epoch = excluded.owner_epoch",
-                (run_id, shard_id, epoch),
-            )
-
-    def save_shard_state(self, snap: ShardSnapshot) -> None:
-        layout = state_layout(snap, self.chunk_bytes)
-        meta = _dumps(snap.meta, "shard state meta")
-        key = (snap.run_id, snap.shard_id)
-        with self._tx(write=True) as conn:
-            row = conn.execute(
-                "SELECT owner_epoch, version, save_id FROM shard_heads "
-                "WHERE run_id = ? AND shard_id = ?",
-                key,
-            ).fetchone()
-            if row is None:
-                self._require_run(conn, snap.run_id)
-            owner, head_version, old_save = (None, None, None) if row is None else row
-            refusal = save_refusal(snap, owner, head_version)
-            if refusal is not None:
-                raise refusal
-            save_id = (old_save or 0) + 1
-            conn.executemany(
-                "INSERT INTO shard_chunks "
-                "(run_id, shard_id, save_id, epoch, version, name, idx, data) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    (*key, save_id, snap.epoch, snap.version, name, idx, data)
-                    for name, idx, data in state_chunks(snap, self.chunk_bytes)
-                ),
-            )
-            conn.execute(
-                "UPDATE shard_heads SET epoch = ?, version = ?, save_id = ?, layout = ?, "
-                "meta = ?, nbytes = ?, saved_at = ? WHERE run_id = ? AND shard_id = ?",
-                (
-                    snap.epoch,
-                    snap.version,
-                    save_id,
-                    json.dumps(layout),
-                    meta,
-                    snap.nbytes,
-                    self._clock(),
-                    *key,
-                ),
-            )
-            # Keep the new state and the previous one (DESIGN §5: a reader of the old head).
-            conn.execute(
-                "DELETE FROM shard_chunks WHERE run_id = ? AND shard_id = ? "
-                "AND save_id != ? AND save_id != ?",
-                (*key, save_id, -1 if old_save is None else old_save),
-            )
-
-    def load_shard_state(self, run_id: str, shard_id: int) -> ShardSnapshot | None:
-        with self._tx(write=False) as conn:  # one consistent read snapshot (WAL)
-            row = conn.execute(
-                "SELECT epoch, version, save_id, layout, meta FROM shard_heads "
-                "WHERE run_id = ? AND shard_id = ?",
-                (run_id, shard_id),
-            ).fetchone()
-            if row is None or row[2] is None:
-                self._require_run(conn, run_id)
-                return None
-            epoch, version, save_id, layout, meta = row
-            chunks = conn.execute(
-                "SELECT name, idx, data FROM shard_chunks "
-                "WHERE run_id = ? AND shard_id = ? AND save_id = ?",
-                (run_id, shard_id, save_id),
-            )
-            what = f"store {self.uri}: state of shard {shard_id} of run {run_id!r}"
-            arrays = assemble_state(json.loads(layout), chunks, what)
-        return ShardSnapshot(run_id, shard_id, epoch, version, json.loads(meta), arrays)
-
-    def shard_heads(self, run_id: str) -> dict[int, dict[str, Any]]:
-        with self._tx(write=False) as conn:
-            self._require_run(conn, run_id)
-            rows = conn.execute(
-                "SELECT shard_id, owner_epoch, epoch, version, saved_at, nbytes FROM shard_heads "
-                "WHERE run_id = ? ORDER BY shard_id",
-                (run_id,),
-            ).fetchall()
-        keys = ("owner_epoch", "epoch", "version", "saved_at", "nbytes")
-        return {r[0]: dict(zip(keys, r[1:], strict=True)) for r in rows}
+    def delete_run(self, run_id: str) -> None:
+        super().delete_run(run_id)
+        self._delete_run_files(run_id)
 
     # -- datasets (DESIGN §11) ------------------------------------------------------------------
     #

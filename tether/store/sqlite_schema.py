@@ -14,7 +14,7 @@ from tether.retry import PollTimeout, poll_until
 from tether.store.base import StoreError
 from tether.store.sqlite_results import RESULTS_SCHEMA
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
 # MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
@@ -43,11 +43,13 @@ SCHEMA: tuple[str, ...] = (
         PRIMARY KEY (run_id, role, member_id)
     )""",
 )
-# Version 3: replicated shard state (DESIGN §5): a head per shard and the chunks of the states it
-# points at. Chunks are keyed by a per-shard save id, so a new state never overwrites the one the
-# head points at; epoch and version say which state a chunk belongs to. Head columns other than
-# owner_epoch are NULL until a state is saved. (Version 2 was a development layout of the same
-# tables; its replicated state is dropped on upgrade -- it only matters to a run in progress.)
+# Version 3: replicated shard state (DESIGN §5), in the layout of version 6: a head per shard and
+# a row per log entry. The bytes of bases and entries are files beside the database
+# (tether.store.sqlite_state): a WAL database writes every page twice (the log, then the
+# checkpoint), which for megabytes per entry doubled the bytes a shard writes per update. Head
+# columns other than owner_epoch, last and last_epoch are NULL until a base is saved.
+# (Versions 2 and 5 held the whole state in BLOB chunks; their replicated state is dropped on
+# upgrade -- it only matters to a run in progress.)
 SHARD_STATE_TABLES: tuple[str, ...] = (
     """CREATE TABLE shard_heads (
         run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -55,24 +57,30 @@ SHARD_STATE_TABLES: tuple[str, ...] = (
         owner_epoch INTEGER NOT NULL,
         epoch INTEGER,
         version INTEGER,
-        save_id INTEGER,
+        save_id TEXT,
         layout TEXT,
         meta TEXT,
         nbytes INTEGER,
         saved_at REAL,
+        last INTEGER NOT NULL DEFAULT 0,
+        last_epoch INTEGER,
         PRIMARY KEY (run_id, shard_id)
     )""",
-    """CREATE TABLE shard_chunks (
+    """CREATE TABLE shard_log (
         run_id TEXT NOT NULL,
         shard_id INTEGER NOT NULL,
-        save_id INTEGER NOT NULL,
+        position INTEGER NOT NULL,
         epoch INTEGER NOT NULL,
-        version INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        idx INTEGER NOT NULL,
-        data BLOB NOT NULL,
-        PRIMARY KEY (run_id, shard_id, save_id, name, idx)
+        layout TEXT NOT NULL,
+        meta TEXT NOT NULL,
+        nbytes INTEGER NOT NULL,
+        PRIMARY KEY (run_id, shard_id, position)
     )""",
+)
+_DROP_SHARD_STATE = (
+    "DROP TABLE IF EXISTS shard_chunks",
+    "DROP TABLE IF EXISTS shard_log",
+    "DROP TABLE IF EXISTS shard_heads",
 )
 # Version 5: datasets (DESIGN §11), store-wide input data: one header row per published dataset
 # and the chunks of its records (tether.store.datasets), keyed by import id so that a new import
@@ -106,9 +114,10 @@ DATASET_TABLES: tuple[str, ...] = (
 SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA + DATASET_TABLES
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: SHARD_STATE_TABLES,
-    2: ("DROP TABLE shard_chunks", "DROP TABLE shard_heads", *SHARD_STATE_TABLES),
+    2: (*_DROP_SHARD_STATE, *SHARD_STATE_TABLES),
     3: RESULTS_SCHEMA,
     4: DATASET_TABLES,
+    5: (*_DROP_SHARD_STATE, *SHARD_STATE_TABLES),
 }
 
 

@@ -12,13 +12,14 @@ Points (see :data:`POINTS`):
 
 - one per operation, checked first: ``connect`` (index creation in the constructor),
   ``create_run``, ``get_run``, ``list_runs``, ``finish_run``, ``register``, ``heartbeat``,
-  ``set_member_state``, ``members``, ``member``, ``claim``, ``save``, ``load``, ``shard_heads``,
-  and for results ``set_run_meta``, ``log_metrics``, ``metrics``, ``put_artifact``,
+  ``set_member_state``, ``members``, ``member``, ``claim``, ``save``, ``append``, ``load``,
+  ``shard_heads``, and for results ``set_run_meta``, ``log_metrics``, ``metrics``, ``put_artifact``,
   ``artifacts``, ``get_artifact``, ``delete_run``, and for input data ``put_dataset`` (each
   step of an import), ``dataset_info``, ``list_datasets``, ``read_dataset``, ``delete_dataset``;
-- inside a save, in order: ``before_chunks``, ``chunks`` (before every batch of chunk inserts),
-  ``after_chunks``, ``before_head``, ``after_head`` (the head switch was applied but, as far as
-  the caller knows, its reply was lost) and ``gc`` (deleting old chunks);
+- inside a save or a log append (``append``), in order: ``before_chunks``, ``chunks`` (before
+  every batch of inserts), ``after_chunks``, ``before_head``, ``after_head`` (the head switch
+  was applied but, as far as the caller knows, its reply was lost) and ``gc`` (deleting old
+  chunks; a save only);
 - inside a load: ``read`` (before the head is read) and ``read_chunks`` (after the head was read,
   before its chunks are).
 """
@@ -55,6 +56,7 @@ OPERATION_POINTS = (
     "member",
     "claim",
     "save",
+    "append",
     "load",
     "shard_heads",
     # results (DESIGN §8)
