@@ -16,9 +16,10 @@ Order of writes, so that a crash or a refusal at any point leaves the stored log
   crash or power loss can drop the last few, as for every commit of this store);
 - an entry's file name carries its position and epoch, a base's a fresh save id, so nothing ever
   overwrites a payload a committed row names;
-- files are deleted only after the transaction that stopped naming them committed; a refused or
-  failed write deletes its own files, and compaction also removes files no row names (those of
-  a zombie or of a process killed between the file and its commit).
+- files are deleted only after the transaction that stopped naming them committed; a refused
+  write, or one whose file could not be written, deletes its own files; compaction also removes
+  files no row names (those of a zombie, of a process killed between the file and its commit, or
+  of a write whose outcome is unknown).
 
 A reader checks that each payload has the size its row gives, so a torn file is never replayed.
 """
@@ -243,10 +244,13 @@ class SQLiteShardState:
         what = self._what(*key)
         save_id = f"{snap.version}-e{snap.epoch}-{uuid.uuid4().hex[:8]}"
         path = folder / f"base-{save_id}.bin"
-        committed = False
+        # The file goes when the save certainly did not commit: its write failed, or the save
+        # was refused. After another failure the head may name it; compaction collects it if not.
+        named = False
         try:
             with self._files(what):
                 layout = write_payload(path, snap.arrays)
+            named = True
             with self._tx(write=True) as conn:
                 row = conn.execute(
                     "SELECT owner_epoch, version, save_id FROM shard_heads "
@@ -258,6 +262,7 @@ class SQLiteShardState:
                 owner, base_version, old_save = (None, None, None) if row is None else row
                 refusal = save_refusal(snap, owner, base_version)
                 if refusal is not None:
+                    named = False
                     raise refusal
                 conn.execute(
                     "UPDATE shard_heads SET epoch = ?, version = ?, save_id = ?, layout = ?, "
@@ -274,9 +279,8 @@ class SQLiteShardState:
                     "DELETE FROM shard_log WHERE run_id = ? AND shard_id = ? AND position <= ?",
                     (*key, cutoff),
                 )
-            committed = True
         finally:
-            if not committed:
+            if not named:
                 path.unlink(missing_ok=True)
         self._collect(folder, keep_bases={save_id, old_save}, cutoff=cutoff)
 
