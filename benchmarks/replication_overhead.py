@@ -10,7 +10,9 @@ For each model size and replication setting (off, async, sync) one real `tether 
 - `written_per_clock_mb`: what the shard processes passed to write(2) (`wchar` in /proc, sampled
   while they run: the store's writes, their logs and heartbeats) divided by the clocks; and
   `x_update`: that against one aggregated update of the whole model (num_params x 4 bytes);
-- `store_mb`: the SQLite files (database, WAL) at the end of the run (`store_files_mb`: each).
+- `store_mb`: the store at the end of the run: the SQLite files (database, WAL) and the payload
+  files of bases and log entries beside them (`store_files_mb`: each part); `store_peak_mb`:
+  the most it held while the run went on (sampled every second).
 
 Settings run interleaved within a round, so a drifting machine hits them alike.
 
@@ -20,6 +22,7 @@ Settings run interleaved within a round, so a drifting machine hits them alike.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -50,6 +53,17 @@ def _wchar(pid: int) -> int | None:
     return int(fields["wchar"])
 
 
+def _store_bytes(run_dir: Path) -> dict[str, int]:
+    """Bytes of each part of the SQLite store in `run_dir`: its files, and its payload folder."""
+    parts = {}
+    for p in run_dir.glob("tether.db*"):
+        if p.is_dir():
+            parts[p.name] = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        else:
+            parts[p.name] = p.stat().st_size
+    return parts
+
+
 def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -> dict:
     model, dataset = SIZES[size]
     cmd = [sys.executable, "-m", "tether", "launch", "--json", "--mode", args.mode,
@@ -66,6 +80,7 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
         cmd, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True
     )
     written: dict[int, int] = {}  # shard pid -> the last wchar read
+    peak, sized_at = 0, 0.0
     db = run_dir / "tether.db"
     store = None
     try:
@@ -76,6 +91,10 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
             for m in store.members(runs[0].run_id, "server") if runs else []:
                 if (w := _wchar(m.pid)) is not None:
                     written[m.pid] = max(w, written.get(m.pid, 0))
+            if time.monotonic() - sized_at >= 1.0:
+                with contextlib.suppress(OSError):  # a file compacted away while listed
+                    peak = max(peak, sum(_store_bytes(run_dir).values()))
+                sized_at = time.monotonic()
             time.sleep(0.05)  # a sampling interval, not a wait for an event
         out, _ = proc.communicate(timeout=600)
         log.seek(0)
@@ -95,7 +114,7 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
     steps = [
         r.values["step_s"] for r in rows if r.source.startswith("worker:") and r.step >= args.skip
     ]
-    files = {p.name: p.stat().st_size for p in run_dir.glob("tether.db*")}
+    files = _store_bytes(run_dir)
     per_clock = sum(written.values()) / args.steps
     update_bytes = summary["num_params"] * 4
     return {
@@ -106,6 +125,7 @@ def run_once(args: argparse.Namespace, size: str, setting: str, run_dir: Path) -
         "written_per_clock_mb": per_clock / 1e6,
         "x_update": per_clock / update_bytes,
         "store_mb": sum(files.values()) / 1e6,
+        "store_peak_mb": max(peak, sum(files.values())) / 1e6,
         "store_files_mb": {name: size / 1e6 for name, size in files.items()},
     }
 

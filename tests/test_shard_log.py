@@ -379,7 +379,7 @@ OPS = st.one_of(
 
 
 @settings(
-    max_examples=60, deadline=None, derandomize=True,
+    max_examples=200, deadline=None, derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )  # fmt: skip
 @given(mode=st.sampled_from([Mode.BSP, Mode.ASP]), ops=st.lists(OPS, max_size=24))
