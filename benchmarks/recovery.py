@@ -1,10 +1,12 @@
 """Time from a shard's SIGKILL to the replacement serving again, over several kills.
 
 One real `tether launch` run on the SQLite store; shard 0 is killed every `--every` clocks of
-progress (read from the store) and the launcher's measured `recovery_s` values are summarised.
+progress (read from the store) and the launcher's measured `recovery_s` values are summarised,
+each with what the replacement rebuilt itself from (its heartbeat's `recovered`: the base's
+version, the log entries replayed on it, and the seconds spent reading and replaying them).
 
     python benchmarks/recovery.py [--kills 5] [--mode bsp] [--model M --dataset D]
-        [--replication sync|async] [--batch-size B] [--json]
+        [--replication sync|async] [--batch-size B] [--compaction-budget-ms MS] [--json]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> int:
     p.add_argument("--dataset", default=None, help="built-in data set (the launch default)")
     p.add_argument("--replication", default=None, choices=("sync", "async"))
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--compaction-budget-ms", type=float, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     steps = args.every * (args.kills + 2)
@@ -42,7 +45,7 @@ def main() -> int:
                str(run_dir)]  # fmt: skip
         if args.mode == "ssp":
             cmd += ["--staleness", "2"]
-        for flag in ("model", "dataset", "replication", "batch_size"):
+        for flag in ("model", "dataset", "replication", "batch_size", "compaction_budget_ms"):
             if (value := getattr(args, flag)) is not None:
                 cmd += [f"--{flag.replace('_', '-')}", str(value)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -51,6 +54,7 @@ def main() -> int:
             while not db.exists():
                 time.sleep(0.05)
             store = open_store(f"sqlite:///{db}")
+            rebuilt: list[dict] = []
             for k in range(args.kills):
                 target = args.every * (k + 1)
                 while True:
@@ -64,6 +68,14 @@ def main() -> int:
                 assert shard is not None
                 os.kill(shard.pid, signal.SIGKILL)
                 print(f"killed shard 0 (epoch {shard.epoch}) at clock {target}", file=sys.stderr)
+                deadline = time.monotonic() + 120
+                while time.monotonic() < deadline:
+                    new = store.member(runs[0].run_id, "server", 0)
+                    if new is not None and new.epoch > shard.epoch and new.info.get("recovered"):
+                        rebuilt.append(new.info["recovered"])
+                        print(f"  rebuilt from {new.info['recovered']}", file=sys.stderr)
+                        break
+                    time.sleep(0.05)
             store.close()
             out, _ = proc.communicate(timeout=600)
         finally:
@@ -80,6 +92,7 @@ def main() -> int:
         "recovery_s": rec,
         "median_s": statistics.median(rec),
         "max_s": max(rec),
+        "rebuilt_from": rebuilt,
         "lost_updates": summary["lost_updates"],
         "test_accuracy": summary["test_accuracy"],
     }

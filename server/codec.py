@@ -10,6 +10,7 @@ entry replayed through the same optimizer code, which gives the lost shard's sta
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -69,6 +70,7 @@ def recover(
     parameters at version 0, when no base was written) with every log entry replayed."""
     if log is None or (log.base is None and not log.entries):
         return ShardState(spec, initial(), epoch=epoch)
+    started = time.perf_counter()
     if log.base is not None:
         state = from_replica(spec, epoch, log.base.meta, log.base.arrays)
     else:
@@ -85,6 +87,11 @@ def recover(
         _restore_tables(state, log.entries[-1].meta)
         state.version = state.durable_version = log.entries[-1].position
     state.restored_version = state.version
+    state.recovered = {
+        "base_version": log.base_version,
+        "entries": len(log.entries),
+        "replay_s": time.perf_counter() - started,
+    }
     # The replay cost of the entries read, now that the optimizer's step time is measured.
     per_entry = state.apply_s + REPLAY_FIXED_S
     state.since_base = deque(

@@ -121,8 +121,23 @@ def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -
     (DESIGN §5).
     """
     store.claim_shard(config.run_id, spec.shard_id, epoch)
+    started = time.perf_counter()
     stored = store.load_shard_log(config.run_id, spec.shard_id)
-    return recover(spec, epoch, stored, lambda: initial_params(config, spec.offset, spec.length))
+    load_s = time.perf_counter() - started
+    state = recover(spec, epoch, stored, lambda: initial_params(config, spec.offset, spec.length))
+    if state.recovered is not None:
+        state.recovered["load_s"] = load_s
+    return state
+
+
+def _restored(recovered: dict[str, Any] | None, version: int) -> str:
+    if recovered is None:
+        return f", restored version {version}"
+    return (
+        f", restored version {version}: base {recovered['base_version']} and "
+        f"{recovered['entries']} log entries (read {recovered.get('load_s', 0):.3f}s, replayed "
+        f"{recovered['replay_s']:.3f}s)"
+    )
 
 
 def serve(opts: ServerOptions) -> int:
@@ -190,7 +205,7 @@ def serve(opts: ServerOptions) -> int:
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
         f"replication {spec.replication.mode}"
-        + (f", restored version {restored}" if restored >= 0 else ", fresh state"),
+        + (_restored(state.recovered, restored) if restored >= 0 else ", fresh state"),
         file=sys.stderr,
         flush=True,
     )

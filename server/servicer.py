@@ -67,12 +67,15 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                     "updates_applied": state.stats.updates_applied,
                     "clocks": state.clocks,
                     "max_clock_gap": state.stats.max_clock_gap,
+                    "base_version": state.base_version,  # the store's base and log after it
+                    "log_entries": len(state.since_base),
                 }
         return {
             **self._last_info,
             "phase": "serving",
             "serving_since": self.serving_since,
             "restored_version": self.host.state.restored_version,  # fixed when it was built
+            "recovered": self.host.state.recovered,  # also fixed: base, entries, seconds
         }
 
     # -- Pull -----------------------------------------------------------------------------

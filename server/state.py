@@ -190,6 +190,9 @@ class ShardState:
         self.base_version = 0
         self.since_base: deque[tuple[int, int, float]] = deque()
         self.apply_s = 0.0  # moving average of one optimizer apply, for the replay estimate
+        # How this shard was rebuilt from the store (None: a fresh one): base version, entries
+        # replayed, seconds reading and replaying (codec.recover, server/main.py).
+        self.recovered: dict[str, Any] | None = None
         self.restored_version = restored_version  # the replicated version it started from; -1
         self.status: Status = "serving"  # fenced: the store says a newer epoch replaced it
         self.applied_tables = self.tables()  # as of the last applied update: a base's tables
