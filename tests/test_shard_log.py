@@ -9,6 +9,7 @@ append or a base switch, and a zombie's writes must never reach what a recovery 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used by `backend`)
+    drop_database,
+    fresh_database_name,
+    mongodb_uri,
+    with_database,
+)
 
 import tether.store.sqlite_state as sqlite_state
 from helpers import wait_until
@@ -67,7 +74,7 @@ SQLITE_POINTS = ("files", "before_commit", "after_commit")
 MONGO_POINTS = ("before_chunks", "chunks", "after_chunks", "before_head", "after_head")
 
 
-@pytest.fixture(params=["sqlite", "mongomock"])
+@pytest.fixture(params=["sqlite", "mongomock", "mongodb"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """(open a handle, arm a crash at a point) for one store; every handle shares the data."""
     if request.param == "sqlite":
@@ -103,14 +110,22 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
         for h in handles:
             h.close()
         return
-    client: Any = mongomock.MongoClient()
     faults = FaultPlan()
+    if request.param == "mongodb":  # a real replica set, where mongod exists (else skipped)
+        uri = with_database(request.getfixturevalue("mongodb_uri"), fresh_database_name())
+        request.addfinalizer(lambda: drop_database(uri))
+        factory = None
+    else:
+        client: Any = mongomock.MongoClient()
+        uri = "mongodb://mongomock.invalid/tether_test?replicaSet=rs0"
+        factory = lambda: client  # noqa: E731
+    handles_m: list[MongoStore] = []
 
     def open_mongo() -> MongoStore:
-        return MongoStore(
-            "mongodb://mongomock.invalid/tether_test?replicaSet=rs0",
-            client_factory=lambda: client, faults=faults, chunk_bytes=64,
-        )  # fmt: skip
+        handles_m.append(MongoStore(uri, client_factory=factory, faults=faults, chunk_bytes=64))
+        return handles_m[-1]
+
+    request.addfinalizer(lambda: [h.close() for h in handles_m])
 
     def crash_mongo(_store: Any, point: str) -> None:
         faults.fail(point, "auto_reconnect")
@@ -252,6 +267,46 @@ def test_compaction_keeps_what_a_reader_of_the_previous_head_needs(backend) -> N
     assert heads["version"] == position and heads["log_entries"] == 0
 
 
+def test_a_recovery_reading_while_the_log_is_compacted_is_never_torn(backend) -> None:
+    """A reader loads the log again and again while the owner appends and compacts: every load
+    is a complete base plus the contiguous entries after it (a retry at most), never an error."""
+    open_, *_ = backend
+    writer, reader = open_(), open_()
+    writer.create_run(RUN, {})
+    writer.claim_shard(RUN, 0, 1)
+    done = threading.Event()
+    seen: list[tuple[int, int]] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                log = reader.load_shard_log(RUN, 0)
+                base = log.base_version
+                assert [e.position for e in log.entries] == list(range(base + 1, log.last + 1))
+                if log.base is not None:
+                    assert log.base.arrays["params"][0] == base  # the base's own bytes
+                for e in log.entries:
+                    assert e.arrays["grad"].tobytes() == grad(0, e.position).tobytes()
+                seen.append((base, log.last))
+        except BaseException as e:  # reported below, in the test's thread
+            errors.append(e)
+
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for position in range(1, 61):
+            writer.append_shard_log(RUN, 0, 1, [entry(position)])
+            if position % 3 == 0:
+                params = np.full(4, position, np.float32)
+                writer.save_shard_state(ShardSnapshot(RUN, 0, 1, position, {}, {"params": params}))
+    finally:
+        done.set()
+        t.join(60)
+    assert not errors, errors[0]
+    assert seen and [last for _, last in seen] == sorted(last for _, last in seen)
+
+
 def test_a_torn_entry_is_never_replayed(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "t.db")
     store.create_run(RUN, {})
@@ -353,7 +408,7 @@ def test_the_compactor_writes_a_base_a_recovery_starts_from(tmp_path: Path, torn
             with host.locked() as state:
                 push(state, 0)
                 host.notify_all()
-            wait_until(lambda: host.state.durable_version == clock + 1, what="the append")
+            wait_until(lambda c=clock: host.state.durable_version == c + 1, what="the append")
         wait_until(lambda: host.state.base_version >= 1, what="a base")
     finally:
         compactor.stop()
@@ -449,4 +504,3 @@ def test_recovery_equals_the_live_state_whatever_happened(backend, mode, ops) ->
             after = store.load_shard_log(run, 0)
             assert after.last == before.last and after.last_epoch == before.last_epoch
     restart()  # at the end, whatever happened, a recovery equals the live shard
-
