@@ -472,7 +472,7 @@ def test_sqlite_upgrade_from_version_4_adds_datasets(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     conn.close()
-    assert version == (str(sqlite_schema.SCHEMA_VERSION),) == ("5",)
+    assert version == (str(sqlite_schema.SCHEMA_VERSION),) == ("6",)
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -35,8 +35,8 @@ from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used throug
     with_database,
 )
 
-import tether.store.sqlite_state as sqlite_state
 import tether.store.sqlite_schema as sqlite_schema
+import tether.store.sqlite_state as sqlite_state
 from tether.store import (
     Fenced,
     MongoStore,

@@ -194,3 +194,46 @@ def test_shard_state_bytes_never_pass_through_the_wal(tmp_path):
     store.close()
     assert written >= 2 * 2 * 10**6  # two bases and some entries, a megabyte each, are on disk
     assert size < total / 4, (size, total)  # through the WAL it would be at least `total`
+
+
+def test_a_version_5_file_is_upgraded_to_the_log_layout(tmp_path):
+    """Schema 5 kept whole states as BLOB chunks; the upgrade drops that replicated state (it
+    only matters to a run in progress), keeps the runs, and the shard state works as a log."""
+    import sqlite3
+
+    from tether.store import sqlite_schema
+
+    path = tmp_path / "v5.db"
+    conn = sqlite3.connect(path)
+    with conn:
+        for stmt in sqlite_schema.SCHEMA:
+            conn.execute(stmt)
+        conn.execute("DROP TABLE shard_log")
+        conn.execute("DROP TABLE shard_heads")
+        conn.execute(
+            "CREATE TABLE shard_heads (run_id TEXT NOT NULL, shard_id INTEGER NOT NULL, "
+            "owner_epoch INTEGER NOT NULL, epoch INTEGER, version INTEGER, save_id INTEGER, "
+            "layout TEXT, meta TEXT, nbytes INTEGER, saved_at REAL, PRIMARY KEY (run_id, shard_id))"
+        )
+        conn.execute(
+            "CREATE TABLE shard_chunks (run_id TEXT NOT NULL, shard_id INTEGER NOT NULL, "
+            "save_id INTEGER NOT NULL, epoch INTEGER NOT NULL, version INTEGER NOT NULL, "
+            "name TEXT NOT NULL, idx INTEGER NOT NULL, data BLOB NOT NULL)"
+        )
+        conn.execute("INSERT INTO meta VALUES ('schema_version', '5')")
+        conn.execute("INSERT INTO runs VALUES (?, '{}', 1.0, 0, NULL, '{}')", (RUN,))
+        conn.execute(
+            "INSERT INTO shard_heads (run_id, shard_id, owner_epoch) VALUES (?, 0, 3)", (RUN,)
+        )
+    conn.close()
+    with SQLiteStore(path) as store:
+        assert store.get_run(RUN).config == {}
+        assert store.shard_heads(RUN) == {}  # the old replicated state is gone
+        store.claim_shard(RUN, 0, 1)
+        store.append_shard_log(RUN, 0, 1, [LogEntry(1, {}, {"grad": np.ones(3, np.float32)})])
+        assert store.load_shard_log(RUN, 0).last == 1
+    conn = sqlite3.connect(path)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    conn.close()
+    assert "shard_chunks" not in tables and "shard_log" in tables and version == ("6",)
