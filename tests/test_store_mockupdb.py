@@ -8,9 +8,14 @@ replies a real primary gives when it steps down, loses a connection or misses it
 
 What pymongo does (checked here, not assumed): a write error that carries the server's
 ``RetryableWriteError`` label (a real primary labels "not primary" replies to retryable writes)
-or a dropped connection is retried once, with the same ``lsid`` and ``txnNumber``; a write
-concern error without the label is not retried; the error of the last attempt reaches the store,
-which makes it :class:`StoreUnavailable`.
+or a dropped connection is retried once, with the same ``lsid`` and ``txnNumber`` (and the same
+documents, ``_id`` included); a write concern error without the label (``WTimeoutError``) is not
+retried; when no primary is known for the retry, the driver waits out server selection and
+raises the original error. What reaches the store becomes :class:`StoreUnavailable`.
+
+Also here: the retry of an append that was applied (read the head, count its own entries, write
+nothing), duplicate keys as this append's own earlier writes, the conditional ``claim_shard``
+upsert and its fencing, and ``load_shard_log`` reading back the documents an append sent.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ pytestmark = pytest.mark.timeout(60)
 RUN = "run-m"
 SHARD = 0
 EPOCH = 3
-HEAD_ID = json.dumps([RUN, SHARD], separators=(",", ":"))  # tether.store.mongo_setup.doc_id
+HEAD_ID = json.dumps([RUN, SHARD], separators=(",", ":"))
 CHUNK_BYTES = 16  # an entry's 8 float32 (32 bytes) are two chunks
 WAIT = 20.0  # seconds to wait for the next request or for a call to return (a busy machine)
 MAJORITY = {"w": "majority", "wtimeout": 5000}  # the store's default write concern
@@ -49,6 +54,7 @@ def entries(first: int, n: int = 2) -> list[LogEntry]:
 
 
 def doc_id(*parts: Any) -> str:
+    """A document ``_id`` as the store makes it (restated here: a change to the ids shows)."""
     return json.dumps(parts, separators=(",", ":"))
 
 
@@ -114,9 +120,11 @@ class Primary:
             pytest.fail(f"unexpected request: {self.server.receives(timeout=1)!r}")
 
     def close(self) -> None:
-        for store in self.stores:
-            store.close()
-        self.server.stop()
+        try:
+            for store in self.stores:
+                store.close()
+        finally:
+            self.server.stop()
 
 
 @pytest.fixture
@@ -452,12 +460,6 @@ def test_duplicate_keys_on_chunk_insert_count_as_written(primary):
     primary.quiet()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="store bug: _insert_idempotent re-raises the BulkWriteError and translate_error "
-    "counts its duplicate-key codes as permanent, so a write concern error becomes StoreError",
-)
 def test_duplicate_keys_with_write_concern_error_are_unavailable(primary):
     # The duplicates are this append's own earlier writes; what failed is the write concern:
     # the call may work when retried.

@@ -278,8 +278,12 @@ class MongoShardState:
         except BulkWriteError as e:
             if any(err.get("code") != 11000 for err in e.details.get("writeErrors", [])):
                 raise
-            if e.details.get("writeConcernErrors"):
-                raise
+            if concern := e.details.get("writeConcernErrors"):
+                # Written before, but a majority did not acknowledge this try: transient.
+                raise StoreUnavailable(
+                    f"store {self._where}: {collection.name} insert not acknowledged by a "
+                    f"majority: {concern[0].get('errmsg', concern[0])}"
+                ) from e
 
     def load_shard_log(self, run_id: str, shard_id: int) -> ShardLog | None:
         key = doc_id(run_id, shard_id)
