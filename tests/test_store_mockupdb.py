@@ -249,13 +249,20 @@ def test_append_sends_head_read_chunks_entries_then_conditional_head_update(prim
     primary.quiet()
 
 
-def test_not_writable_primary_on_head_update_is_retried_once_then_unavailable(primary):
+def append_up_to_the_head_update(primary: Any) -> tuple[Any, list[Any], Any]:
+    """Start an append of positions 5 and 6 by EPOCH after a head at 4 (epoch 2) and answer
+    every request of it up to the head update: (the store, the batch, the call)."""
     store = primary.store()
     batch = entries(5)
     done = append(store, batch)
     answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
     answer_chunks(primary, batch)
     answer_log(primary)
+    return store, batch, done
+
+
+def test_not_writable_primary_on_head_update_is_retried_once_then_unavailable(primary):
+    store, batch, done = append_up_to_the_head_update(primary)
     first = primary.receives("findAndModify", "shard_heads")
     not_primary(first)
     retry = primary.receives("findAndModify", "shard_heads")  # pymongo's one retry
@@ -291,12 +298,7 @@ def test_not_writable_primary_on_entry_insert_is_unavailable_and_head_untouched(
 
 
 def test_write_concern_error_on_head_update_is_unavailable_and_not_retried(primary):
-    store = primary.store()
-    batch = entries(5)
-    done = append(store, batch)
-    answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
-    answer_chunks(primary, batch)
-    answer_log(primary)
+    store, batch, done = append_up_to_the_head_update(primary)
     update = primary.receives("findAndModify", "shard_heads")
     update.replies(
         value={"_id": HEAD_ID},
@@ -396,12 +398,7 @@ def test_step_down_before_head_update_then_retry_finds_it_applied(primary):
 def test_lost_head_update_reply_then_no_match_reads_the_head_and_returns(primary):
     # The head update's reply is lost; the driver's retry does not match (the first try moved
     # the head), so the store reads the head, finds its own last position, and returns.
-    store = primary.store()
-    batch = entries(5)
-    done = append(store, batch)
-    answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
-    answer_chunks(primary, batch)
-    answer_log(primary)
+    store, batch, done = append_up_to_the_head_update(primary)
     first = primary.receives("findAndModify", "shard_heads")
     first.hangup()
     retry = primary.receives("findAndModify", "shard_heads")
@@ -413,12 +410,7 @@ def test_lost_head_update_reply_then_no_match_reads_the_head_and_returns(primary
 
 
 def test_head_moved_under_the_append_is_unavailable(primary):
-    store = primary.store()
-    batch = entries(5)
-    done = append(store, batch)
-    answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
-    answer_chunks(primary, batch)
-    answer_log(primary)
+    store, batch, done = append_up_to_the_head_update(primary)
     primary.receives("findAndModify", "shard_heads").replies(
         value=None, lastErrorObject={"n": 0, "updatedExisting": False}
     )
@@ -440,6 +432,14 @@ def test_fenced_append_writes_nothing(primary):
     primary.quiet()
 
 
+def duplicates(req: Any) -> list[dict[str, Any]]:
+    """A duplicate-key write error for every document of an insert."""
+    return [
+        {"index": i, "code": 11000, "errmsg": "E11000 duplicate key error"}
+        for i in range(len(req["documents"]))
+    ]
+
+
 def test_duplicate_keys_on_chunk_insert_count_as_written(primary):
     # A store-level retry re-inserts what an earlier try wrote: the primary refuses each
     # document as a duplicate key, and the append carries on.
@@ -449,11 +449,7 @@ def test_duplicate_keys_on_chunk_insert_count_as_written(primary):
     answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
     for _ in batch:
         req = primary.receives("insert", "shard_chunks")
-        dup = [
-            {"index": i, "code": 11000, "errmsg": "E11000 duplicate key error"}
-            for i in range(len(req["documents"]))
-        ]
-        req.replies(n=0, writeErrors=dup)
+        req.replies(n=0, writeErrors=duplicates(req))
     answer_log(primary)
     moved(primary.receives("findAndModify", "shard_heads"))
     assert done.result() is None
@@ -468,12 +464,8 @@ def test_duplicate_keys_with_write_concern_error_are_unavailable(primary):
     done = append(store, batch)
     answer_find_head(primary, head(owner=EPOCH, last=4, last_epoch=2))
     req = primary.receives("insert", "shard_chunks")
-    dup = [
-        {"index": i, "code": 11000, "errmsg": "E11000 duplicate key error"}
-        for i in range(len(req["documents"]))
-    ]
     wce = {"code": 64, "codeName": "WriteConcernFailed", "errmsg": "waiting for replication"}
-    req.replies(n=0, writeErrors=dup, writeConcernError=wce)
+    req.replies(n=0, writeErrors=duplicates(req), writeConcernError=wce)
 
     with pytest.raises(StoreError) as caught:
         done.result()

@@ -419,7 +419,7 @@ def test_sqlite_upgrade_from_version_3_keeps_runs(tmp_path: Path) -> None:
 
     # an upgraded file and a new one have the same version, tables and columns
     assert layout(path) == layout(tmp_path / "new.db")
-    assert layout(path)[0] == (str(SCHEMA_VERSION),) == ("5",)
+    assert layout(path)[0] == (str(SCHEMA_VERSION),) == ("6",)
 
 
 def test_sqlite_results_queries_use_the_primary_keys(tmp_path: Path) -> None:
