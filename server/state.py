@@ -525,14 +525,17 @@ class ShardState:
 
     def compaction_due(self) -> bool:
         """Is the durable log past its budget, so that a new base should be written? The budget
-        is replay time (`compact_replay_s`), and bytes: `COMPACT_LOG_FACTOR` bases' worth."""
+        is replay time (`compact_replay_s`) once the log holds `COMPACT_MIN_FACTOR` bases' worth
+        of bytes (so bases never cost more than half of what the log writes), and bytes alone at
+        `COMPACT_LOG_FACTOR` bases' worth."""
         if not self.since_base:
             return False
         logged = sum(n for _, n, _ in self.since_base)
+        base = self.state_nbytes
         return (
             self.replay_estimate_s() >= self.spec.replication.compact_replay_s
-            or logged >= COMPACT_LOG_FACTOR * self.state_nbytes
-        )
+            and logged >= COMPACT_MIN_FACTOR * base
+        ) or logged >= COMPACT_LOG_FACTOR * base
 
     def base_saved(self, version: int) -> None:
         """The store now holds a base at `version`: the entries up to it no longer count."""
@@ -609,8 +612,12 @@ class ShardState:
 # entry (opening, decoding) and its bytes at a conservative read rate.
 REPLAY_FIXED_S = 2e-4
 REPLAY_READ_BPS = 1e9
-# The log is compacted once it holds this many bases' worth of bytes, whatever the replay time.
+# The log is compacted once it holds this many bases' worth of bytes, whatever the replay time,
+# and not before it holds COMPACT_MIN_FACTOR bases' worth, whatever the replay budget: a base
+# then costs at most half of what the log writes (a 32M-parameter shard's 0.25 s of replay is
+# two entries, and writing its 270 MB base every two clocks doubled the bytes per clock).
 COMPACT_LOG_FACTOR = 8.0
+COMPACT_MIN_FACTOR = 2.0
 
 
 def _all_finite(a: np.ndarray) -> bool:

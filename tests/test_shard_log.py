@@ -380,8 +380,15 @@ def test_the_compaction_budget_counts_replay_time_of_durable_entries() -> None:
         push(state, 0)
     state.apply_s = 0.004  # as if each update took 4 ms to apply
     state.replicated(4, 0.0)
-    assert state.replay_estimate_s() >= 0.01 and state.compaction_due()
-    state.base_saved(4)
+    assert state.replay_estimate_s() >= 0.01
+    # ... but four entries are not yet two bases' worth of bytes: a base now would cost more
+    # than half of what the log writes.
+    assert 4 * N * 4 < 2 * state.state_nbytes and not state.compaction_due()
+    for _ in range(3):
+        push(state, 0)
+    state.replicated(7, 0.0)
+    assert 7 * N * 4 >= 2 * state.state_nbytes and state.compaction_due()
+    state.base_saved(7)
     assert not state.compaction_due() and state.replay_estimate_s() == 0
 
 
@@ -404,7 +411,7 @@ def test_the_compactor_writes_a_base_a_recovery_starts_from(tmp_path: Path, torn
     replicator.start()
     compactor.start()
     try:
-        for clock in range(6):
+        for clock in range(10):  # past two bases' worth of log (three arrays of N floats)
             with host.locked() as state:
                 push(state, 0)
                 host.notify_all()
