@@ -11,13 +11,12 @@ entry replayed through the same optimizer code, which gives the lost shard's sta
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from tether.server.state import REPLAY_FIXED_S, REPLAY_READ_BPS, ShardSpec, ShardState, Stats
+from tether.server.state import ShardSpec, ShardState, Stats
 from tether.store.base import ShardLog, StoreError
 from tether.wire import FLOAT
 
@@ -51,8 +50,6 @@ def from_replica(
 ) -> ShardState:
     """Rebuild a shard from a base at `epoch` (the inverse of to_replica)."""
     state = ShardState(spec, arrays["params"], epoch=epoch, restored_version=meta["version"])
-    if len(meta["clocks"]) != spec.num_workers:
-        raise ValueError("replicated state has a different number of workers")
     opt = {k[len("opt.") :]: v for k, v in arrays.items() if k.startswith("opt.")}
     opt.update({k: np.array(v, dtype=np.int64) for k, v in meta["optimizer_scalars"].items()})
     state.optimizer.load_state_arrays(opt)
@@ -76,26 +73,18 @@ def recover(
     else:
         state = ShardState(spec, initial(), epoch=epoch, restored_version=0)
     for entry in log.entries:
-        if entry.position != state.version + 1:
-            raise StoreError(
-                f"shard {spec.shard_id}: log entry {entry.position} does not follow version "
-                f"{state.version}"
-            )
-        state._apply(entry.arrays["grad"], log=False)
-        state.since_base.append((entry.position, entry.nbytes, 0.0))
+        state.replay(entry.position, entry.arrays["grad"])
     if log.entries:
         _restore_tables(state, log.entries[-1].meta)
-        state.version = state.durable_version = log.entries[-1].position
-    state.restored_version = state.version
+    state.durable_version = state.restored_version = state.version
     state.recovered = {
         "base_version": log.base_version,
         "entries": len(log.entries),
         "replay_s": time.perf_counter() - started,
     }
-    # The replay cost of the entries read, now that the optimizer's step time is measured.
-    per_entry = state.apply_s + REPLAY_FIXED_S
-    state.since_base = deque(
-        (p, n, per_entry + n / REPLAY_READ_BPS) for p, n, _ in state.since_base
+    # The log a compaction would now cover, costed with the step time the replay measured.
+    state.since_base.extend(
+        (e.position, e.nbytes, state.replay_cost_s(e.nbytes)) for e in log.entries
     )
     state.rebase_invariants()
     return state

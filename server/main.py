@@ -130,9 +130,7 @@ def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -
     return state
 
 
-def _restored(recovered: dict[str, Any] | None, version: int) -> str:
-    if recovered is None:
-        return f", restored version {version}"
+def _restored(recovered: dict[str, Any], version: int) -> str:
     return (
         f", restored version {version}: base {recovered['base_version']} and "
         f"{recovered['entries']} log entries (read {recovered.get('load_s', 0):.3f}s, replayed "
@@ -205,7 +203,7 @@ def serve(opts: ServerOptions) -> int:
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
         f"replication {spec.replication.mode}"
-        + (_restored(state.recovered, restored) if restored >= 0 else ", fresh state"),
+        + (", fresh state" if state.recovered is None else _restored(state.recovered, restored)),
         file=sys.stderr,
         flush=True,
     )

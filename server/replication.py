@@ -76,6 +76,7 @@ class _Adapter:
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """End the thread (a Replicator first flushes what is not durable yet)."""
         with self.host.locked():
             self._stopping = True
             self.host.notify_all()
@@ -106,10 +107,6 @@ class Replicator(_Adapter):
     """Appends the shard's log to the store (module docstring)."""
 
     name = "replicator"
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """Flush what is not durable yet, then end the thread."""
-        super().stop(timeout_s)
 
     def _loop(self) -> None:
         spec = self.host.state.spec

@@ -218,10 +218,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             view = self.segments.view(header.worker_id, request.segment, header.length)
             if view is not None:
                 self.segment_pushes += 1
-                spec = self.host.state.spec
-                # Kept past the acknowledgement, so copied: a BSP gradient held for its clock,
-                # or any gradient that becomes a log entry (the worker reuses its segment).
-                if spec.consistency.aggregates or spec.replication.mode != "off":
+                if self.host.state.keeps_gradients:  # the worker reuses its segment
                     view = view.copy()
             return view
 

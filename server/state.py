@@ -11,6 +11,7 @@ with no sockets and no database. The replica's encoding for the store is in ``co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections import deque
@@ -24,7 +25,7 @@ import numpy as np
 from tether.config import OptimizerConfig, ReplicationPolicy
 from tether.consistency import Consistency, blocking_workers, clock_gap, may_read
 from tether.server.optim import Optimizer
-from tether.store.base import LogEntry
+from tether.store.base import LogEntry, StoreError
 from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
 
 
@@ -373,6 +374,22 @@ class ShardState:
             if log:
                 self.unlogged.append(LogEntry(self.version, self.applied_tables, {"grad": grad}))
 
+    def replay(self, position: int, grad: np.ndarray) -> None:
+        """Redo a logged update (a recovery, `codec.recover`): applied as it was, not logged
+        again. Raises StoreError unless it is the update right after the current version."""
+        if position != self.version + 1:
+            raise StoreError(
+                f"shard {self.spec.shard_id}: log entry {position} does not follow version "
+                f"{self.version}"
+            )
+        self._apply(grad, log=False)
+
+    @property
+    def keeps_gradients(self) -> bool:
+        """Whether a pushed gradient outlives its push: held for a BSP clock, or kept as a log
+        entry. An adapter that hands push() a view of memory the worker reuses copies it then."""
+        return self.spec.consistency.aggregates or self.spec.replication.mode != "off"
+
     def tables(self) -> dict[str, Any]:
         """The small tables as they stand (JSON): what a log entry or base records besides its
         arrays, and what a recovery restores from the last one it replays."""
@@ -496,11 +513,9 @@ class ShardState:
         if position <= self.durable_version:
             return
         self.durable_version = position
-        per_entry_s = self.apply_s + REPLAY_FIXED_S
         while self.unlogged and self.unlogged[0].position <= position:
             entry = self.unlogged.pop(0)
-            cost = per_entry_s + entry.nbytes / REPLAY_READ_BPS
-            self.since_base.append((entry.position, entry.nbytes, cost))
+            self.since_base.append((entry.position, entry.nbytes, self.replay_cost_s(entry.nbytes)))
         self.stats.replications += 1
         if self.dirty_since is not None:
             lag = now - self.dirty_since
@@ -512,12 +527,17 @@ class ShardState:
 
     # -- compaction (DESIGN §5) --------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def state_nbytes(self) -> int:
-        """Bytes of a base: parameters, previous parameters and per-element optimizer state."""
+        """Bytes of a base: parameters, previous parameters and per-element optimizer state
+        (fixed for a shard: the shapes never change)."""
         arrays = self.optimizer.state_arrays().values()
         n = self.params.nbytes + sum(a.nbytes for a in arrays if a.ndim == 1 and a.size > 1)
         return n + (0 if self.prev_params is None else self.prev_params.nbytes)
+
+    def replay_cost_s(self, nbytes: int) -> float:
+        """Estimated seconds a recovery spends replaying one entry of `nbytes`."""
+        return self.apply_s + REPLAY_FIXED_S + nbytes / REPLAY_READ_BPS
 
     def replay_estimate_s(self) -> float:
         """Seconds a recovery would spend replaying the durable log after the base."""

@@ -106,7 +106,15 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
             armed.clear()
             store.crash_at = None
 
-        yield open_, crash, disarm, SQLITE_POINTS
+        def stored(store: Any) -> tuple[list[int], list[int]]:
+            """(versions of the bases, positions of the entries) of shard 0 of RUN on disk."""
+            folder = store.state_dir / RUN / "0"
+            names = [p.name for p in folder.glob("*.bin")]
+            bases = [int(n.split("-")[1]) for n in names if n.startswith("base-")]
+            logs = [int(n.split("-")[1]) for n in names if n.startswith("log-")]
+            return sorted(bases), sorted(logs)
+
+        yield open_, crash, disarm, SQLITE_POINTS, stored
         for h in handles:
             h.close()
         return
@@ -130,7 +138,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
     def crash_mongo(_store: Any, point: str) -> None:
         faults.fail(point, "auto_reconnect")
 
-    yield open_mongo, crash_mongo, lambda _store: faults.clear(), MONGO_POINTS
+    def stored_mongo(store: Any) -> tuple[list[int], list[int]]:
+        shard = {"run_id": RUN, "shard_id": 0}
+        bases = {d["version"] for d in store._chunks.find(shard | {"kind": "base"})}
+        return sorted(bases), sorted(d["position"] for d in store._log.find(shard))
+
+    yield open_mongo, crash_mongo, lambda _store: faults.clear(), MONGO_POINTS, stored_mongo
 
 
 def spec_of(mode: Mode, replication: str = "sync", workers: int = 2, **policy: Any) -> ShardSpec:
@@ -242,7 +255,7 @@ def test_a_zombie_append_is_fenced_and_never_read(backend) -> None:
 
 
 def test_compaction_keeps_what_a_reader_of_the_previous_head_needs(backend) -> None:
-    open_, *_ = backend
+    open_, *_, stored = backend
     store = open_()
     store.create_run(RUN, {})
     store.claim_shard(RUN, 0, 1)
@@ -258,11 +271,11 @@ def test_compaction_keeps_what_a_reader_of_the_previous_head_needs(backend) -> N
         store.save_shard_state(base(position))
         after = store.load_shard_log(RUN, 0)
         assert after.base.version == position and after.entries == []
-        # The previous head's base and entries are all still there.
-        assert store.load_shard_state(RUN, 0).version == position
-        if round_ > 1:
-            assert before.base is not None and before.base.version == position - 2
-    # Nothing older than the previous base is kept: the store stays bounded.
+        # What a reader of the previous head needs is all still stored -- its base and the
+        # entries after it -- and nothing older: the store stays bounded.
+        assert before.base_version == position - 2 and before.last == position
+        kept_bases = [position - 2, position] if round_ > 1 else [position]
+        assert stored(store) == (kept_bases, [position - 1, position])
     heads = store.shard_heads(RUN)[0]
     assert heads["version"] == position and heads["log_entries"] == 0
 
@@ -449,7 +462,7 @@ def test_recovery_equals_the_live_state_whatever_happened(backend, mode, ops) ->
     """The live shard is the model: after every crash (of the shard, or of a write at any of
     its steps) a recovery must be bit-identical to the live shard at the recovered version,
     which is never below what the store acknowledged. A zombie's writes change nothing."""
-    open_, arm, disarm, points = backend
+    open_, arm, disarm, points, _ = backend
     store = open_()
     run = f"{RUN}-{time.monotonic_ns()}"  # one store for every example: a run each
     store.create_run(run, {})

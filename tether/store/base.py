@@ -65,6 +65,7 @@ it, its next read raises :class:`StoreError`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -281,8 +282,11 @@ class ShardLog:
         return self.entries[-1].position if self.entries else self.base_version
 
 
-def check_log_entries(run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]) -> None:
-    """Raise ValueError for a batch that is empty, not contiguous, or not plain 1-D arrays."""
+def check_log_entries(
+    run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]
+) -> dict[int, str]:
+    """Each entry's meta as JSON text, by position, checked before anything is written: raise
+    ValueError for a batch that is empty, not contiguous, not JSON or not plain 1-D arrays."""
     if not isinstance(run_id, str) or not run_id:
         raise ValueError(f"run_id must be a non-empty string; got {run_id!r}")
     check_member_id(shard_id)
@@ -293,6 +297,7 @@ def check_log_entries(run_id: str, shard_id: int, epoch: int, entries: Sequence[
     first = entries[0].position
     if isinstance(first, bool) or not isinstance(first, int) or first < 1:
         raise ValueError(f"log positions start at 1; got {first!r}")
+    texts = {}
     for i, e in enumerate(entries):
         if not isinstance(e, LogEntry):
             raise TypeError(f"expected LogEntry; got {type(e).__name__}")
@@ -304,6 +309,13 @@ def check_log_entries(run_id: str, shard_id: int, epoch: int, entries: Sequence[
         if not isinstance(e.meta, dict):
             raise TypeError(f"log entry meta must be a dict; got {type(e.meta).__name__}")
         state_layout(ShardSnapshot(run_id, shard_id, epoch, e.position, e.meta, e.arrays), 1)
+        try:
+            texts[e.position] = json.dumps(e.meta)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"log entry {e.position}'s meta is not JSON-serializable: {err}"
+            ) from err
+    return texts
 
 
 def log_order_error(run_id: str, shard_id: int, first: int, head_last: int) -> StoreError:

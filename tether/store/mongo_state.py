@@ -194,8 +194,7 @@ class MongoShardState:
     def append_shard_log(
         self, run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]
     ) -> None:
-        check_log_entries(run_id, shard_id, epoch, entries)
-        metas = [json.dumps(json_doc(e.meta, "log entry meta")) for e in entries]
+        metas = check_log_entries(run_id, shard_id, epoch, entries)
         key = doc_id(run_id, shard_id)
         first, last = entries[0].position, entries[-1].position
         shard = {"run_id": run_id, "shard_id": shard_id}
@@ -207,25 +206,24 @@ class MongoShardState:
                 self._require_run(run_id)
             owner = None if head is None else head["owner_epoch"]
             head_last = 0 if head is None else head.get("last", 0)
-            prev_epoch = None if head is None else head.get("last_epoch")
             if refusal := append_refusal(run_id, shard_id, epoch, first, owner, head_last):
-                raise refusal
-            done = [e for e in entries if e.position <= head_last]
-            if done:  # a retry: skip what this epoch already appended
+                raise refusal  # an unclaimed shard (no head) is refused here too
+            assert head is not None
+            head_epoch = head.get("last_epoch")
+            todo = [e for e in entries if e.position > head_last]
+            if len(todo) < len(entries):  # a retry: skip what this epoch already appended
+                repeated = {"$gte": first, "$lte": min(last, head_last)}
                 stored = self._log_primary.count_documents(
-                    shard | {"epoch": epoch, "position": {"$gte": first, "$lte": done[-1].position}}
+                    shard | {"epoch": epoch, "position": repeated}
                 )
-                if stored != len(done):
+                if stored != len(entries) - len(todo):
                     raise log_order_error(run_id, shard_id, first, head_last)
-                entries = [e for e in entries if e.position > head_last]
-                metas = metas[len(done) :]
-                if not entries:
+                if not todo:
                     return
-                first = entries[0].position
-                prev_epoch = epoch
+            prev_epoch = head_epoch
             self._fault("before_chunks")
             docs = []
-            for e, meta in zip(entries, metas, strict=True):
+            for e in todo:
                 save_id = f"log-{e.position}-e{epoch}"
                 snap = ShardSnapshot(run_id, shard_id, epoch, e.position, e.meta, e.arrays)
                 batch = [
@@ -239,7 +237,7 @@ class MongoShardState:
                 docs.append(
                     shard | {"_id": doc_id(run_id, shard_id, e.position, epoch),
                              "position": e.position, "epoch": epoch, "prev_epoch": prev_epoch,
-                             "save_id": save_id, "meta": meta, "nbytes": e.nbytes,
+                             "save_id": save_id, "meta": metas[e.position], "nbytes": e.nbytes,
                              "layout": state_layout(snap, self.chunk_bytes)}
                 )  # fmt: skip
                 prev_epoch = epoch
@@ -253,7 +251,7 @@ class MongoShardState:
                     "_id": key,
                     "owner_epoch": epoch,
                     "last": head_last,
-                    "last_epoch": None if head is None else head.get("last_epoch"),
+                    "last_epoch": head_epoch,
                 },
                 {"$set": {"last": last, "last_epoch": epoch}},
                 projection={"_id": 1},
@@ -265,7 +263,9 @@ class MongoShardState:
                 now_last = 0 if now is None else now.get("last", 0)
                 if owner == epoch and now_last >= last:
                     return  # applied by an earlier try of this same append
-                if refusal := append_refusal(run_id, shard_id, epoch, first, owner, now_last):
+                if refusal := append_refusal(
+                    run_id, shard_id, epoch, todo[0].position, owner, now_last
+                ):
                     raise refusal
                 raise StoreUnavailable(f"store {self._where}: the head of shard {shard_id} moved")
 

@@ -168,7 +168,7 @@ class SQLiteShardState:
     def append_shard_log(
         self, run_id: str, shard_id: int, epoch: int, entries: Sequence[LogEntry]
     ) -> None:
-        check_log_entries(run_id, shard_id, epoch, entries)
+        metas = check_log_entries(run_id, shard_id, epoch, entries)
         key = (run_id, shard_id)
         with self._tx(write=False) as conn:
             owner, head_last = self._log_head(conn, run_id, shard_id)
@@ -195,7 +195,7 @@ class SQLiteShardState:
                 "INSERT INTO shard_log (run_id, shard_id, position, epoch, layout, meta, nbytes) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (*key, e.position, epoch, json.dumps(lay), json.dumps(e.meta), lay["nbytes"])
+                    (*key, e.position, epoch, json.dumps(lay), metas[e.position], lay["nbytes"])
                     for e, lay in zip(todo_now, layouts[skip:], strict=True)
                 ),
             )
