@@ -409,10 +409,13 @@ def test_the_compaction_budget_counts_replay_time_of_durable_entries() -> None:
 
 
 @pytest.mark.parametrize("torn", [False, True])
-def test_the_compactor_writes_a_base_a_recovery_starts_from(tmp_path: Path, torn: bool) -> None:
+def test_the_compactor_writes_a_base_a_recovery_starts_from(
+    tmp_path: Path, torn: bool, request: pytest.FixtureRequest
+) -> None:
     """A base comes from a copy taken outside the lock or, when updates keep tearing the copy,
     from a replay of the store's log; either way a recovery from it equals the live shard."""
     store = SQLiteStore(tmp_path / "t.db")
+    request.addfinalizer(store.close)
     store.create_run(RUN, {})
     store.claim_shard(RUN, 0, 1)
     host = ShardHost(ShardState(spec_of(Mode.ASP, compact_replay_s=1e-6), initial()))
