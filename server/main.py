@@ -4,8 +4,11 @@ It reads the run's config from the store, registers its address and epoch, start
 (from its own thread and store connection, so that neither building or loading a large state nor
 the replicator's writes delay a beat), builds or loads its slice of the parameters, serves gRPC on
 the address it was given (port 0 picks a free port) with the standard health service that the
-launcher's liveness probe asks, and stops gracefully on SIGTERM/SIGINT. A shard that learns from the
-store that a newer epoch replaced it stops serving and exits (fencing, DESIGN §5).
+launcher's liveness probe asks, and stops gracefully on SIGTERM/SIGINT or once the store marks the
+run finished (then it exits 0: how a scheduler's job ends, DESIGN §12). It waits for a run that
+does not exist yet, and publishes `--advertise` when the address it listens on cannot be dialled.
+A shard that learns from the store that a newer epoch replaced it stops serving and exits
+(fencing, DESIGN §5).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.heartbeat import Heartbeat
+from tether.member.join import DEFAULT_RUN_WAIT_S, advertised_address, wait_for_run
 from tether.proto import ps_pb2_grpc
 from tether.server.codec import recover
 from tether.server.host import ShardHost
@@ -110,7 +114,9 @@ class ServerOptions:
     run_id: str
     shard_id: int
     listen: str = "127.0.0.1:0"
+    advertise: str | None = None  # HOST[:PORT] others dial, when --listen names no such host
     heartbeat_s: float = 0.5
+    run_wait_s: float = DEFAULT_RUN_WAIT_S  # how long to wait for the run to be created
 
 
 def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
@@ -141,22 +147,31 @@ def _restored(recovered: dict[str, Any], version: int) -> str:
 def serve(opts: ServerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
-    config = RunConfig.from_dict(store.get_run(opts.run_id).config)
+    record = wait_for_run(store, opts.run_id, opts.run_wait_s)
+    config = RunConfig.from_dict(record.config)
     spec = shard_spec(config, opts.shard_id)
+    if record.finished:  # started again after the end (a scheduler's late retry): nothing to do
+        print(f"tether server: run {opts.run_id} has finished", file=sys.stderr)
+        store.close()
+        return 0
     # Signals first: a stop requested while the state is still loading is honoured, not fatal.
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     server, port = create_server(opts.listen, max_workers=pool_size(config.workers))
-    host = opts.listen.rsplit(":", 1)[0] or "127.0.0.1"
-    address = f"{host}:{port}"
+    address = advertised_address(opts.listen, port, opts.advertise)
     epoch = store.register(
         opts.run_id, "server", opts.shard_id, address=address, pid=os.getpid(),
         host=socket.gethostname(),
     )  # fmt: skip
     fenced: list[Fenced] = []
     failed: list[BaseException] = []
+    finished = threading.Event()  # the store marks the run finished: stop, and exit 0
     serving: list[ShardServicer] = []  # the servicer, once the state is loaded and served
+
+    def on_run_finished() -> None:
+        finished.set()
+        stop.set()
 
     def on_fenced(e: Fenced) -> None:
         # A replacement registered a newer epoch: this shard is a zombie (DESIGN §5).
@@ -171,6 +186,7 @@ def serve(opts: ServerOptions) -> int:
     beat = Heartbeat(
         opts.store_uri, opts.run_id, "server", opts.shard_id, epoch,
         interval_s=opts.heartbeat_s, info=beat_info, on_fenced=on_fenced,
+        on_run_finished=on_run_finished,
     ).start()  # fmt: skip
     state = load_or_init(store, config, spec, epoch)
     restored = state.restored_version
@@ -229,5 +245,7 @@ def serve(opts: ServerOptions) -> int:
         store.set_member_state(opts.run_id, "server", opts.shard_id, epoch, "failed")
     else:
         store.set_member_state(opts.run_id, "server", opts.shard_id, epoch, "exited")
+        if finished.is_set():
+            print(f"tether server: run {opts.run_id} has finished", file=sys.stderr)
     store.close()
     return 1 if fenced or failed else 0

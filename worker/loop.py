@@ -32,6 +32,7 @@ from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.health import serve_health
 from tether.member.heartbeat import Heartbeat, peak_rss_bytes
+from tether.member.join import DEFAULT_RUN_WAIT_S, advertised_address, wait_for_run
 from tether.proto import ps_pb2
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
@@ -89,7 +90,9 @@ class WorkerOptions:
     run_id: str
     worker_id: int
     heartbeat_s: float = 0.5
-    probe_host: str = "127.0.0.1"  # where the liveness endpoint listens (port chosen freely)
+    listen: str = "127.0.0.1:0"  # where the liveness endpoint listens (port 0: a free one)
+    advertise: str | None = None  # HOST[:PORT] the driver's probes dial, if not the listen host
+    run_wait_s: float = DEFAULT_RUN_WAIT_S  # how long to wait for the run to be created
     # shard id -> "host:port" to dial instead of the shard's registered address: a fault proxy
     # in front of this worker's link to that shard (DESIGN §7). The store still names the shard
     # and its epoch; only the dialled address changes.
@@ -112,6 +115,7 @@ class Worker:
         self.delay_s = config.stragglers.get(self.wid, 0) / 1000
         self.rng = random.Random(config.seed * 1_000_003 + self.wid)  # retry jitter only
         self.stop = threading.Event()
+        self.run_finished = threading.Event()  # the store marks the run finished: stop, exit 0
         # Transient UNAVAILABLE is retried briefly; longer outages go through re-resolution.
         self.policy = RetryPolicy(attempts=3, initial_s=0.02, max_s=0.1)
         self.shards = ResolvedShards(store, config, opts.routes, self.policy, self.rng)
@@ -342,10 +346,14 @@ class Worker:
         def on_fenced(_: Fenced) -> None:
             self.stop.set()  # a newer incarnation of this worker took over
 
+        def on_run_finished() -> None:
+            self.run_finished.set()
+            self.stop.set()
+
         return Heartbeat(
             self.opts.store_uri, self.config.run_id, "worker", self.wid, self.epoch,
             interval_s=self.opts.heartbeat_s, after_beat=self.shards.close_replaced,
-            on_fenced=on_fenced,
+            on_fenced=on_fenced, on_run_finished=on_run_finished,
         ).start()  # fmt: skip
 
     def flush_metrics(self) -> None:
@@ -394,7 +402,12 @@ class Worker:
 def run_worker(opts: WorkerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
-    config = RunConfig.from_dict(store.get_run(opts.run_id).config)
+    record = wait_for_run(store, opts.run_id, opts.run_wait_s)
+    config = RunConfig.from_dict(record.config)
+    if record.finished:  # started again after the end (a scheduler's late retry): nothing to do
+        print(f"tether worker: run {opts.run_id} has finished", file=sys.stderr)
+        store.close()
+        return 0
     if config.device == "gpu":
         # GPU scatter-adds may use atomics whose order varies; BSP promises bit-for-bit results.
         # Read by XLA when the backend starts, which is after import and before the first use.
@@ -405,7 +418,8 @@ def run_worker(opts: WorkerOptions) -> int:
         signal.signal(sig, lambda *_: worker.stop.set())
     # The worker's address in the store is its health endpoint: what the launcher's liveness
     # probe asks when the heartbeats fall silent (a frozen process cannot answer it).
-    health_server, health_address = serve_health(opts.probe_host)
+    health_server, health_port = serve_health(opts.listen)
+    health_address = advertised_address(opts.listen, health_port, opts.advertise)
     worker.epoch = store.register(
         opts.run_id,
         "worker",
@@ -438,23 +452,45 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
             {"clock": worker.clock, "resumed_at": time.time()},
         )  # fmt: skip
         worker.run()
-    except grpc.RpcError as e:
+    except (grpc.RpcError, WorkerFailed) as e:
+        if worker.run_finished.is_set():  # the shards ended with the run: nothing is missing
+            print(f"tether worker: run {opts.run_id} has finished", file=sys.stderr)
+            return 0
         store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "failed")
+        if isinstance(e, WorkerFailed):
+            print(f"tether worker: {e}", file=sys.stderr)
+            return 1
         print(
             f"tether worker: worker {opts.worker_id} failed at clock {worker.clock}: "
             f"{e.code().name}: {e.details()}",
             file=sys.stderr,
         )
         return 1
-    except WorkerFailed as e:
-        store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "failed")
-        print(f"tether worker: {e}", file=sys.stderr)
-        return 1
     try:
+        # The last clock first: a driverless run's last worker reads it to know all are done.
+        store.heartbeat(
+            opts.run_id, "worker", opts.worker_id, worker.epoch, {"clock": worker.clock}
+        )
         store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "exited")
     except Fenced:
         pass  # a newer incarnation of this worker owns the record now
-    store.close()
-    # Stopped before its last step (SIGTERM, or replaced): not a success, so a supervisor that
-    # sees the exit restarts it instead of taking the worker for finished.
-    return 0 if worker.clock >= config.steps else EXIT_STOPPED
+    if worker.run_finished.is_set():
+        store.close()
+        print(f"tether worker: run {opts.run_id} has finished", file=sys.stderr)
+        return 0
+    if worker.clock < config.steps:
+        # Stopped before its last step (SIGTERM, or replaced): not a success, so a supervisor
+        # that sees the exit restarts it instead of taking the worker for finished.
+        store.close()
+        return EXIT_STOPPED
+    # A run without a driver (`tether run create`) is concluded by its last worker (DESIGN §12).
+    from tether.driver.conclude import RunFailed, conclude_if_last
+
+    try:
+        conclude_if_last(store, opts.store_uri, config)
+    except RunFailed as e:  # exit 1: the scheduler's retry of this worker tries again
+        print(f"tether worker: could not conclude run {opts.run_id}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0

@@ -1,12 +1,19 @@
-"""What every `tether` command shares: the argument parser class, usage errors, JSON output."""
+"""What every `tether` command shares: the argument parser class, usage errors, JSON output,
+and the store and member options every member reads from flags or the environment."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 from tether.exitcodes import EXIT_USAGE
+
+# Where a member's id comes from when no flag gives it, in this order (DESIGN §12): Tether's own
+# variable, then what a Kubernetes Indexed Job and a Slurm step set.
+MEMBER_ID_VARIABLES = ("TETHER_MEMBER_ID", "JOB_COMPLETION_INDEX", "SLURM_PROCID")
 
 
 class UsageError(Exception):
@@ -18,9 +25,70 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
-def add_store_run(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--store", required=required, help="store URI, e.g. sqlite:///runs/x/tether.db")
-    p.add_argument("--run", required=required, help="run id")
+def add_store_run(p: argparse.ArgumentParser, required: bool = True, run: bool = True) -> None:
+    """`--store`, `--store-db` and `--run`, each defaulting to its environment variable
+    (`TETHER_STORE`, `TETHER_STORE_DB`, `TETHER_RUN`), so a scheduler can set them once."""
+    env = os.environ
+    p.add_argument(
+        "--store",
+        default=env.get("TETHER_STORE"),
+        required=required and not env.get("TETHER_STORE"),
+        help="store URI, e.g. sqlite:///runs/x/tether.db or mongodb://h1,h2/?replicaSet=rs "
+        "(env TETHER_STORE)",
+    )
+    p.add_argument(
+        "--store-db",
+        default=env.get("TETHER_STORE_DB") or None,
+        metavar="NAME",
+        help="MongoDB database for Tether's data when the URI's path is the authentication "
+        "database, as in the /admin URIs that operators hand out (env TETHER_STORE_DB; the URI "
+        "option tetherDb=NAME does the same; default: the URI's path, else tether)",
+    )
+    if run:
+        p.add_argument(
+            "--run",
+            default=env.get("TETHER_RUN"),
+            required=required and not env.get("TETHER_RUN"),
+            help="run id (env TETHER_RUN)",
+        )
+
+
+def store_uri(args: argparse.Namespace) -> str | None:
+    """The store URI the command was given, with `--store-db` folded into it (the URI is what
+    members pass on, so the database travels with it)."""
+    uri: str | None = args.store
+    name: str | None = getattr(args, "store_db", None)
+    if uri is None or not name:
+        return uri
+    if not uri.lower().startswith(("mongodb://", "mongodb+srv://")):
+        raise UsageError("--store-db names a MongoDB database; this store is not MongoDB")
+    from tether.store.mongo_uri import with_database
+
+    try:
+        return with_database(uri, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def required_store_uri(args: argparse.Namespace) -> str:
+    uri = store_uri(args)
+    if not uri:
+        raise UsageError("give --store URI or set TETHER_STORE")
+    return uri
+
+
+def member_id(flag: int | None, flag_name: str, env: Mapping[str, str] = os.environ) -> int:
+    """The member's id: the flag, else the first of `MEMBER_ID_VARIABLES` that is set."""
+    if flag is not None:
+        return flag
+    for name in MEMBER_ID_VARIABLES:
+        text = env.get(name, "").strip()
+        if not text:
+            continue
+        if not text.isdigit():
+            raise UsageError(f"{name}={text!r} is not a member id (a non-negative integer)")
+        return int(text)
+    raise UsageError(f"give {flag_name} N, or set one of {', '.join(MEMBER_ID_VARIABLES)}")
 
 
 def emit_json(obj: dict[str, Any]) -> None:

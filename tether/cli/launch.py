@@ -6,10 +6,15 @@ import argparse
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.cli.common import UsageError, emit_json
 from tether.exitcodes import EXIT_FAILED, EXIT_OK
+
+if TYPE_CHECKING:
+    from tether.config import RunConfig
+
+ENGINES = ("local", "ray", "slurm")
 
 
 def add_parser(sub: Any) -> None:
@@ -20,69 +25,6 @@ def add_parser(sub: Any) -> None:
         "and a summary. With no options: a small MLP on the bundled digits data set, "
         "2 shards, 2 workers, BSP.",
     )
-    launch.add_argument("--shards", type=int, default=2, help="parameter-server shards (2)")
-    launch.add_argument("--workers", type=int, default=2, help="JAX worker processes (2)")
-    launch.add_argument(
-        "--mode",
-        choices=("bsp", "ssp", "asp"),
-        default="bsp",
-        help="consistency: bsp (strong), ssp (bounded staleness), asp (eventual)",
-    )
-    launch.add_argument(
-        "--staleness",
-        type=int,
-        default=None,
-        help="SSP bound s: a worker may be at most s clocks ahead (ssp only)",
-    )
-    launch.add_argument(
-        "--task",
-        default=None,
-        help="your task: path/to/file.py:NAME or package.module:NAME, a tether.Task "
-        "(instance, class or factory); replaces --model and --dataset",
-    )
-    launch.add_argument("--model", default="mlp:64", help="logreg | mlp | mlp:H1xH2... (mlp:64)")
-    launch.add_argument(
-        "--dataset",
-        default="digits",
-        help="digits (bundled) | synthetic[:FEATURES[:SAMPLES]] (digits)",
-    )
-    launch.add_argument("--steps", type=int, default=200, help="iterations per worker (200)")
-    launch.add_argument("--batch-size", type=int, default=32, help="mini-batch per worker (32)")
-    launch.add_argument(
-        "--optimizer",
-        default="adam",
-        metavar="NAME",
-        help="server-side optimizer: an optax alias by name (sgd, adam, adamw, rmsprop, adagrad, "
-        "lion, adabelief, nadam, radam, ...) or momentum (sgd with momentum 0.9). Each shard "
-        "applies it elementwise to its own slice of the parameters, which keeps the result bit "
-        "for bit the same for any number of shards; so transformations that reduce over the "
-        "whole vector (global-norm clipping, lamb, lars, novograd, ...) are refused (adam)",
-    )
-    launch.add_argument(
-        "--opt",
-        action="append",
-        default=[],
-        metavar="K=V",
-        help="keyword argument of the optimizer, a Python literal or a bare string, e.g. "
-        "--opt weight_decay=0.01 --opt nesterov=True (repeatable)",
-    )
-    launch.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="learning rate, the schedule's initial or peak value (0.1 for sgd and momentum, "
-        "0.01 for the others)",
-    )
-    launch.add_argument(
-        "--schedule",
-        default="constant",
-        metavar="SPEC",
-        help="learning-rate schedule: constant | linear[:end=X] | cosine[:alpha=A] | "
-        "warmup_cosine:warmup=N[,end=X] | exponential:rate=R[,transition=N]; decay=N sets the "
-        "horizon in optimizer updates, by default the run's (steps for bsp, steps x workers "
-        "otherwise) (constant)",
-    )
-    launch.add_argument("--seed", type=int, default=0, help="seed of every random source (0)")
     launch.add_argument(
         "--store", default=None, help="store URI (default sqlite:///<run-dir>/tether.db)"
     )
@@ -94,39 +36,121 @@ def add_parser(sub: Any) -> None:
         help="write the final parameters to this .npz (flat vector `params`)",
     )
     launch.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="what starts the members: local (child processes of this one), ray (actors on a "
+        "Ray cluster), slurm (job steps of the Slurm allocation this runs in) (local)",
+    )
+    launch.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster to join (ray://HOST:10001 or HOST:6379; default: RAY_ADDRESS, "
+        "else the cluster of this machine, else a new local one)",
+    )
+    add_run_flags(launch)
+    launch.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that make a run's config: `tether launch` and `tether run create` share them."""
+    p.add_argument("--shards", type=int, default=2, help="parameter-server shards (2)")
+    p.add_argument("--workers", type=int, default=2, help="JAX worker processes (2)")
+    p.add_argument(
+        "--mode",
+        choices=("bsp", "ssp", "asp"),
+        default="bsp",
+        help="consistency: bsp (strong), ssp (bounded staleness), asp (eventual)",
+    )
+    p.add_argument(
+        "--staleness",
+        type=int,
+        default=None,
+        help="SSP bound s: a worker may be at most s clocks ahead (ssp only)",
+    )
+    p.add_argument(
+        "--task",
+        default=None,
+        help="your task: path/to/file.py:NAME or package.module:NAME, a tether.Task "
+        "(instance, class or factory); replaces --model and --dataset",
+    )
+    p.add_argument("--model", default="mlp:64", help="logreg | mlp | mlp:H1xH2... (mlp:64)")
+    p.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits (bundled) | synthetic[:FEATURES[:SAMPLES]] (digits)",
+    )
+    p.add_argument("--steps", type=int, default=200, help="iterations per worker (200)")
+    p.add_argument("--batch-size", type=int, default=32, help="mini-batch per worker (32)")
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        metavar="NAME",
+        help="server-side optimizer: an optax alias by name (sgd, adam, adamw, rmsprop, adagrad, "
+        "lion, adabelief, nadam, radam, ...) or momentum (sgd with momentum 0.9). Each shard "
+        "applies it elementwise to its own slice of the parameters, which keeps the result bit "
+        "for bit the same for any number of shards; so transformations that reduce over the "
+        "whole vector (global-norm clipping, lamb, lars, novograd, ...) are refused (adam)",
+    )
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="K=V",
+        help="keyword argument of the optimizer, a Python literal or a bare string, e.g. "
+        "--opt weight_decay=0.01 --opt nesterov=True (repeatable)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate, the schedule's initial or peak value (0.1 for sgd and momentum, "
+        "0.01 for the others)",
+    )
+    p.add_argument(
+        "--schedule",
+        default="constant",
+        metavar="SPEC",
+        help="learning-rate schedule: constant | linear[:end=X] | cosine[:alpha=A] | "
+        "warmup_cosine:warmup=N[,end=X] | exponential:rate=R[,transition=N]; decay=N sets the "
+        "horizon in optimizer updates, by default the run's (steps for bsp, steps x workers "
+        "otherwise) (constant)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of every random source (0)")
+    p.add_argument(
         "--straggler",
         action="append",
         default=[],
         metavar="ID:MS",
         help="delay worker ID by MS milliseconds per step (repeatable)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--device",
         choices=("cpu", "gpu", "tpu"),
         default="cpu",
         help="JAX device of the workers (cpu)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--wait-timeout",
         type=float,
         default=60.0,
         help="deadline in seconds of any wait for slower workers (60)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--replication",
         choices=("sync", "async", "off"),
         default=None,
         help="shard state to the store: sync (acknowledge only durable updates; default for "
         "bsp), async (in the background; default for ssp/asp), off (no recovery)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--replicate-every",
         type=int,
         default=50,
         metavar="K",
         help="async: replicate at least every K applied updates (50)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--replicate-interval-ms",
         type=float,
         default=100.0,
@@ -134,7 +158,7 @@ def add_parser(sub: Any) -> None:
         help="async: replicate at most T ms after a change (100); an acknowledgement waits "
         "only when the log is K updates behind",
     )
-    launch.add_argument(
+    p.add_argument(
         "--compaction-budget-ms",
         type=float,
         default=250.0,
@@ -142,14 +166,14 @@ def add_parser(sub: Any) -> None:
         help="write a new base state once replaying the log after the last one would take MS "
         "(250): the replay part of a shard's recovery time",
     )
-    launch.add_argument(
+    p.add_argument(
         "--max-restarts",
         type=int,
         default=3,
         metavar="N",
         help="restarts per member before the run fails (3)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--lease",
         type=float,
         default=5.0,
@@ -157,37 +181,38 @@ def add_parser(sub: Any) -> None:
         help="heartbeat silence after which a serving member is probed (5; it adapts upwards to "
         "the intervals observed)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--probe-timeout",
         type=float,
         default=10.0,
         metavar="S",
         help="a suspect member is killed only after its liveness probes failed this long (10)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--startup-timeout",
         type=float,
         default=120.0,
         metavar="S",
         help="deadline from starting a member to its serving (120)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--overlap",
         action="store_true",
         help="ssp/asp: push clock c while c+1 is pulled and computed (more updates per second, "
         "about two versions more staleness per gradient; bsp never overlaps)",
     )
-    launch.add_argument(
+    p.add_argument(
         "--no-shared-memory",
         dest="shared_memory",
         action="store_false",
         help="stream parameters and gradients through gRPC even between processes of one "
         "machine (by default they go through a /dev/shm segment there)",
     )
-    launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> RunConfig:
+    """The run's config from the flags of `add_run_flags`, resolved and checked (a new run id
+    unless one is given)."""
     from tether.config import (
         RunConfig,
         default_lr,
@@ -198,8 +223,6 @@ def run(args: argparse.Namespace) -> int:
     )
     from tether.consistency import check_staleness
     from tether.driver.api import prepare
-    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
-    from tether.store import StoreError, default_store_uri
 
     lr = args.lr if args.lr is not None else default_lr(args.optimizer)
     opt_args: dict[str, Any] = {}
@@ -212,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     if staleness is None:
         check_staleness(args.mode, None)  # the rest of the check runs as RunConfig is built
     config = RunConfig(
-        run_id=new_run_id(),
+        run_id=run_id or new_run_id(),
         shards=args.shards,
         workers=args.workers,
         mode=args.mode,
@@ -241,7 +264,14 @@ def run(args: argparse.Namespace) -> int:
         overlap=args.overlap,
         shared_memory=args.shared_memory,
     )
-    config = prepare(config)  # resolved, and the optimizer refused here if not elementwise
+    return prepare(config)  # resolved, and the optimizer refused here if not elementwise
+
+
+def run(args: argparse.Namespace) -> int:
+    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
+    from tether.store import StoreError, default_store_uri
+
+    config = config_from_args(args)
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
     store_uri = args.store or default_store_uri(run_dir)
     opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)

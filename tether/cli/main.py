@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 
 from tether.chaos import cli as chaos
-from tether.cli import bench, data, launch, members, mongo, status
+from tether.cli import bench, data, launch, members, mongo, runs, status
 from tether.cli.common import Parser, UsageError
 from tether.consistency.experiments import cli as experiment
 from tether.exitcodes import EXIT_USAGE
@@ -22,6 +22,7 @@ from tether.exitcodes import EXIT_USAGE
 # command -> the module that adds its parser (`add_parser(subparsers)`) and runs it (`run(args)`)
 COMMANDS: dict[str, ModuleType] = {
     "launch": launch,
+    "run": runs,
     "server": members,
     "worker": members,
     "status": status,

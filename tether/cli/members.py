@@ -6,22 +6,66 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tether.cli.common import UsageError, add_store_run
+from tether.cli.common import (
+    MEMBER_ID_VARIABLES,
+    UsageError,
+    add_store_run,
+    member_id,
+    required_store_uri,
+)
+from tether.member.join import DEFAULT_RUN_WAIT_S
+
+_ID_FROM_ENV = f"; without it, from {', '.join(MEMBER_ID_VARIABLES)} (the first one set)"
+
+
+def _add_member_options(p: Any, what: str) -> None:
+    add_store_run(p)
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        help=f"HOST:PORT to serve {what} on; port 0 picks a free one, 0.0.0.0 every interface "
+        "(127.0.0.1:0)",
+    )
+    p.add_argument(
+        "--advertise",
+        default=None,
+        metavar="HOST[:PORT]",
+        help="the address others dial, published in the store (a pod IP, a node name); the "
+        "port defaults to the one bound. Without it: the --listen host, or this host's name "
+        "when that is a wildcard",
+    )
+    p.add_argument(
+        "--wait-for-run",
+        type=float,
+        default=DEFAULT_RUN_WAIT_S,
+        metavar="S",
+        help="wait this long for the run to be created, e.g. by `tether run create` in "
+        f"another job ({DEFAULT_RUN_WAIT_S:.0f})",
+    )
 
 
 def add_parser(sub: Any) -> None:
-    server = sub.add_parser("server", help="run one parameter-server shard of a run")
-    add_store_run(server)
-    server.add_argument("--shard-id", type=int, required=True, help="which shard (0..S-1)")
-    server.add_argument(
-        "--listen",
-        default="127.0.0.1:0",
-        help="HOST:PORT to serve on; port 0 picks a free one (127.0.0.1:0)",
+    server = sub.add_parser(
+        "server",
+        help="run one parameter-server shard of a run",
+        description="One shard of a run made by `tether launch` or `tether run create`. It "
+        "exits 0 once the store marks the run finished.",
     )
+    server.add_argument(
+        "--shard-id", type=int, default=None, help=f"which shard (0..S-1){_ID_FROM_ENV}"
+    )
+    _add_member_options(server, "the shard")
 
-    worker = sub.add_parser("worker", help="run one JAX worker of a run")
-    add_store_run(worker)
-    worker.add_argument("--worker-id", type=int, required=True, help="which worker (0..W-1)")
+    worker = sub.add_parser(
+        "worker",
+        help="run one JAX worker of a run",
+        description="One worker of a run made by `tether launch` or `tether run create`. It "
+        "exits 0 when it has done its steps, or once the store marks the run finished.",
+    )
+    worker.add_argument(
+        "--worker-id", type=int, default=None, help=f"which worker (0..W-1){_ID_FROM_ENV}"
+    )
+    _add_member_options(worker, "its liveness probe")
     worker.add_argument(
         "--route",
         action="append",
@@ -38,14 +82,25 @@ def run(args: argparse.Namespace) -> int:
 def _server(args: argparse.Namespace) -> int:
     from tether.server.main import ServerOptions, serve
 
-    return serve(ServerOptions(args.store, args.run, args.shard_id, listen=args.listen))
+    return serve(
+        ServerOptions(
+            required_store_uri(args), args.run, member_id(args.shard_id, "--shard-id"),
+            listen=args.listen, advertise=args.advertise, run_wait_s=args.wait_for_run,
+        )
+    )  # fmt: skip
 
 
 def _worker(args: argparse.Namespace) -> int:
     from tether.worker.loop import WorkerOptions, run_worker
 
     routes = dict(parse_route(r) for r in args.route)
-    return run_worker(WorkerOptions(args.store, args.run, args.worker_id, routes=routes))
+    return run_worker(
+        WorkerOptions(
+            required_store_uri(args), args.run, member_id(args.worker_id, "--worker-id"),
+            routes=routes, listen=args.listen, advertise=args.advertise,
+            run_wait_s=args.wait_for_run,
+        )
+    )  # fmt: skip
 
 
 def parse_route(text: str) -> tuple[int, str]:

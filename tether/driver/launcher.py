@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import grpc
 import numpy as np
 
 from tether.config import RunConfig
+from tether.driver.conclude import RunFailed, final_params
 from tether.driver.control import Mailbox
 from tether.driver.evaluate import Evaluator
 from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
@@ -50,22 +50,16 @@ from tether.driver.progress import ProgressView
 from tether.driver.spawner import Handle, LocalSpawner, MemberSpec, Spawner, stop_all
 from tether.driver.summary import Outcome, RunSummary, summarise
 from tether.member.heartbeat import Heartbeat
-from tether.proto.ps_pb2 import InfoReply
 from tether.retry import PollTimeout, poll_until
 from tether.shm import remove_leftovers
 from tether.store import Member, Role, Store, open_store
 from tether.tasks.build import context_of, runtime_of
-from tether.worker.client import read_params
 
 # How long the end of a run waits for a shard that was restarted at the very end and already
 # answered its final read to heartbeat that it serves (a few heartbeat intervals).
 _LAST_RECOVERY_WAIT_S = 10.0
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
 PROBE_ATTEMPT_S = 2.0
-
-
-class RunFailed(RuntimeError):
-    """The run could not finish; the message names the member that failed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -511,34 +505,3 @@ class Launcher:
         stop_all([c.handle for c in self.children], grace_s)
         # Same-host segments a killed worker made and had not unlinked yet (DESIGN §2).
         remove_leftovers(self.config.run_id)
-
-
-def final_params(
-    config: RunConfig, shards: Callable[[], list[Member]], timeout_s: float
-) -> tuple[np.ndarray, list[InfoReply]]:
-    """The run's final parameters and each shard's statistics, once every shard answers.
-
-    A shard restarted near the end may still be starting when the last worker finishes: until
-    its replacement registers, the store names the dead one's address (refused) or a fenced one
-    (FAILED_PRECONDITION). Those are read again, at the addresses `shards()` names then, until
-    `timeout_s`; after that the run fails, naming the last error."""
-    last: list[str] = []
-
-    def attempt() -> tuple[np.ndarray, list[InfoReply]] | None:
-        try:
-            return read_params(config, shards())
-        except grpc.RpcError as e:
-            if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
-                raise
-            last[:] = [f"{e.code().name}: {e.details()}"]
-            return None
-
-    try:
-        got = poll_until(attempt, timeout_s, "the final parameters", interval_s=0.1)
-    except PollTimeout:
-        raise RunFailed(
-            f"the final parameters could not be read from the shards within {timeout_s:.0f}s "
-            f"(--startup-timeout): {last[0] if last else 'no answer'}"
-        ) from None
-    assert got is not None
-    return got

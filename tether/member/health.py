@@ -13,15 +13,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 
-def serve_health(host: str = "127.0.0.1") -> tuple[grpc.Server, str]:
+def serve_health(listen: str = "127.0.0.1:0") -> tuple[grpc.Server, int]:
     """A health server for a process that serves nothing else (a worker); returns it, started,
-    and the ``host:port`` it listens on."""
+    and the port it bound (`listen` is ``HOST:PORT``, port 0 for a free one)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"))
-    port = server.add_insecure_port(f"{host}:0")
+    port = server.add_insecure_port(listen)
     if port == 0:
-        raise OSError(f"cannot listen on {host}:0 for the liveness probe")
+        raise OSError(f"cannot listen on {listen} for the liveness probe")
     servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     server.start()
-    return server, f"{host}:{port}"
+    return server, port

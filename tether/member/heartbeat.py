@@ -7,6 +7,10 @@ and is skipped rather than queued when it cannot get it -- the next beat tries a
 ``info`` callback must not block (a shard takes its lock with a timeout and beats without
 statistics when the lock is busy). A late beat is no longer fatal anyway: the launcher only
 suspects a member whose heartbeats stop and confirms with a direct probe before acting.
+
+Each beat also reads whether the store marks the run finished; `on_run_finished` is then called
+once and the beats stop: that is how every member, whoever started it, exits 0 when the run is
+done (DESIGN §12).
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ class Heartbeat:
         info: Callable[[], dict[str, Any]] = dict,
         after_beat: Callable[[Store], None] | None = None,
         on_fenced: Callable[[Fenced], None] | None = None,
+        on_run_finished: Callable[[], None] | None = None,
     ) -> None:
         self.store_uri, self.run_id, self.role = store_uri, run_id, role
         self.member_id, self.epoch, self.interval_s = member_id, epoch, interval_s
         self.info, self.after_beat, self.on_fenced = info, after_beat, on_fenced
+        self.on_run_finished = on_run_finished
         self.stop = threading.Event()
         self.beats = 0
         self.skipped = 0  # beats that could not be written (store busy or unreachable)
@@ -71,6 +77,9 @@ class Heartbeat:
                     }
                     store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1
+                    if self.on_run_finished is not None and store.get_run(self.run_id).finished:
+                        self.on_run_finished()
+                        return
                 except Fenced as e:
                     if self.on_fenced is not None:
                         self.on_fenced(e)

@@ -96,6 +96,7 @@ from tether.store.mongo_state import MongoShardState
 from tether.store.mongo_uri import (
     client_options,
     database_name,
+    pymongo_uri,
     read_preference_of,
     uri_options,
 )
@@ -150,7 +151,9 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
         status_rp = None if read_preference is None else read_preference_of(read_preference)
         self.client: Any  # a pymongo MongoClient, or what client_factory made (mongomock)
         try:
-            self.client = client_factory() if client_factory else MongoClient(uri, **kwargs)
+            self.client = (
+                client_factory() if client_factory else MongoClient(pymongo_uri(uri), **kwargs)
+            )
         except PyMongoError as e:  # a malformed URI or option
             raise StoreError(f"cannot open store {self._where}: {e}") from e
         db = self.client.get_database(self.database_name)

@@ -7,7 +7,7 @@ from these, and tools (``tether mongo up``, test fixtures) read a URI's database
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from pymongo.read_preferences import (
     Nearest,
@@ -20,6 +20,9 @@ from pymongo.read_preferences import (
 from tether.store.base import redact_uri
 
 DEFAULT_DATABASE = "tether"
+# Tether's own URI option naming the database (`--store-db`); removed before pymongo sees the URI.
+DATABASE_OPTION = "tetherDb"
+_BAD_DB_CHARS = '/\\. "$\x00'
 # Passed to MongoClient only for options the URI leaves unset (keyword arguments would win).
 DEFAULT_OPTIONS: dict[str, Any] = {
     "w": "majority",
@@ -54,10 +57,47 @@ def uri_options(uri: str) -> dict[str, str]:
 
 
 def database_name(uri: str) -> str:
-    """The database named by the URI's path (``mongodb://hosts/NAME?...``), else ``tether``."""
+    """The database Tether uses: the URI's ``tetherDb`` option, else the URI's path
+    (``mongodb://hosts/NAME?...``), else ``tether``.
+
+    The option exists because the connection strings that MongoDB operators hand out end in
+    ``/admin``, the authentication database, which is no place for a run's data (DESIGN §12).
+    """
+    if name := uri_options(uri).get(DATABASE_OPTION.lower()):
+        return name
     rest = uri.partition("://")[2].partition("?")[0]
     name = unquote(rest.partition("/")[2]) if "/" in rest else ""
     return name or DEFAULT_DATABASE
+
+
+def with_database(uri: str, name: str) -> str:
+    """``uri`` with its ``tetherDb`` option set to ``name`` (``--store-db``); a URI's path stays
+    the authentication database. Refuses a name MongoDB would not take."""
+    bad = set(name) & set(_BAD_DB_CHARS)
+    if not name or bad or len(name.encode()) > 63:
+        raise ValueError(
+            f"--store-db {name!r} is not a MongoDB database name (1-63 bytes, none of "
+            f"{_BAD_DB_CHARS!r} or spaces)"
+        )
+    base = pymongo_uri(uri)
+    if "?" in base:
+        joiner = "&"
+    else:
+        joiner = "?" if base.count("/") > 2 else "/?"  # mongodb://hosts -> mongodb://hosts/?...
+    return f"{base}{joiner}{DATABASE_OPTION}={quote(name)}"
+
+
+def pymongo_uri(uri: str) -> str:
+    """The URI without Tether's own options, which pymongo would refuse as unknown."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    kept = [
+        part
+        for part in query.replace(";", "&").split("&")
+        if part and unquote(part.partition("=")[0]).lower() != DATABASE_OPTION.lower()
+    ]
+    return f"{base}?{'&'.join(kept)}" if kept else base
 
 
 def client_options(uri: str) -> dict[str, Any]:
@@ -68,7 +108,7 @@ def client_options(uri: str) -> dict[str, Any]:
             f"store URI {redact_uri(uri)!r} sets w=0: unacknowledged writes cannot be fenced; "
             "use w=majority (the default) or w=1"
         )
-    skip = set(options)
+    skip = set(options) - {DATABASE_OPTION.lower()}
     if "timeoutms" in options:
         skip.update(_LEGACY_TIMEOUTS)
     return {k: v for k, v in DEFAULT_OPTIONS.items() if k.lower() not in skip}
