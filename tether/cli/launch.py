@@ -13,6 +13,7 @@ from tether.exitcodes import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
     from tether.config import RunConfig
+    from tether.driver.spawner import Spawner
 
 ENGINES = ("local", "ray", "slurm")
 
@@ -20,10 +21,11 @@ ENGINES = ("local", "ray", "slurm")
 def add_parser(sub: Any) -> None:
     launch = sub.add_parser(
         "launch",
-        help="train one model across shard and worker processes on this machine",
-        description="Start shards and workers as child processes, watch them, print progress "
-        "and a summary. With no options: a small MLP on the bundled digits data set, "
-        "2 shards, 2 workers, BSP.",
+        help="train one model across shard and worker processes (here, on Ray or on Slurm)",
+        description="Start shards and workers (child processes of this one, Ray actors or Slurm "
+        "job steps: --engine), watch them, restart the dead, print progress and a summary. "
+        "With no options: a small MLP on the bundled digits data set, 2 shards, 2 workers, BSP, "
+        "on this machine.",
     )
     launch.add_argument(
         "--store", default=None, help="store URI (default sqlite:///<run-dir>/tether.db)"
@@ -275,8 +277,9 @@ def run(args: argparse.Namespace) -> int:
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
     store_uri = args.store or default_store_uri(run_dir)
     opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)
+    spawner = make_spawner(args.engine, args.address, run_dir, config)
     try:
-        summary = Launcher(opts).run().to_json()
+        summary = Launcher(opts, spawner=spawner).run().to_json()
     except RunFailed as e:
         print(f"tether launch: run {config.run_id} failed: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -294,6 +297,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(summary)
     return EXIT_OK
+
+
+def make_spawner(engine: str, address: str | None, run_dir: Path, config: RunConfig) -> Spawner:
+    """The spawner of `--engine`; a usage error when that engine cannot run here."""
+    from tether.driver.spawner import LocalSpawner
+
+    if address is not None and engine != "ray":
+        raise UsageError(f"--address is for --engine ray, not {engine}")
+    if engine == "local":
+        return LocalSpawner(run_dir)
+    if engine == "ray":
+        from tether.driver.ray_engine import RaySpawner, ray_available
+
+        if (why := ray_available()) is not None:
+            raise UsageError(why)
+        return RaySpawner(address, gpu_workers=config.device == "gpu")
+    from tether.driver.slurm_engine import SlurmSpawner, slurm_refusal
+
+    if (why := slurm_refusal()) is not None:
+        raise UsageError(why)
+    return SlurmSpawner(run_dir, gpu_workers=config.device == "gpu")
 
 
 def _figure(value: float | None) -> str:

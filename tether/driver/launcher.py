@@ -33,7 +33,7 @@ from tether.config import RunConfig
 from tether.driver.conclude import RunFailed, final_params
 from tether.driver.control import Mailbox
 from tether.driver.evaluate import Evaluator
-from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause
+from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause, node_lost
 from tether.driver.policy import (
     READY_FIELD,
     Crashed,
@@ -58,6 +58,9 @@ from tether.tasks.build import context_of, runtime_of
 # How long the end of a run waits for a shard that was restarted at the very end and already
 # answered its final read to heartbeat that it serves (a few heartbeat intervals).
 _LAST_RECOVERY_WAIT_S = 10.0
+# How long the members have to exit on their own once the run is marked finished (a shard
+# flushes its replication first); those still running then are stopped.
+MEMBERS_EXIT_S = 20.0
 # One health check's deadline. A busy member answers well within it; a frozen one never does.
 PROBE_ATTEMPT_S = 2.0
 
@@ -84,6 +87,7 @@ class Child:
     role: Role
     member_id: int
     handle: Handle
+    spawn: str = ""  # the start's token, which the member reports in its heartbeats
     # Replaced while still alive (a pause followed by a replacement): its exit is expected and
     # restarts nothing; if it runs again it is a zombie the store fences (DESIGN §5).
     superseded: bool = False
@@ -102,7 +106,7 @@ class Child:
 
     def failure(self, what: str) -> str:
         """`what` happened to this member, with the last lines of its log."""
-        return f"{what}; last lines of {self.handle.log_path}:\n{self.handle.log_tail()}"
+        return f"{what}; last lines of {self.handle.log_where}:\n{self.handle.log_tail()}"
 
 
 class Launcher:
@@ -128,6 +132,7 @@ class Launcher:
         self.watch_max_gap_s = 0.0
         self.evaluator: Evaluator | None = None
         self.mailbox = Mailbox()
+        self._spawns = 0  # starts so far: each gets a token (MemberSpec.spawn)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -190,11 +195,15 @@ class Launcher:
 
     def _spawn(self, role: Role, member_id: int) -> Child:
         routes = self.opts.routes.get(member_id, {}) if role == "worker" else {}
-        spec = MemberSpec(role, member_id, self.opts.store_uri, self.config.run_id, routes)
-        child = Child(role, member_id, self.spawner.start(spec))
+        self._spawns += 1
+        spawn = f"{os.getpid()}.{self._spawns}"
+        spec = MemberSpec(
+            role, member_id, self.opts.store_uri, self.config.run_id, routes, spawn=spawn
+        )
+        child = Child(role, member_id, self.spawner.start(spec), spawn)
         self.children.append(child)
         self.detector.spawned(child.key, time.monotonic())
-        self._event("start", child)
+        self._event("start", child, where=child.handle.log_where)
         return child
 
     def _unwatch(self, child: Child) -> None:
@@ -284,16 +293,27 @@ class Launcher:
             self.evaluator = evaluator
             train_s = time.monotonic() - t_train
             summary = self._finish(store, t_start, train_s)
+            result = summary.to_json()
+            # Marked finished first: every member then exits 0 on its own (DESIGN §12), and
+            # only those that do not are stopped.
+            store.finish_run(cfg.run_id, result)
+            self._wait_members_exit(MEMBERS_EXIT_S)
         except BaseException:
             self.stop_children()
             raise
         self.stop_children()
-        result = summary.to_json()
         store.set_member_state(cfg.run_id, "launcher", 0, self.epoch, "exited")
-        store.finish_run(cfg.run_id, result)
         (self.opts.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         store.close()
         return summary
+
+    def _wait_members_exit(self, timeout_s: float) -> None:
+        live = [c for c in self.children if not c.superseded]
+        with contextlib.suppress(PollTimeout):
+            poll_until(
+                lambda: all(c.handle.poll() is not None for c in live), timeout_s,
+                "the members to exit", interval_s=0.05,
+            )  # fmt: skip
 
     def _open_store(self) -> Store:
         if self.store is None:
@@ -338,7 +358,7 @@ class Launcher:
             done.add(child.member_id)
             self._event("exit", child, exit_code=0)
         elif isinstance(meaning, Crashed):
-            cause = self._kill_causes.pop(child.pid, None) or exit_cause(rc)
+            cause = self._kill_causes.pop(child.pid, None) or lost_or_exit(child.handle, rc)
             self._event("exit", child, exit_code=rc, cause=cause.kind)
             self._restart(store, child, rc, cause)
 
@@ -383,9 +403,7 @@ class Launcher:
         is restarted with that cause (DESIGN §5).
         """
         now = time.monotonic()
-        by_key: dict[tuple[str, int, int], Member] = {
-            (m.role, m.member_id, m.pid): m for m in members
-        }
+        by_key = self._records(members)
         for child in self.children:
             m = by_key.get(child.key)
             if m is not None and m.state == "running":
@@ -400,6 +418,20 @@ class Launcher:
                 self.prober.submit(action.key, action.number, m.address if m else "")
             elif isinstance(action, Kill):
                 self._kill(action)
+
+    def _records(self, members: list[Member]) -> dict[tuple[str, int, int], Member]:
+        """Each child's record in the store: the one that reports the child's spawn token, or
+        (before its first heartbeat) the one with the child's pid."""
+        by_spawn = {m.info["spawn"]: m for m in members if m.info.get("spawn")}
+        by_pid: dict[tuple[str, int, int], Member] = {
+            (m.role, m.member_id, m.pid): m for m in members
+        }
+        found = {}
+        for child in self.children:
+            m = by_spawn.get(child.spawn) or by_pid.get(child.key)
+            if m is not None and (m.role, m.member_id) == (child.role, child.member_id):
+                found[child.key] = m
+        return found
 
     def _kill(self, action: Kill) -> None:
         for child in self.children:
@@ -503,5 +535,12 @@ class Launcher:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
         self.prober.close()
         stop_all([c.handle for c in self.children], grace_s)
+        self.spawner.close()
         # Same-host segments a killed worker made and had not unlinked yet (DESIGN §2).
         remove_leftovers(self.config.run_id)
+
+
+def lost_or_exit(handle: Handle, exit_code: int) -> Cause:
+    """Why a process the detector did not kill ended: its node was lost, or it exited."""
+    reason = handle.lost()
+    return node_lost(reason, exit_code) if reason is not None else exit_cause(exit_code)

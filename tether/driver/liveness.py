@@ -37,7 +37,7 @@ from tether.config import LivenessPolicy
 # (role, member id, pid): one process of one member. A restarted member is a new key.
 Key = tuple[str, int, int]
 
-CauseKind = Literal["exited", "probe_failed", "startup_deadline"]
+CauseKind = Literal["exited", "probe_failed", "startup_deadline", "node_lost"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +61,11 @@ def exit_cause(exit_code: int) -> Cause:
         except ValueError:
             pass
     return Cause("exited", detail, exit_code)
+
+
+def node_lost(reason: str, exit_code: int) -> Cause:
+    """The cause of an exit that the member's node caused: the node was lost (an engine's word)."""
+    return Cause("node_lost", f"was lost with its node: {reason}", exit_code)
 
 
 @dataclass(frozen=True, slots=True)

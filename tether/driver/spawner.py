@@ -4,11 +4,17 @@ The driver decides *what* runs (which member, when to restart it, when to kill i
 only knows *how* to start one member's process and hands back a `Handle` at once — waiting for it
 to register is the driver's job, with a deadline (DESIGN §12). Every member runs the exact command
 line a cluster scheduler would run (`member_command`, DESIGN §1), so the local spawner is one
-implementation among those a scheduler provides.
+implementation among those a scheduler provides; `tether.driver.ray_engine` and
+`tether.driver.slurm_engine` are the others.
+
+Every start gets a spawn token (`MemberSpec.spawn`), passed to the member as `TETHER_SPAWN` and
+reported in its heartbeats: that is how the driver tells which of its starts a record in the
+store belongs to when the process it holds (`srun`, a Ray actor) is not the member itself.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +25,9 @@ from pathlib import Path
 from typing import Protocol
 
 from tether.store import Role
+
+DEFAULT_LISTEN = "127.0.0.1:0"
+SPAWN_VARIABLE = "TETHER_SPAWN"
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,13 @@ class MemberSpec:
     run_id: str
     # shard id -> address this worker dials for it (a fault proxy in chaos runs, DESIGN §7)
     routes: dict[int, str] = field(default_factory=dict)
+    spawn: str = ""  # this start's token (TETHER_SPAWN), unique within the driver
+    listen: str = DEFAULT_LISTEN  # `--listen`: where the member serves (its health probe)
+    advertise: str | None = None  # `--advertise`, when the listen host cannot be dialled
+
+    def env(self) -> dict[str, str]:
+        """The member's environment beyond the spawner's own."""
+        return {SPAWN_VARIABLE: self.spawn} if self.spawn else {}
 
 
 class Handle(Protocol):
@@ -40,7 +56,9 @@ class Handle(Protocol):
     def pid(self) -> int: ...
 
     @property
-    def log_path(self) -> Path: ...
+    def log_where(self) -> str:
+        """Where the member's log is, for a message (a path, or a node and a path)."""
+        ...
 
     def poll(self) -> int | None:
         """The exit code once the process ended (negative: killed by that signal), else None."""
@@ -56,10 +74,18 @@ class Handle(Protocol):
 
     def log_tail(self, lines: int = 8) -> str: ...
 
+    def lost(self) -> str | None:
+        """Why the process ended without an exit of its own (its node was lost), if it did."""
+        ...
+
 
 class Spawner(Protocol):
     def start(self, spec: MemberSpec) -> Handle:
         """Start one member and return at once."""
+        ...
+
+    def close(self) -> None:
+        """Release what the spawner holds (after every handle was stopped)."""
         ...
 
 
@@ -70,9 +96,18 @@ def member_command(spec: MemberSpec) -> list[str]:
         sys.executable, "-m", "tether", spec.role,
         "--store", spec.store_uri, "--run", spec.run_id, flag, str(spec.member_id),
     ]  # fmt: skip
+    if spec.listen != DEFAULT_LISTEN:
+        cmd += ["--listen", spec.listen]
+    if spec.advertise:
+        cmd += ["--advertise", spec.advertise]
     for shard, address in sorted(spec.routes.items()):
         cmd += ["--route", f"{shard}={address}"]
     return cmd
+
+
+def member_env(spec: MemberSpec) -> dict[str, str]:
+    """This process's environment plus the member's own (`MemberSpec.env`)."""
+    return {**os.environ, **spec.env()}
 
 
 def tail(path: Path, lines: int) -> str:
@@ -105,8 +140,15 @@ class LocalHandle:
     def wait(self, timeout_s: float | None = None) -> int:
         return self.proc.wait(timeout=timeout_s)
 
+    @property
+    def log_where(self) -> str:
+        return str(self.log_path)
+
     def log_tail(self, lines: int = 8) -> str:
         return tail(self.log_path, lines)
+
+    def lost(self) -> str | None:
+        return None
 
 
 class LocalSpawner:
@@ -122,9 +164,13 @@ class LocalSpawner:
             # stdin closed; children share the driver's process group so one signal to the
             # group (Ctrl-C, a test's teardown) reaches all of them.
             proc = subprocess.Popen(
-                member_command(spec), stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
+                member_command(spec), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env=member_env(spec),
+            )  # fmt: skip
         return LocalHandle(proc, log_path)
+
+    def close(self) -> None:
+        pass
 
 
 def stop_all(handles: Iterable[Handle], grace_s: float = 5.0) -> None:

@@ -15,6 +15,7 @@ done (DESIGN §12).
 
 from __future__ import annotations
 
+import os
 import resource
 import threading
 from collections.abc import Callable
@@ -49,6 +50,8 @@ class Heartbeat:
         self.member_id, self.epoch, self.interval_s = member_id, epoch, interval_s
         self.info, self.after_beat, self.on_fenced = info, after_beat, on_fenced
         self.on_run_finished = on_run_finished
+        # The driver's token for the start that made this process (tether.driver.spawner).
+        self.spawn = os.environ.get("TETHER_SPAWN", "")
         self.stop = threading.Event()
         self.beats = 0
         self.skipped = 0  # beats that could not be written (store busy or unreachable)
@@ -74,6 +77,7 @@ class Heartbeat:
                         **self.info(),
                         "heartbeats_skipped": self.skipped,
                         "peak_rss_bytes": peak_rss_bytes(),
+                        **({"spawn": self.spawn} if self.spawn else {}),
                     }
                     store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1
