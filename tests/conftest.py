@@ -93,8 +93,8 @@ def tether_cli(tmp_path: Path) -> Iterator[Callable[..., Proc]]:
     procs: list[subprocess.Popen[str]] = []
     segments_before = same_host_segments()
 
-    def run(*args: str) -> Proc:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def run(*args: str, env: dict[str, str] | None = None) -> Proc:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         proc = subprocess.Popen(
             [sys.executable, "-m", "tether", *args],
             cwd=tmp_path,

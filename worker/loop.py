@@ -487,7 +487,8 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
     from tether.driver.conclude import RunFailed, conclude_if_last
 
     try:
-        conclude_if_last(store, opts.store_uri, config)
+        if conclude_if_last(store, opts.store_uri, config):
+            print(f"tether worker: concluded run {opts.run_id}", file=sys.stderr, flush=True)
     except RunFailed as e:  # exit 1: the scheduler's retry of this worker tries again
         print(f"tether worker: could not conclude run {opts.run_id}: {e}", file=sys.stderr)
         return 1
