@@ -278,6 +278,13 @@ def run(args: argparse.Namespace) -> int:
     store_uri = args.store or default_store_uri(run_dir)
     opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)
     spawner = make_spawner(args.engine, args.address, run_dir, config)
+    if args.engine != "local" and store_uri.startswith("sqlite:"):
+        print(
+            f"tether launch: note: --engine {args.engine} with the SQLite store {store_uri}: "
+            "every node must see that file (one machine, or a shared filesystem); on a "
+            "cluster give --store mongodb://...",
+            file=sys.stderr,
+        )
     try:
         summary = Launcher(opts, spawner=spawner).run().to_json()
     except RunFailed as e:
