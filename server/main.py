@@ -147,7 +147,7 @@ def _restored(recovered: dict[str, Any], version: int) -> str:
 def serve(opts: ServerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
-    record = wait_for_run(store, opts.run_id, opts.run_wait_s)
+    record = wait_for_run(store, opts.run_id, opts.run_wait_s, "tether server")
     config = RunConfig.from_dict(record.config)
     spec = shard_spec(config, opts.shard_id)
     if record.finished:  # started again after the end (a scheduler's late retry): nothing to do

@@ -74,7 +74,7 @@ def test_a_second_shard_with_the_same_id_takes_the_next_epoch(tether_cli, run_in
     "args, words",
     [
         (["--shard-id", "2"], "outside 0..1"),
-        (["--shard-id", "0", "--run", "nope"], "nope"),
+        (["--shard-id", "0", "--run", "nope", "--wait-for-run", "0"], "nope"),
     ],
 )
 def test_bad_server_arguments_exit_2_with_one_sentence(tether_cli, run_in_store, args, words):

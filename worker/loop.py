@@ -97,6 +97,10 @@ class WorkerOptions:
     # in front of this worker's link to that shard (DESIGN §7). The store still names the shard
     # and its epoch; only the dialled address changes.
     routes: dict[int, str] = field(default_factory=dict)
+    # Called once this worker has done its last step, with the store still open: a run without
+    # a driver (`tether run create`) is concluded by its last worker (DESIGN §12). The CLI
+    # passes the driver's conclusion (a layer above); its return value is the exit code.
+    conclude: Callable[[Store, str, RunConfig], int] | None = None
 
 
 class Worker:
@@ -402,7 +406,7 @@ class Worker:
 def run_worker(opts: WorkerOptions) -> int:
     tune_allocator()
     store = open_store(opts.store_uri)
-    record = wait_for_run(store, opts.run_id, opts.run_wait_s)
+    record = wait_for_run(store, opts.run_id, opts.run_wait_s, "tether worker")
     config = RunConfig.from_dict(record.config)
     if record.finished:  # started again after the end (a scheduler's late retry): nothing to do
         print(f"tether worker: run {opts.run_id} has finished", file=sys.stderr)
@@ -483,15 +487,10 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
         # that sees the exit restarts it instead of taking the worker for finished.
         store.close()
         return EXIT_STOPPED
-    # A run without a driver (`tether run create`) is concluded by its last worker (DESIGN §12).
-    from tether.driver.conclude import RunFailed, conclude_if_last
-
+    if opts.conclude is None:
+        store.close()
+        return 0
     try:
-        if conclude_if_last(store, opts.store_uri, config):
-            print(f"tether worker: concluded run {opts.run_id}", file=sys.stderr, flush=True)
-    except RunFailed as e:  # exit 1: the scheduler's retry of this worker tries again
-        print(f"tether worker: could not conclude run {opts.run_id}: {e}", file=sys.stderr)
-        return 1
+        return opts.conclude(store, opts.store_uri, config)
     finally:
         store.close()
-    return 0

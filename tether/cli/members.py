@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from tether.cli.common import (
     MEMBER_ID_VARIABLES,
@@ -14,6 +15,10 @@ from tether.cli.common import (
     required_store_uri,
 )
 from tether.member.join import DEFAULT_RUN_WAIT_S
+
+if TYPE_CHECKING:
+    from tether.config import RunConfig
+    from tether.store import Store
 
 _ID_FROM_ENV = f"; without it, from {', '.join(MEMBER_ID_VARIABLES)} (the first one set)"
 
@@ -98,9 +103,22 @@ def _worker(args: argparse.Namespace) -> int:
         WorkerOptions(
             required_store_uri(args), args.run, member_id(args.worker_id, "--worker-id"),
             routes=routes, listen=args.listen, advertise=args.advertise,
-            run_wait_s=args.wait_for_run,
+            run_wait_s=args.wait_for_run, conclude=_conclude,
         )
     )  # fmt: skip
+
+
+def _conclude(store: Store, store_uri: str, config: RunConfig) -> int:
+    """A worker's last step done: conclude a driverless run if this was its last worker."""
+    from tether.driver.conclude import RunFailed, conclude_if_last
+
+    try:
+        if conclude_if_last(store, store_uri, config):
+            print(f"tether worker: concluded run {config.run_id}", file=sys.stderr, flush=True)
+    except RunFailed as e:  # exit 1: the scheduler's retry of this worker tries again
+        print(f"tether worker: could not conclude run {config.run_id}: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def parse_route(text: str) -> tuple[int, str]:

@@ -361,7 +361,9 @@ class Launcher:
             # A lost node is the cause even when the probes that failed with it came first.
             killed = self._kill_causes.pop(child.pid, None)
             lost = child.handle.lost()
-            cause = killed if killed is not None and lost is None else lost_or_exit(child.handle, rc)
+            cause = (
+                killed if killed is not None and lost is None else lost_or_exit(child.handle, rc)
+            )
             self._event("exit", child, exit_code=rc, cause=cause.kind)
             self._restart(store, child, rc, cause)
 

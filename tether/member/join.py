@@ -11,6 +11,7 @@ that name; without it, a wildcard listen address advertises this host's name.
 from __future__ import annotations
 
 import socket
+import sys
 
 from tether.retry import PollTimeout, poll_until
 from tether.store import RunRecord, Store, UnknownRun
@@ -53,8 +54,11 @@ def advertised_address(listen: str, port: int, advertise: str | None) -> str:
     return f"{host}:{port}"
 
 
-def wait_for_run(store: Store, run_id: str, timeout_s: float) -> RunRecord:
-    """The run's record, once it exists; `UnknownRun` if it was not created within `timeout_s`."""
+def wait_for_run(store: Store, run_id: str, timeout_s: float, who: str) -> RunRecord:
+    """The run's record, once it exists; `UnknownRun` if it was not created within `timeout_s`.
+
+    A member that has to wait says so once on stderr (as `who`), so a mistyped `--run` is not
+    mistaken for a hang."""
 
     def created() -> RunRecord | None:
         try:
@@ -62,6 +66,16 @@ def wait_for_run(store: Store, run_id: str, timeout_s: float) -> RunRecord:
         except UnknownRun:
             return None
 
+    record = created()
+    if record is not None:
+        return record
+    if timeout_s > 0:
+        print(
+            f"{who}: run {run_id} is not in the store yet; waiting up to {timeout_s:.0f} s for "
+            "it to be created (--wait-for-run)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         record = poll_until(created, timeout_s, f"run {run_id} to be created", interval_s=0.25)
     except PollTimeout:
