@@ -3,12 +3,14 @@
 
 The driver runs inside an allocation (`sbatch` or `salloc`, see examples/slurm/tether.sbatch).
 Each member is one job step: `srun --nodes=1 --ntasks=1 --overlap ...` started by the driver,
-which runs `python -m tether.driver.slurm_engine step ...` on the node Slurm picks. That shim
+which runs `python -m tether.driver.slurm_engine step ...` on a node the driver picks: the
+allocation's node with the fewest running members (`--nodelist`; left to itself, Slurm piles
+overlapping steps onto the first node once each node has one). That shim
 names the node and the step in the member's log, finds the address the node is known by to
 Slurm (its NodeAddr) and replaces itself with the unchanged `tether server|worker` command,
 listening on that address. Slurm does not restart a step, so the driver does, as under every
 engine: a member whose step failed because its node went down is a lost node, that node is
-excluded from later steps, and the replacement step lands on another node of the allocation.
+left out of later placements, and the replacement step lands on another node of the allocation.
 
 A handle is the local `srun` process; signals go to the step through `scancel`, which reaches
 the member on its node (srun itself forwards only some signals, and killing srun does not kill
@@ -23,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from tether.driver.spawner import MemberSpec, member_command, member_env, tail
@@ -63,6 +66,21 @@ def show_node(node: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
+def allocation_nodes(env: dict[str, str] | None = None) -> list[str]:
+    """The allocation's node names, in Slurm's order (`SLURM_JOB_NODELIST` expanded)."""
+    nodelist = (dict(os.environ) if env is None else env).get("SLURM_JOB_NODELIST", "")
+    if not nodelist:
+        return []
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+            timeout=SCONTROL_TIMEOUT_S, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.split()
+
+
 def node_lost(state: str) -> bool:
     return state.endswith("*") or any(word in state.upper() for word in _LOST_STATES)
 
@@ -71,9 +89,15 @@ class SlurmHandle:
     """One member's job step, through the local `srun` that started it."""
 
     def __init__(
-        self, proc: subprocess.Popen[bytes], log_path: Path, log_offset: int, spawner: SlurmSpawner
+        self,
+        proc: subprocess.Popen[bytes],
+        node: str | None,
+        log_path: Path,
+        log_offset: int,
+        spawner: SlurmSpawner,
     ) -> None:
         self.proc = proc
+        self.node = node  # where the step was placed (None: wherever Slurm put it)
         self.log_path = log_path
         self.log_offset = log_offset  # where this step's part of the log begins
         self.spawner = spawner
@@ -106,11 +130,13 @@ class SlurmHandle:
         if rc is None:
             return None
         # srun may exit 0 when its node failed: whatever the code, a step whose node is down
-        # was lost with it (and never finished its work).
+        # was lost with it (and never finished its work); so was one refused a node that went
+        # down before the step started.
         step = self._step()
-        if step is not None and node_lost(state := show_node(step[0], "State")):
-            self._lost = f"node {step[0]} is {state} in Slurm"
-            self.spawner.exclude(step[0])
+        node = step[0] if step is not None else self.node
+        if node and node_lost(state := show_node(node, "State")):
+            self._lost = f"node {node} is {state} in Slurm"
+            self.spawner.exclude(node)
             rc = LOST_EXIT
         self._exit = rc
         return rc
@@ -150,15 +176,26 @@ class SlurmHandle:
 class SlurmSpawner:
     """Starts each member as a one-task job step of the current allocation."""
 
-    def __init__(self, run_dir: Path, *, gpu_workers: bool) -> None:
+    def __init__(self, run_dir: Path, *, gpu_workers: bool, nodes: list[str] | None = None) -> None:
         self.logs = run_dir / "logs"
         self.gpu_workers = gpu_workers
+        self.nodes = allocation_nodes() if nodes is None else nodes
         self.excluded: set[str] = set()  # nodes lost during the run
+        self.handles: list[SlurmHandle] = []
 
     def exclude(self, node: str) -> None:
         self.excluded.add(node)
 
-    def srun_command(self, spec: MemberSpec) -> list[str]:
+    def place(self) -> str | None:
+        """The allocation's live node with the fewest running steps (the first such in order);
+        None when the allocation's nodes are unknown or all lost (then Slurm chooses)."""
+        live = [n for n in self.nodes if n not in self.excluded]
+        if not live:
+            return None
+        running = Counter(h.node for h in self.handles if h.proc.poll() is None)
+        return min(live, key=lambda n: running[n])
+
+    def srun_command(self, spec: MemberSpec, node: str | None = None) -> list[str]:
         listen = f"{NODE_ADDRESS}:0"
         on_node = MemberSpec(
             spec.role, spec.member_id, spec.store_uri, spec.run_id, spec.routes,
@@ -168,7 +205,9 @@ class SlurmSpawner:
             "srun", "--nodes=1", "--ntasks=1", "--overlap", "--kill-on-bad-exit=1",
             "--quiet", f"--job-name=tether-{spec.role}-{spec.member_id}",
         ]  # fmt: skip
-        if self.excluded:
+        if node is not None:
+            cmd.append(f"--nodelist={node}")
+        elif self.excluded:
             cmd.append(f"--exclude={','.join(sorted(self.excluded))}")
         if spec.role == "worker" and self.gpu_workers:
             cmd.append("--gpus-per-task=1")
@@ -178,13 +217,16 @@ class SlurmSpawner:
     def start(self, spec: MemberSpec) -> SlurmHandle:
         self.logs.mkdir(parents=True, exist_ok=True)
         log_path = self.logs / f"{spec.role}-{spec.member_id}.log"
+        node = self.place()
         with open(log_path, "ab") as log:
             offset = log.tell()
             proc = subprocess.Popen(
-                self.srun_command(spec), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                env=member_env(spec),
+                self.srun_command(spec, node), stdin=subprocess.DEVNULL, stdout=log,
+                stderr=log, env=member_env(spec),
             )  # fmt: skip
-        return SlurmHandle(proc, log_path, offset, self)
+        handle = SlurmHandle(proc, node, log_path, offset, self)
+        self.handles = [h for h in self.handles if h.proc.poll() is None] + [handle]
+        return handle
 
     def close(self) -> None:
         pass
