@@ -78,6 +78,14 @@ def test_run_create_is_idempotent_and_refuses_another_config(tether_cli, tmp_pat
     assert rc == 0 and out.strip() and out.strip() != "r1"
 
 
+@pytest.mark.parametrize("command", [["server", "--shard-id", "0"], ["run", "wait"]])
+def test_a_store_that_cannot_be_reached_exits_1_so_a_scheduler_retries(tether_cli, command):
+    # Nothing listens on port 9 of loopback: a replica set that is not up yet.
+    store = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300&connectTimeoutMS=300"
+    rc, _, err = tether_cli(*command, "--store", store, "--run", "r1").finish()
+    assert rc == 1 and "127.0.0.1:9" in err and "Traceback" not in err
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_members_on_their_own_hosts_complete_a_run_and_exit_by_themselves(tether_cli, tmp_path):

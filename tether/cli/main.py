@@ -17,7 +17,7 @@ from tether.chaos import cli as chaos
 from tether.cli import bench, data, launch, members, mongo, runs, status
 from tether.cli.common import Parser, UsageError
 from tether.consistency.experiments import cli as experiment
-from tether.exitcodes import EXIT_USAGE
+from tether.exitcodes import EXIT_FAILED, EXIT_USAGE
 
 # command -> the module that adds its parser (`add_parser(subparsers)`) and runs it (`run(args)`)
 COMMANDS: dict[str, ModuleType] = {
@@ -47,10 +47,13 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from tether.store import StoreError
+    from tether.store import StoreError, StoreUnavailable
 
     try:
         return int(COMMANDS[args.command].run(args))
+    except StoreUnavailable as e:  # not the input's fault: exit 1, so a scheduler retries
+        print(f"tether {args.command}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except (UsageError, ValueError, StoreError) as e:
         print(f"tether {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
