@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from helpers import REPO
+from tether.store import open_store
 
 CHART = REPO / "deploy" / "helm" / "tether"
 K8S_VERSION = "1.31.0"  # Chart.yaml's kubeVersion floor
@@ -629,3 +630,64 @@ def test_the_notes_say_how_to_watch_the_run(helm, tmp_path):
         waits = f"kubectl -n {NAMESPACE} wait --for=condition=complete job/{name}-run" in text
         assert waits == values.get("runJob", {}).get("waitForEnd", True)
         assert PASSWORD not in text
+
+
+# -- the rendered commands, run --------------------------------------------------------------------
+
+
+def as_process(c: Doc, pod_ip: str, index: int | None, store: str) -> tuple[list[str], dict]:
+    """A container's `tether` arguments and environment as its pod would have them: the Secret's
+    URI replaced by `store`, the pod IP by `pod_ip`, `$(VAR)` expanded as the kubelet does, and
+    the pod's own network namespace played by its own loopback address."""
+    assert c["command"] == ["tether"]
+    env: dict[str, str] = {} if index is None else {"JOB_COMPLETION_INDEX": str(index)}
+    for e in c.get("env", []):
+        source = e.get("valueFrom", {})
+        if "value" in e:
+            env[e["name"]] = e["value"]
+        elif "secretKeyRef" in source:
+            env[e["name"]] = store
+        else:
+            assert source["fieldRef"]["fieldPath"] == "status.podIP", e
+            env[e["name"]] = pod_ip
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+    return [a.replace("0.0.0.0:", f"{pod_ip}:") for a in args], env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_pods_commands_complete_a_run_and_every_container_exits_0(helm, tether_cli, tmp_path):
+    """Every container the chart renders, run as a process with its args and env: the members
+    start before the run exists, the create container makes it, the wait container prints the
+    summary, and each member, found at the pod IP it advertised, exits 0 by itself."""
+    values = merged(
+        REQUIRED,
+        {"store": {"uri": URI}, "run": {"id": "chart", "steps": 20, "model": "logreg"}},
+    )
+    docs = template(helm, values)
+    store = f"sqlite:///{tmp_path / 'runs.db'}"  # the chart takes MongoDB only: swapped here
+    pods: dict[tuple[str, int], Any] = {}
+    ips: dict[tuple[str, int], str] = {}
+    for role, job in members(docs).items():
+        for index in range(job["spec"]["completions"]):
+            ips[role, index] = f"127.0.0.{21 + len(ips)}"
+            args, env = as_process(container(job, role), ips[role, index], index, store)
+            pods[role, index] = tether_cli(*args, env=env)
+    run_job = one(docs, "Job", "run")
+    args, env = as_process(container(run_job, "create"), "127.0.0.30", None, store)
+    rc, out, err = tether_cli(*args, env=env).finish(300)
+    assert rc == 0 and out.strip() == "chart", err
+    args, env = as_process(container(run_job, "wait"), "127.0.0.30", None, store)
+    summary = tether_cli(*args, env=env).json(500)
+    for key, proc in pods.items():
+        rc, _, err = proc.finish(120)
+        assert rc == 0, f"{key} exited {rc}:\n{err[-2000:]}"
+    with open_store(store) as s:
+        record = s.get_run("chart")
+        addresses = {(m.role, m.member_id): m.address for m in s.members("chart")}
+    assert record.finished and record.summary == summary
+    assert record.config["shards"] == 2 and record.config["model"] == "logreg"
+    assert summary["updates_applied"] == 20 and summary["lost_updates"] == 0
+    for (role, index), ip in ips.items():
+        port = 7000 if role == "shard" else 7001  # values.yaml's shard.port, worker.port
+        assert addresses["server" if role == "shard" else "worker", index] == f"{ip}:{port}"
