@@ -7,6 +7,7 @@ stand-in loop thread, and check that a launcher outside training refuses request
 from __future__ import annotations
 
 import io
+import signal
 import threading
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 from helpers import wait_until
 from tether.config import RunConfig
 from tether.driver.control import Mailbox
-from tether.driver.launcher import Launcher, LaunchOptions
+from tether.driver.launcher import Child, Launcher, LaunchOptions
 
 
 def launcher(tmp_path: Path) -> Launcher:
@@ -70,3 +71,37 @@ def test_an_exception_in_a_request_goes_to_the_caller_and_the_loop_goes_on():
     assert mailbox.call(lambda: "still serving") == "still serving"
     finish.set()
     loop.join(30)
+
+
+class _Process:
+    """A stand-in handle: runs until `exit_after` polls have passed (never, when None)."""
+
+    def __init__(self, pid: int, exit_after: int | None, code: int = 1) -> None:
+        self.pid, self.exit_after, self.code = pid, exit_after, code
+        self.polls = 0
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        self.polls += 1
+        done = self.exit_after is not None and self.polls > self.exit_after
+        return self.code if done else None
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+
+def test_a_resumed_zombie_s_exit_is_recorded_even_after_the_workers_finished(tmp_path):
+    """A replaced process resumed near the end is fenced a moment later: the driver waits for
+    that exit and records it with its code; one still paused is not waited for."""
+    lau = launcher(tmp_path)
+    zombie = Child("server", 1, _Process(101, exit_after=5), superseded=True)
+    paused = Child("server", 0, _Process(102, exit_after=None), superseded=True)
+    lau.children = [zombie, paused]
+    lau.signal_pid(102, signal.SIGSTOP)
+    lau.signal_pid(101, signal.SIGSTOP)
+    lau.signal_pid(101, signal.SIGCONT)  # resumed: it runs, and will be fenced
+    assert paused.stopped and not zombie.stopped
+    lau._await_replaced(None, set())  # the watch loop's last step
+    exits = [e for e in lau.events if e["kind"] == "exit"]
+    assert exits == [{**exits[0], "pid": 101, "exit_code": 1, "superseded": True}]
+    assert lau.children == [paused]  # still paused: left for the end of the run to stop

@@ -91,6 +91,7 @@ class Child:
     # Replaced while still alive (a pause followed by a replacement): its exit is expected and
     # restarts nothing; if it runs again it is a zombie the store fences (DESIGN §5).
     superseded: bool = False
+    stopped: bool = False  # sent SIGSTOP by this driver, and no SIGCONT since
 
     @property
     def name(self) -> str:
@@ -164,16 +165,20 @@ class Launcher:
     def signal_member(self, role: str, member_id: int, sig: int) -> int:
         """Send `sig` to a member's current process; returns its pid (call via `call`)."""
         child = self.live_child(role, member_id)
-        child.handle.send_signal(sig)
-        self._event("signal", child, signal=signal.Signals(sig).name)
+        self._signal(child, sig)
         return child.pid
+
+    def _signal(self, child: Child, sig: int) -> None:
+        child.handle.send_signal(sig)
+        if sig in (signal.SIGSTOP, signal.SIGCONT):
+            child.stopped = sig == signal.SIGSTOP
+        self._event("signal", child, signal=signal.Signals(sig).name)
 
     def signal_pid(self, pid: int, sig: int) -> None:
         """Send `sig` to one of this driver's children by pid (e.g. resume a superseded one)."""
         for child in self.children:
             if child.pid == pid and child.handle.poll() is None:
-                child.handle.send_signal(sig)
-                self._event("signal", child, signal=signal.Signals(sig).name)
+                self._signal(child, sig)
                 return
         raise LookupError(f"pid {pid} is not a live child of this launcher")
 
@@ -346,6 +351,27 @@ class Launcher:
                 view.update([m for m in members if m.role == "worker"])
             time.sleep(0.02)
         view.update(store.members(cfg.run_id, "worker"))
+        self._await_replaced(store, done)
+
+    def _await_replaced(self, store: Store, done: set[int]) -> None:
+        """Replaced processes that run again (resumed zombies) are fenced at their next write
+        to the store, and exit: give them `MEMBERS_EXIT_S` to, so that each exit and its code
+        are in the run's record even when the workers finished first."""
+
+        def running() -> list[Child]:
+            return [
+                c for c in self.children
+                if c.superseded and not c.stopped and c.handle.poll() is None
+            ]  # fmt: skip
+
+        with contextlib.suppress(PollTimeout):
+            poll_until(
+                lambda: not running(), MEMBERS_EXIT_S, "the replaced processes to exit",
+                interval_s=0.05,
+            )  # fmt: skip
+        for child in list(self.children):
+            if child.superseded and (rc := child.handle.poll()) is not None:
+                self._exited(store, child, rc, done)
 
     def _exited(self, store: Store, child: Child, rc: int, done: set[int]) -> None:
         self._unwatch(child)
