@@ -96,14 +96,15 @@ def test_an_experiment_keeps_everything_in_the_store_and_rerenders_from_it(tethe
 
 
 def test_quick_shows_the_straggler_effect(tether_cli, tmp_path):
-    """--quick: with one worker several times slower, SSP reaches the target loss before BSP."""
+    """--quick: with one worker several times slower, SSP reaches the target loss before BSP.
+    (The straggler condition only: the one the claim is about, in half the time.)"""
     uri = f"sqlite:///{tmp_path / 'experiments.db'}"
     result = tether_cli(
-        "experiment", "consistency", "--quick", "--store", uri, "--out", str(tmp_path / "q"),
-        "--json",
+        "experiment", "consistency", "--quick", "--straggler", "0:30", "--store", uri,
+        "--out", str(tmp_path / "q"), "--json",
     ).json(timeout_s=560)  # fmt: skip
     groups = {(g["condition"], g["mode"]): g for g in result["findings"]["groups"]}
-    assert len(result["runs"]) == 24 and result["failed"] == []
+    assert len(result["runs"]) == 12 and result["failed"] == []
     slow = {mode: groups[("straggler", mode)] for mode in ("bsp", "ssp:1", "ssp:4", "asp")}
     assert all(g["reached"] == 3 for g in slow.values()), slow
     assert all(min(g["straggler_slowdown"]) >= 3 for g in slow.values())
