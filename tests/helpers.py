@@ -47,6 +47,11 @@ class RunWatch:
         workers = [m for m in self.members() if m.role == "worker"]
         return min((m.info.get("clock", 0) for m in workers), default=0) if workers else 0
 
+    def addresses_at(self, clock: int, timeout_s: float = 300) -> dict[tuple[str, int], str]:
+        """Once every worker reached `clock`: (role, id) -> the address each member advertised."""
+        wait_until(lambda: self.min_clock() >= clock, timeout_s, f"workers to reach clock {clock}")
+        return {(m.role, m.member_id): m.address for m in self.members() if m.address}
+
     def kill_at(self, clock: int, role: str, mid: int, sig: int = signal.SIGKILL) -> int:
         """Once every worker reached `clock`, send `sig` to the member; returns its pid."""
         wait_until(lambda: self.min_clock() >= clock, 120, f"workers to reach clock {clock}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RunWatch, wait_until
+from helpers import RunWatch
 from tether.devtools.slurm import LoopbackSlurm, available, node_address
 from tether.driver.slurm_engine import SlurmSpawner
 from tether.driver.spawner import MemberSpec
@@ -109,8 +109,7 @@ def test_a_lost_node_s_members_are_relaunched_as_steps_on_other_nodes(
     )
     watch = RunWatch(run_dir)
     try:
-        wait_until(lambda: watch.min_clock() >= 30, 300, "both workers at clock 30")
-        placed = {(m.role, m.member_id): m.address for m in watch.members() if m.address}
+        placed = watch.addresses_at(30)
     finally:
         watch.close()
     names = {node_address(i): name for i, name in enumerate(slurm.node_names)}
