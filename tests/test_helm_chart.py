@@ -196,16 +196,19 @@ def helm(tmp_path_factory: pytest.TempPathFactory) -> Helm:
     return run
 
 
-def template(helm: Helm, values: Values) -> list[Doc]:
+def _render(helm: Helm, values: Values) -> subprocess.CompletedProcess:
     args = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", K8S_VERSION]
-    proc = helm(*args, values=values)
+    return helm(*args, values=values)
+
+
+def template(helm: Helm, values: Values) -> list[Doc]:
+    proc = _render(helm, values)
     assert proc.returncode == 0, proc.stderr
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
 def template_error(helm: Helm, values: Values) -> str:
-    args = ["template", RELEASE, str(CHART), "-n", NAMESPACE, "--kube-version", K8S_VERSION]
-    proc = helm(*args, values=values)
+    proc = _render(helm, values)
     assert proc.returncode != 0, f"rendered although it should not have:\n{proc.stdout}"
     return proc.stderr
 

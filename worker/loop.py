@@ -487,10 +487,7 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
         # that sees the exit restarts it instead of taking the worker for finished.
         store.close()
         return EXIT_STOPPED
-    if opts.conclude is None:
-        store.close()
-        return 0
     try:
-        return opts.conclude(store, opts.store_uri, config)
+        return 0 if opts.conclude is None else opts.conclude(store, opts.store_uri, config)
     finally:
         store.close()

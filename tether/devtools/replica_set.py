@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tether.devtools.ports import free_ports
 from tether.retry import PollTimeout, poll_until
 
 DEFAULT_DIR = Path("tether-mongo")
@@ -80,20 +80,6 @@ def find_mongod() -> str:
     if path is None:
         raise MongodMissing()
     return path
-
-
-def free_ports(n: int) -> tuple[int, ...]:
-    """``n`` distinct loopback ports that were free a moment ago (bound together, then closed)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return tuple(s.getsockname()[1] for s in socks)
-    finally:
-        for s in socks:
-            s.close()
 
 
 def replica_set_uri(ports: Sequence[int], replset: str) -> str:

@@ -57,8 +57,8 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from types import TracebackType
 
+from tether.devtools.ports import free_ports
 from tether.retry import PollTimeout, poll_until
 
 CLIENTS = ("sinfo", "scontrol", "squeue", "srun", "salloc", "sbatch", "scancel")
@@ -154,8 +154,8 @@ class LoopbackSlurm:
                 (self.workdir / sub).mkdir(parents=True, exist_ok=True)
             (self.workdir / "munge").chmod(0o700)
             socket_path = self._start_munged()
-            ports = _free_ports(1 + len(self.node_names))
-            self.conf.write_text(self._config(socket_path, ports[0], ports[1:]))
+            ports = free_ports(1 + len(self.node_names), host="")
+            self.conf.write_text(self._config(socket_path, ports[0], list(ports[1:])))
             self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
             for name in self.node_names:
                 self._start_slurmd(name)
@@ -335,12 +335,7 @@ PartitionName=main Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINIT
     def __enter__(self) -> LoopbackSlurm:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # -- internals -----------------------------------------------------------------------------
@@ -497,16 +492,3 @@ def _signal(pid: int, start: int, sig: signal.Signals) -> None:
     if st is not None and st.start == start:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-
-
-def _free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports, free on every address when this is called."""
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            socks.append(socket.socket())
-            socks[-1].bind(("", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()

@@ -66,9 +66,9 @@ def show_node(node: str, field: str) -> str:
     return match.group(1) if match else ""
 
 
-def allocation_nodes(env: dict[str, str] | None = None) -> list[str]:
+def allocation_nodes() -> list[str]:
     """The allocation's node names, in Slurm's order (`SLURM_JOB_NODELIST` expanded)."""
-    nodelist = (dict(os.environ) if env is None else env).get("SLURM_JOB_NODELIST", "")
+    nodelist = os.environ.get("SLURM_JOB_NODELIST", "")
     if not nodelist:
         return []
     try:
