@@ -31,9 +31,10 @@ class Membership:
             raise ValueError(f"membership version must be >= 0, got {self.version}")
 
     @classmethod
-    def first(cls, num_workers: int) -> Membership:
-        """The membership a run starts with: workers 0..num_workers-1, version 0."""
-        return cls(0, tuple(range(num_workers)))
+    def first(cls, num_workers: int, ids: tuple[int, ...] = ()) -> Membership:
+        """The membership a run starts with, version 0: workers `ids` (sorted), or
+        0..num_workers-1 when none are named."""
+        return cls(0, tuple(sorted(ids)) if ids else tuple(range(num_workers)))
 
     def describe(self) -> str:
         ids = self.ids
@@ -111,11 +112,12 @@ class ClockTable(Mapping[int, WorkerEntry]):
             if "membership" in meta
             else Membership.first(len(meta["clocks"]))
         )
-        if recorded.ids != self.membership.ids:
+        if recorded != self.membership:
             raise ValueError(
-                f"replicated state has {recorded.describe()}, the run {self.membership.describe()}"
+                f"replicated state has {recorded.describe()} (membership version "
+                f"{recorded.version}), the shard {self.membership.describe()} (version "
+                f"{self.membership.version})"
             )
-        self.membership = recorded
         for entry, clock, seq in zip(
             self._entries.values(), meta["clocks"], meta["last_seq"], strict=True
         ):

@@ -27,6 +27,13 @@ class ShardSpec:
     # The task's own optax transformation (its `optimizer()`), used in place of `optimizer`'s
     # named one; None for the named one (DESIGN §11).
     transformation: Any = None
+    # The ids of the run's workers; () for 0..num_workers-1. Only the shard's membership
+    # (server/membership.py) reads them.
+    worker_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.worker_ids and len(self.worker_ids) != self.num_workers:
+            raise ValueError(f"{self.num_workers} workers but ids {self.worker_ids}")
 
 
 @dataclass(slots=True)

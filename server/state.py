@@ -74,7 +74,7 @@ class ShardState:
             transformation=spec.transformation,
         )
         self.tables: dict[str, Table] = {DENSE: self.dense}
-        self.workers = ClockTable(Membership.first(spec.num_workers))
+        self.workers = ClockTable(Membership.first(spec.num_workers, spec.worker_ids))
         self.log = LogCursor(spec.replication)
         self.epoch = epoch
         self.version = 0
