@@ -20,9 +20,9 @@ from typing import Any, Protocol, TypeVar
 
 from tether.chaos.links import LinkPlan, ProxyAPIError, link_name
 from tether.chaos.scenario import FaultSpec, LinkTarget, ProcessTarget
-from tether.driver.policy import READY_FIELD
+from tether.member.view import MemberView, member_views
 from tether.retry import PollTimeout, poll_until
-from tether.store import Member, MetricRow, Store, StoreError
+from tether.store import MetricRow, Store, StoreError
 
 T = TypeVar("T")
 
@@ -113,12 +113,12 @@ class Timeline(threading.Thread):
 
     def slowest_clock(self) -> int | None:
         try:
-            workers = self.store.members(self.run_id, "worker")
+            workers = member_views(self.store.members(self.run_id, "worker"))
         except StoreError:
             return None  # the run is not created yet, or the store is briefly unavailable
         if len(workers) < self.workers:
             return None
-        return min(int(m.info.get("clock") or 0) for m in workers)
+        return min(m.clock or 0 for m in workers)
 
     def _until_done(self, value: Callable[[], T | None], what: str) -> T | None:
         """Poll `value` until it is truthy and return it; None once the run has ended. The end
@@ -232,16 +232,17 @@ class Timeline(threading.Thread):
     def _recovered(self, record: FaultRecord, role: str, member_id: int, epoch: int) -> None:
         """Time the recovery: the member serving again at an epoch newer than at the fault."""
         assert record.t is not None
-        field_name = READY_FIELD[role]
 
-        def serving() -> Member | None:
+        def serving() -> MemberView | None:
             m = self.store.member(self.run_id, role, member_id)  # type: ignore[arg-type]
-            if m is not None and m.epoch > epoch and m.info.get(field_name) is not None:
-                return m
+            view = None if m is None else MemberView.of(m)
+            if view is not None and view.epoch > epoch and view.ready_at is not None:
+                return view
             return None
 
         if (m := self._until_done(serving, f"{role} {member_id} serving again")) is not None:
-            record.recovery_s = max(0.0, float(m.info[field_name]) - record.t)
+            assert m.ready_at is not None
+            record.recovery_s = max(0.0, m.ready_at - record.t)
 
     def _fire_link(self, record: FaultRecord, target: LinkTarget) -> None:
         assert self.links is not None

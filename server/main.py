@@ -117,6 +117,7 @@ class ServerOptions:
     advertise: str | None = None  # HOST[:PORT] others dial, when --listen names no such host
     heartbeat_s: float = 0.5
     run_wait_s: float = DEFAULT_RUN_WAIT_S  # how long to wait for the run to be created
+    spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
 
 
 def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
@@ -186,7 +187,7 @@ def serve(opts: ServerOptions) -> int:
     beat = Heartbeat(
         opts.store_uri, opts.run_id, "server", opts.shard_id, epoch,
         interval_s=opts.heartbeat_s, info=beat_info, on_fenced=on_fenced,
-        on_run_finished=on_run_finished,
+        on_run_finished=on_run_finished, spawn=opts.spawn,
     ).start()  # fmt: skip
     state = load_or_init(store, config, spec, epoch)
     restored = state.restored_version

@@ -4,7 +4,8 @@
 the shard's lock, into a frozen `ShardReport`. Everything that shows a shard's numbers is made
 from it by one function here: the `Info` reply (`info_reply`), the heartbeat's info
 (`heartbeat`), and on the reading side the run summary (`from_info` turns an `Info` reply back
-into a report). A new field is added once, here.
+into a report). A new field is added once, here (and, if the heartbeat publishes it, in
+`tether.member.report.ShardNumbers`, the stored contract its readers parse).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tether.member.report import Recovered, ShardNumbers
 from tether.proto import ps_pb2
 
 
@@ -94,16 +96,18 @@ class ShardReport:
         )
         return cls(**values, workers=workers)
 
-    def heartbeat(self) -> dict[str, Any]:
-        """What a shard's heartbeat publishes of it in the store (DESIGN §5 Liveness, §9)."""
-        return {
-            "version": self.version,
-            "durable_version": self.durable_version,
-            "updates_applied": self.updates_applied,
-            "clocks": self.clocks,
-            "max_clock_gap": self.max_clock_gap,
-            "base_version": self.base_version,  # the store's base and log after it
-            "log_entries": self.log_entries,
-            "restored_version": self.restored_version,
-            "recovered": None if self.recovered is None else dict(self.recovered),
-        }
+    def heartbeat(self, serving_since: float | None) -> dict[str, Any]:
+        """What a shard's heartbeat publishes of it in the store (DESIGN §5 Liveness, §9): its
+        `ShardNumbers`, the stored contract the readers parse back."""
+        return ShardNumbers(
+            version=self.version,
+            durable_version=self.durable_version,
+            updates_applied=self.updates_applied,
+            clocks=tuple(self.clocks),
+            max_clock_gap=self.max_clock_gap,
+            base_version=self.base_version,
+            log_entries=self.log_entries,
+            restored_version=self.restored_version,
+            recovered=None if self.recovered is None else Recovered.from_info(self.recovered),
+            serving_since=serving_since,
+        ).to_info()

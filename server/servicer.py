@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import grpc
 import numpy as np
 
+from tether.member.report import Recovered, ShardNumbers, parse
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.server.host import ShardHost
 from tether.server.messages import Ack, Code, PushHeader, Reject, Serve, Wait
@@ -71,12 +72,15 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         with self.host.locked_within(lock_timeout_s) as state:
             if state is not None:
                 self._last_report = state.report(self.counters)
-        if self._last_report is not None:
-            info = self._last_report.heartbeat()
-        else:  # fixed when the state was built: the version it restored and how
+        if self._last_report is None:  # the lock was never had: what is fixed since it was built
             state = self.host.state
-            info = {"restored_version": state.restored_version, "recovered": state.recovered}
-        return {**info, "phase": "serving", "serving_since": self.serving_since}
+            numbers = ShardNumbers(
+                restored_version=state.restored_version,
+                recovered=parse(Recovered.from_info, state.recovered),
+                serving_since=self.serving_since,
+            )
+            return {**numbers.to_info(), "phase": "serving"}
+        return {**self._last_report.heartbeat(self.serving_since), "phase": "serving"}
 
     # -- Pull -----------------------------------------------------------------------------
 

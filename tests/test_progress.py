@@ -5,14 +5,21 @@ from __future__ import annotations
 import io
 
 import tether.driver.progress
-from tether.config import RunConfig
+from tether.config import LivenessPolicy, RunConfig
 from tether.driver.progress import ProgressView
+from tether.member.view import Here, MemberView, RunView, observe
 from tether.store import Member
 
 
 def worker(clock: int) -> Member:
     return Member("r", "worker", 0, 1, "", 1, "h", 0.0, 0.0, "running",
                   {"clock": clock, "loss": 0.5, "samples_per_s": 100.0})  # fmt: skip
+
+
+def seen(members: list[Member]) -> RunView:
+    """The run as read when the records were written (every heartbeat is fresh)."""
+    views = [MemberView.of(m) for m in members]
+    return observe(None, "r", views, LivenessPolicy(), now=0.0, here=Here("h", lambda pid: True))
 
 
 def line(clock: int) -> str:
@@ -27,7 +34,7 @@ def run_view(monkeypatch, updates: list[tuple[float, int]]) -> list[str]:
     with ProgressView(RunConfig(run_id="r", steps=10), out) as view:
         for t, clock in updates:
             now[0] = 100.0 + t
-            view.update([worker(clock)])
+            view.update(seen([worker(clock)]))
     return out.getvalue().splitlines()
 
 

@@ -8,6 +8,7 @@ import pytest
 from tether.config import OptimizerConfig
 from tether.consistency import Consistency, Mode
 from tether.driver.policy import GiveUp, Restart, Supervisor
+from tether.member.view import MemberView
 from tether.server.codec import from_replica, to_replica
 from tether.server.state import (
     Ack,
@@ -149,7 +150,7 @@ def test_push_timeout_names_the_missing_workers():
 
 
 def member(role, mid, epoch, **info):
-    return Member(RUN, role, mid, epoch, "", 1, "h", 0.0, 0.0, "running", info)
+    return MemberView.of(Member(RUN, role, mid, epoch, "", 1, "h", 0.0, 0.0, "running", info))
 
 
 def test_supervisor_restarts_up_to_the_limit_and_times_recoveries():

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tether.config import OptimizerConfig, ReplicationPolicy, RunConfig
 from tether.consistency import Consistency, Mode
+from tether.member.report import ShardNumbers
 from tether.server.codec import from_replica, recover, to_replica
 from tether.server.log import LogCursor
 from tether.server.main import initial_params, shard_spec
@@ -367,9 +368,18 @@ def test_the_report_is_the_one_source_of_info_and_the_heartbeat() -> None:
             assert getattr(back, name) == getattr(report, name), name
     assert report.clocks == [1, 1] and report.pushes_accepted == 2 and report.pulls_served == 1
     assert report.segment_pushes == 3 and report.pull_wait_s == 1.5
-    beat = report.heartbeat()
+    beat = report.heartbeat(serving_since=7.0)
     assert set(beat) == {
-        "version", "durable_version", "updates_applied", "clocks", "max_clock_gap",
-        "base_version", "log_entries", "restored_version", "recovered",
-    }  # fmt: skip
+        "version",
+        "durable_version",
+        "updates_applied",
+        "clocks",
+        "max_clock_gap",
+        "base_version",
+        "log_entries",
+        "restored_version",
+        "serving_since",
+    }  # fmt: skip  (nothing recovered: a fresh shard publishes no "recovered")
     assert beat["clocks"] == [1, 1] and beat["version"] == 2
+    numbers = ShardNumbers.from_info(beat)  # what every reader parses, MemberView included
+    assert numbers.clocks == (1, 1) and numbers.serving_since == 7.0 and numbers.recovered is None

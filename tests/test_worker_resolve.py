@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from tether.config import RunConfig
+from tether.member.view import member_views
 from tether.retry import RetryPolicy
 from tether.store import Member, StoreUnavailable
 from tether.worker.resolve import (
@@ -129,6 +130,7 @@ def test_replaced_shards_are_those_whose_newer_epoch_serves():
         member(2, epoch=2, serving=False),  # replaced, still loading its state
         member(3, epoch=9),  # a shard this worker has not resolved
     ]
+    members = member_views(members)  # the records as a reader parses them
     assert replaced_shards(members, [1, 2, 1]) == [1]
     assert replaced_shards(members, []) == []
 

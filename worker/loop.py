@@ -33,6 +33,7 @@ from tether.malloc import tune_allocator
 from tether.member.health import serve_health
 from tether.member.heartbeat import Heartbeat, peak_rss_bytes
 from tether.member.join import DEFAULT_RUN_WAIT_S, advertised_address, wait_for_run
+from tether.member.report import WorkerReport
 from tether.proto import ps_pb2
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
@@ -101,6 +102,7 @@ class WorkerOptions:
     # a driver (`tether run create`) is concluded by its last worker (DESIGN §12). The CLI
     # passes the driver's conclusion (a layer above); its return value is the exit code.
     conclude: Callable[[Store, str, RunConfig], int] | None = None
+    spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
 
 
 class Worker:
@@ -357,7 +359,7 @@ class Worker:
         return Heartbeat(
             self.opts.store_uri, self.config.run_id, "worker", self.wid, self.epoch,
             interval_s=self.opts.heartbeat_s, after_beat=self.shards.close_replaced,
-            on_fenced=on_fenced, on_run_finished=on_run_finished,
+            on_fenced=on_fenced, on_run_finished=on_run_finished, spawn=self.opts.spawn,
         ).start()  # fmt: skip
 
     def flush_metrics(self) -> None:
@@ -383,24 +385,26 @@ class Worker:
             # Progress reports are observations: training goes on and the next beat reports.
             print(f"tether worker: heartbeat not written: {e}", file=sys.stderr, flush=True)
 
-    def _write_progress(self, loss: float, samples_per_s: float, wait_s: float) -> None:
-        self.store.heartbeat(
-            self.config.run_id,
-            "worker",
-            self.wid,
-            self.epoch,
-            {
-                "clock": self.clock,
-                "loss": loss,
-                "samples_per_s": samples_per_s,
-                "wait_s": wait_s,
-                "reconnects": self.reconnects,
-                "lost_updates": self.ledger.lost_updates,
-                "acked_seqs": self.ledger.acked_seqs,
-                "lost_acked": self.ledger.lost_acked,
-                "peak_rss_bytes": peak_rss_bytes(),
-            },
+    def progress(self, loss: float, samples_per_s: float, wait_s: float) -> WorkerReport:
+        """What this worker publishes every heartbeat interval while it trains."""
+        return WorkerReport(
+            clock=self.clock,
+            loss=loss,
+            samples_per_s=samples_per_s,
+            wait_s=wait_s,
+            reconnects=self.reconnects,
+            lost_updates=self.ledger.lost_updates,
+            acked_seqs=tuple(self.ledger.acked_seqs),
+            lost_acked=self.ledger.lost_acked,
+            peak_rss_bytes=peak_rss_bytes(),
         )
+
+    def publish(self, report: WorkerReport) -> None:
+        """Merge `report` into this worker's record (fenced by its epoch)."""
+        self.store.heartbeat(self.config.run_id, "worker", self.wid, self.epoch, report.to_info())
+
+    def _write_progress(self, loss: float, samples_per_s: float, wait_s: float) -> None:
+        self.publish(self.progress(loss, samples_per_s, wait_s))
 
 
 def run_worker(opts: WorkerOptions) -> int:
@@ -451,10 +455,7 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
     try:
         worker.connect()
         # "Serving again" for a restarted worker: its clock is read back from the shards.
-        store.heartbeat(
-            opts.run_id, "worker", opts.worker_id, worker.epoch,
-            {"clock": worker.clock, "resumed_at": time.time()},
-        )  # fmt: skip
+        worker.publish(WorkerReport(clock=worker.clock, resumed_at=time.time()))
         worker.run()
     except (grpc.RpcError, WorkerFailed) as e:
         if worker.run_finished.is_set():  # the shards ended with the run: nothing is missing
@@ -472,9 +473,7 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
         return 1
     try:
         # The last clock first: a driverless run's last worker reads it to know all are done.
-        store.heartbeat(
-            opts.run_id, "worker", opts.worker_id, worker.epoch, {"clock": worker.clock}
-        )
+        worker.publish(WorkerReport(clock=worker.clock))
         store.set_member_state(opts.run_id, "worker", opts.worker_id, worker.epoch, "exited")
     except Fenced:
         pass  # a newer incarnation of this worker owns the record now

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from tether.config import RunConfig
+from tether.member.view import MemberView, member_views
 from tether.proto.ps_pb2 import InfoReply
 from tether.retry import PollTimeout, RetryPolicy, poll_until, with_retry
 from tether.store import Member, Store, StoreError
@@ -125,14 +126,12 @@ def wait_for_shards(
     return shards
 
 
-def replaced_shards(members: Sequence[Member], epochs: Sequence[int]) -> list[int]:
+def replaced_shards(members: Sequence[MemberView], epochs: Sequence[int]) -> list[int]:
     """The shards whose replacement (a newer epoch than `epochs`) already serves."""
     return [
         m.member_id
         for m in members
-        if m.member_id < len(epochs)
-        and m.epoch > epochs[m.member_id]
-        and m.info.get("serving_since") is not None
+        if m.member_id < len(epochs) and m.epoch > epochs[m.member_id] and m.serving
     ]
 
 
@@ -198,7 +197,7 @@ class ResolvedShards:
         the old process (paused, partitioned: it never answers) ends now and the loop looks the
         shard up again, instead of at the call's deadline (DESIGN §5)."""
         try:
-            members = store.members(self.config.run_id, "server")
+            members = member_views(store.members(self.config.run_id, "server"))
         except StoreError:
             return
         with self._lock:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from tether.cli.common import (
@@ -91,6 +93,7 @@ def _server(args: argparse.Namespace) -> int:
         ServerOptions(
             required_store_uri(args), args.run, member_id(args.shard_id, "--shard-id"),
             listen=args.listen, advertise=args.advertise, run_wait_s=args.wait_for_run,
+            spawn=spawn_token(),
         )
     )  # fmt: skip
 
@@ -103,9 +106,18 @@ def _worker(args: argparse.Namespace) -> int:
         WorkerOptions(
             required_store_uri(args), args.run, member_id(args.worker_id, "--worker-id"),
             routes=routes, listen=args.listen, advertise=args.advertise,
-            run_wait_s=args.wait_for_run, conclude=_conclude,
+            run_wait_s=args.wait_for_run, conclude=_conclude, spawn=spawn_token(),
         )
     )  # fmt: skip
+
+
+def spawn_token(env: Mapping[str, str] = os.environ) -> str:
+    """The token of the driver's start that made this process, which its heartbeats report so
+    that the driver matches the record to its handle (DESIGN §12); "" when another scheduler
+    started it. Read here, at the edge, and handed down (STYLE §7)."""
+    from tether.driver.spawner import SPAWN_VARIABLE
+
+    return env.get(SPAWN_VARIABLE, "")
 
 
 def _conclude(store: Store, store_uri: str, config: RunConfig) -> int:

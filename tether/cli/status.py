@@ -1,41 +1,24 @@
 """`tether status`: who is in a run, whether they are alive, and whether it finished (DESIGN §9).
 
 Status is a read of the store only; it never talks to the members, so it works while a run goes
-on, after it ended, and when members are dead.
+on, after it ended, and when members are dead. It renders the run's `RunView`
+(`tether.member.view`), which the launcher's progress line renders too: one read, so each
+member's lease is the run's `--lease` (a reader that has seen no heartbeat interval yet uses the
+floor of the adaptive lease, as the liveness detector does).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from tether.cli.common import add_store_run, emit_json
-from tether.config import LivenessPolicy
 from tether.driver.policy import member_name
 from tether.exitcodes import EXIT_OK
-from tether.store import Member, default_store_uri, open_store
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def member_alive(m: Member, now: float, host: str, lease_s: float) -> bool:
-    """Running, heard from within the run's lease (`RunConfig.lease_s`) and, on this host, a
-    live pid."""
-    if m.state != "running" or now - m.heartbeat > lease_s:
-        return False
-    return m.host != host or _pid_alive(m.pid)  # the pid can only be checked on its own host
+from tether.member.view import Here, MemberLife, RunView, member_views, observe, run_liveness
+from tether.store import RunRecord, default_store_uri, open_store
 
 
 def run_status(
@@ -58,16 +41,25 @@ def run_status(
             record = runs[0]
         else:
             record = store.get_run(run_id)
-        members = store.members(record.run_id)
+        members = member_views(store.members(record.run_id))
     finally:
         store.close()
-    now, host = time.time(), socket.gethostname()
+    # The run's own liveness settings, as launched.
+    run = observe(
+        None, record.run_id, members, run_liveness(record.config), now=time.time(),
+        here=Here.this_host(),
+    )  # fmt: skip
+    return status_of(record, run, store_uri)
+
+
+def status_of(record: RunRecord, run: RunView, store_uri: str) -> dict[str, Any]:
+    """The `--json` object of a run's record and its view."""
     cfg = record.config
-    lease_s = float(cfg.get("lease_s", LivenessPolicy().lease_s))  # the run's own, as launched
-    launcher = next((m for m in members if m.role == "launcher"), None)
+    launcher = run.launcher
     summary = record.summary or {}
     # Every restart and its cause: the launcher reports them as it goes, the summary at the end.
-    recoveries = summary.get("recoveries") or (launcher.info.get("recoveries") if launcher else [])
+    reported = launcher.launcher.recoveries if launcher and launcher.launcher else None
+    recoveries = summary.get("recoveries") or [dict(r) for r in reported or ()]
     return {
         "run_id": record.run_id,
         "store": store_uri,
@@ -77,28 +69,30 @@ def run_status(
         "shards": cfg.get("shards"),
         "workers": cfg.get("workers"),
         "steps": cfg.get("steps"),
-        "members": [
-            {
-                "role": m.role,
-                "id": m.member_id,
-                "pid": m.pid,
-                "host": m.host,
-                "address": m.address,
-                "epoch": m.epoch,
-                "restarts": m.epoch - 1,  # every replacement registers the next epoch
-                "state": m.state,
-                "phase": m.info.get("phase"),
-                "alive": member_alive(m, now, host, lease_s),
-                "heartbeat_age_s": round(now - m.heartbeat, 3),
-                "clock": m.info.get("clock"),
-                "version": m.info.get("version"),
-                # Reported by the member itself (tether.member.heartbeat.peak_rss_bytes).
-                "peak_rss_mb": _mb(m.info.get("peak_rss_bytes")),
-            }
-            for m in members
-        ],
+        "members": [_member(life) for life in run.members],
         "recoveries": recoveries or [],
         "summary": record.summary,
+    }
+
+
+def _member(life: MemberLife) -> dict[str, Any]:
+    m = life.view
+    return {
+        "role": m.role,
+        "id": m.member_id,
+        "pid": m.pid,
+        "host": m.host,
+        "address": m.address,
+        "epoch": m.epoch,
+        "restarts": m.epoch - 1,  # every replacement registers the next epoch
+        "state": m.state,
+        "phase": m.phase,
+        "alive": life.alive,
+        "heartbeat_age_s": round(life.heartbeat_age_s, 3),
+        "clock": m.clock,
+        "version": m.version,
+        # Reported by the member itself (tether.member.heartbeat.peak_rss_bytes).
+        "peak_rss_mb": _mb(m.peak_rss_bytes),
     }
 
 

@@ -11,13 +11,14 @@ scheduler's retry of it tries again.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
 
 from tether.config import RunConfig
-from tether.driver.summary import Outcome, summarise
+from tether.driver.summary import Outcome, last_losses, summarise
+from tether.member.view import MemberView, member_views
 from tether.retry import PollTimeout, poll_until
 from tether.server.report import ShardReport
 from tether.store import Member, Store, redact_uri
@@ -61,7 +62,7 @@ def final_params(
     return got
 
 
-def restarts_from_epochs(members: list[Member]) -> dict[str, int]:
+def restarts_from_epochs(members: Sequence[MemberView]) -> dict[str, int]:
     """Restarts per role as the store counts them: every registration after a member's first."""
     return {
         role: sum(max(m.epoch - 1, 0) for m in members if m.role == role)
@@ -69,14 +70,12 @@ def restarts_from_epochs(members: list[Member]) -> dict[str, int]:
     }
 
 
-def workers_done(config: RunConfig, members: list[Member]) -> bool:
+def workers_done(config: RunConfig, members: Sequence[MemberView]) -> bool:
     """Whether every worker of the run has exited after its last step."""
     done = {
         m.member_id
         for m in members
-        if m.role == "worker"
-        and m.state == "exited"
-        and int(m.info.get("clock", 0)) >= config.steps
+        if m.role == "worker" and m.state == "exited" and (m.clock or 0) >= config.steps
     }
     return len(done) == config.workers
 
@@ -86,7 +85,7 @@ def conclude_if_last(store: Store, store_uri: str, config: RunConfig) -> bool:
 
     Raises RunFailed when the shards cannot be read (the caller exits non-zero, to be retried).
     """
-    members = store.members(config.run_id)
+    members = member_views(store.members(config.run_id))
     if any(m.role == "launcher" for m in members):
         return False  # a driver concludes its own runs
     if not workers_done(config, members):
@@ -100,7 +99,7 @@ def conclude_if_last(store: Store, store_uri: str, config: RunConfig) -> bool:
     evaluation = runtime_of(config, device="cpu").evaluate(
         flat, context_of(config, "driver", store_uri=store_uri)
     )
-    members = store.members(config.run_id)
+    members = member_views(store.members(config.run_id))
     workers = [m for m in members if m.role == "worker"]
     wall_s = max(time.time() - record.created_at, 1e-9)
     outcome = Outcome(
@@ -108,7 +107,7 @@ def conclude_if_last(store: Store, store_uri: str, config: RunConfig) -> bool:
         store_uri=redact_uri(store_uri),
         export=None,
         evaluation=evaluation,
-        last_losses=[float(w.info["loss"]) for w in workers if "loss" in w.info],
+        last_losses=last_losses(workers),
         wall_s=wall_s,
         train_s=wall_s,
     )

@@ -35,7 +35,6 @@ from tether.driver.control import Mailbox
 from tether.driver.evaluate import Evaluator
 from tether.driver.liveness import Cause, Detector, Kill, Probe, Watched, exit_cause, node_lost
 from tether.driver.policy import (
-    READY_FIELD,
     Crashed,
     FailedAtStart,
     Finished,
@@ -48,8 +47,10 @@ from tether.driver.policy import (
 from tether.driver.probe import Prober
 from tether.driver.progress import ProgressView
 from tether.driver.spawner import Handle, LocalSpawner, MemberSpec, Spawner, stop_all
-from tether.driver.summary import Outcome, RunSummary, summarise
+from tether.driver.summary import Outcome, RunSummary, last_losses, summarise
 from tether.member.heartbeat import Heartbeat
+from tether.member.report import LauncherReport
+from tether.member.view import Here, MemberView, RunView, member_views, observe
 from tether.retry import PollTimeout, poll_until
 from tether.shm import remove_leftovers
 from tether.store import Member, Role, Store, open_store
@@ -331,6 +332,8 @@ class Launcher:
         done: set[int] = set()
         last_view = 0.0
         last_pass = time.monotonic()
+        here, policy = Here.this_host(), self.detector.policy
+        run: RunView | None = None
         while len(done) < cfg.workers:
             now = time.monotonic()
             # How far this loop fell behind its 20 ms: on a loaded machine, the driver too.
@@ -342,15 +345,18 @@ class Launcher:
                 if rc is None or child.member_id in done and child.role == "worker":
                     continue
                 self._exited(store, child, rc, done)
-            members = store.members(cfg.run_id)
+            members = member_views(store.members(cfg.run_id))
             self._detect(members)
             self._observe_recoveries(members)
+            # The run as `tether status` sees it, by the same rule (tether.member.view).
+            run = observe(run, cfg.run_id, members, policy, now=time.time(), here=here)
             now = time.monotonic()
             if now - last_view > 0.25:
                 last_view = now
-                view.update([m for m in members if m.role == "worker"])
+                view.update(run)
             time.sleep(0.02)
-        view.update(store.members(cfg.run_id, "worker"))
+        members = member_views(store.members(cfg.run_id))
+        view.update(observe(run, cfg.run_id, members, policy, now=time.time(), here=here))
         self._await_replaced(store, done)
 
     def _await_replaced(self, store: Store, done: set[int]) -> None:
@@ -393,7 +399,7 @@ class Launcher:
             self._event("exit", child, exit_code=rc, cause=cause.kind)
             self._restart(store, child, rc, cause)
 
-    def _observe_recoveries(self, members: list[Member]) -> None:
+    def _observe_recoveries(self, members: list[MemberView]) -> None:
         for m in members:
             if m.role != "launcher" and (rec := self.supervisor.observed(m)) is not None:
                 self.events.append(
@@ -414,18 +420,18 @@ class Launcher:
         """
 
         def info() -> dict[str, Any]:
-            return {
-                "phase": "train",
-                "restarts": self.supervisor.counts(),
-                "recoveries": [r.to_json() for r in self.supervisor.recoveries],
-            }
+            return LauncherReport(
+                phase="train",
+                restarts=self.supervisor.counts(),
+                recoveries=tuple(r.to_json() for r in self.supervisor.recoveries),
+            ).to_info()
 
         return Heartbeat(
             self.opts.store_uri, self.config.run_id, "launcher", 0, self.epoch,
             interval_s=1.0, info=info,
         ).start()  # fmt: skip
 
-    def _detect(self, members: list[Member]) -> None:
+    def _detect(self, members: list[MemberView]) -> None:
         """Feed the liveness detector what the store shows, then carry out what it decides.
 
         Probes go to the member's registered address directly, never through a chaos proxy: a
@@ -438,9 +444,8 @@ class Launcher:
         for child in self.children:
             m = by_key.get(child.key)
             if m is not None and m.state == "running":
-                serving = m.info.get(READY_FIELD[child.role]) is not None
-                self.detector.heartbeat(child.key, m.heartbeat, serving, now)
-                self._beats_skipped[child.key] = int(m.info.get("heartbeats_skipped", 0))
+                self.detector.heartbeat(child.key, m.heartbeat, m.serving, now)
+                self._beats_skipped[child.key] = m.heartbeats_skipped
         for key, number, ok, error in self.prober.drain():
             self.detector.probe_result(key, number, ok, now, error)
         for action in self.detector.tick(now):
@@ -450,11 +455,11 @@ class Launcher:
             elif isinstance(action, Kill):
                 self._kill(action)
 
-    def _records(self, members: list[Member]) -> dict[tuple[str, int, int], Member]:
+    def _records(self, members: list[MemberView]) -> dict[tuple[str, int, int], MemberView]:
         """Each child's record in the store: the one that reports the child's spawn token, or
         (before its first heartbeat) the one with the child's pid."""
-        by_spawn = {m.info["spawn"]: m for m in members if m.info.get("spawn")}
-        by_pid: dict[tuple[str, int, int], Member] = {
+        by_spawn = {m.spawn: m for m in members if m.spawn}
+        by_pid: dict[tuple[str, int, int], MemberView] = {
             (m.role, m.member_id, m.pid): m for m in members
         }
         found = {}
@@ -495,7 +500,7 @@ class Launcher:
     def _shards_seen(self, store: Store) -> list[Member]:
         """The shards' records, noting the recovery of any restarted one that serves again."""
         members = store.members(self.config.run_id)
-        self._observe_recoveries(members)
+        self._observe_recoveries(member_views(members))
         return [m for m in members if m.role == "server"]
 
     def _shards_recovered(self, store: Store) -> bool:
@@ -505,7 +510,7 @@ class Launcher:
 
     def _finish(self, store: Store, t_start: float, train_s: float) -> RunSummary:
         cfg = self.config
-        workers = store.members(cfg.run_id, "worker")
+        workers = member_views(store.members(cfg.run_id, "worker"))
         flat, infos = final_params(cfg, lambda: self._shards_seen(store), cfg.startup_timeout_s)
         # A shard restarted at the very end answers before its heartbeat says it serves: wait
         # for that heartbeat, so that its recovery is in the summary like any other.
@@ -531,7 +536,7 @@ class Launcher:
                 store_uri=self.opts.store_uri,
                 export=str(self.opts.export) if self.opts.export else None,
                 evaluation=evaluation,
-                last_losses=[float(w.info["loss"]) for w in workers if "loss" in w.info],
+                last_losses=last_losses(workers),
                 wall_s=time.monotonic() - t_start,
                 train_s=train_s,
             ),

@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Any, Literal
 
 from tether.config import LivenessPolicy
+from tether.member.view import lease
 
 # (role, member id, pid): one process of one member. A restarted member is a new key.
 Key = tuple[str, int, int]
@@ -169,10 +170,8 @@ class Detector:
     # -- decisions --------------------------------------------------------------------------
 
     def lease(self, key: Key) -> float:
-        w = self.members[key]
-        p = self.policy
-        longest = max(w.intervals, default=0.0)
-        return min(p.lease_cap_s, max(p.lease_s, p.adaptive_factor * longest))
+        """The member's lease, by the rule every view of a run applies too (`view.lease`)."""
+        return lease(self.policy, self.members[key].intervals)
 
     def tick(self, now: float) -> list[Action]:
         actions: list[Action] = []

@@ -16,9 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tether.driver.liveness import Cause, exit_cause
-from tether.store import Member
-
-READY_FIELD = {"server": "serving_since", "worker": "resumed_at"}
+from tether.member.view import MemberView
 
 
 @dataclass(slots=True)
@@ -88,15 +86,15 @@ class Supervisor:
         self.recoveries.append(recovery)
         return Restart(self.restarts[key])
 
-    def observed(self, member: Member) -> Recovery | None:
+    def observed(self, member: MemberView) -> Recovery | None:
         """A member's store record; returns the recovery it completes, if any."""
         recovery = self.pending.get((member.role, member.member_id))
         if recovery is None or member.epoch <= recovery.old_epoch:
             return None
-        ready_at = member.info.get(READY_FIELD[member.role])
+        ready_at = member.ready_at
         if ready_at is None:
             return None
-        recovery.recovery_s = max(0.0, float(ready_at) - recovery.detected_at)
+        recovery.recovery_s = max(0.0, ready_at - recovery.detected_at)
         del self.pending[(member.role, member.member_id)]
         return recovery
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from tether.config import RunConfig
+from tether.member.report import WorkerReport
+from tether.member.view import MemberView
 from tether.server.report import ShardReport
-from tether.store import Member
 from tether.wire import FLOAT
 
 
@@ -91,7 +93,7 @@ def summarise(
     outcome: Outcome,
     flat: np.ndarray,
     infos: list[ShardReport],
-    workers: list[Member],
+    workers: Sequence[MemberView],
     recoveries: list[dict[str, Any]],
     restarts: dict[str, int],
     liveness: dict[str, Any],
@@ -175,7 +177,17 @@ def sum_hists(hists: list[list[int]]) -> list[int]:
     return out
 
 
-def lost_updates(workers: list[Member]) -> int:
+def report(worker: MemberView) -> WorkerReport:
+    """A worker's report as its record holds it (empty before its first)."""
+    return worker.worker or WorkerReport()
+
+
+def last_losses(workers: Sequence[MemberView]) -> list[float]:
+    """Each worker's last reported mini-batch loss (workers that reported none are left out)."""
+    return [loss for w in workers if (loss := report(w).loss) is not None]
+
+
+def lost_updates(workers: Sequence[MemberView]) -> int:
     """Acknowledged updates that recoveries lost, from the workers' ack ledgers (DESIGN §5).
 
     Each worker reports, per shard recovery (shard:epoch), how far the restored version fell
@@ -183,12 +195,14 @@ def lost_updates(workers: list[Member]) -> int:
     """
     worst: dict[str, int] = {}
     for m in workers:
-        for key, n in (m.info.get("lost_updates") or {}).items():
-            worst[key] = max(worst.get(key, 0), int(n))
+        for key, n in (report(m).lost_updates or {}).items():
+            worst[key] = max(worst.get(key, 0), n)
     return sum(worst.values())
 
 
-def audit_ledger(steps: int, infos: list[ShardReport], workers: list[Member]) -> dict[str, Any]:
+def audit_ledger(
+    steps: int, infos: list[ShardReport], workers: Sequence[MemberView]
+) -> dict[str, Any]:
     """The workers' ack ledgers against the shards' applied logs (DESIGN §7).
 
     A shard's log of worker w is its de-duplication entry: how many of w's pushes it accepted
@@ -213,7 +227,7 @@ def audit_ledger(steps: int, infos: list[ShardReport], workers: list[Member]) ->
             elif entry.clock != steps:
                 problems.append(f"{where}: {entry.clock} of {steps} pushes in the log")
             member = by_id.get(entry.worker_id)
-            acked = (member.info.get("acked_seqs") or []) if member else []
+            acked = (report(member).acked_seqs or ()) if member else ()
             if info.shard_id < len(acked) and acked[info.shard_id] > entry.last_seq:
                 problems.append(
                     f"{where}: seq {acked[info.shard_id]} was acknowledged but the log ends "
@@ -222,7 +236,7 @@ def audit_ledger(steps: int, infos: list[ShardReport], workers: list[Member]) ->
     lost = {
         f"worker {m.member_id} shard:epoch {key}": int(n)
         for m in workers
-        for key, n in (m.info.get("lost_acked") or {}).items()
+        for key, n in (report(m).lost_acked or {}).items()
     }
     # `ok` is the log's consistency; acknowledged pushes lost to a crash are reported apart, as
     # async replication may lose its window by design (DESIGN §5) while sync must lose none.

@@ -11,16 +11,20 @@ suspects a member whose heartbeats stop and confirms with a direct probe before 
 Each beat also reads whether the store marks the run finished; `on_run_finished` is then called
 once and the beats stop: that is how every member, whoever started it, exits 0 when the run is
 done (DESIGN §12).
+
+What the thread adds to every beat is a `BeatReport` (`tether.member.report`): the beats it
+skipped, the process's peak memory and the token of the driver's start that made it. The token
+is read at the edge (the member's command line, from `TETHER_SPAWN`) and handed in (STYLE §7).
 """
 
 from __future__ import annotations
 
-import os
 import resource
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from tether.member.report import BeatReport
 from tether.store import Fenced, Role, Store, StoreError, open_store
 
 BUSY_TIMEOUT_S = 1.0
@@ -45,13 +49,15 @@ class Heartbeat:
         after_beat: Callable[[Store], None] | None = None,
         on_fenced: Callable[[Fenced], None] | None = None,
         on_run_finished: Callable[[], None] | None = None,
+        spawn: str = "",
     ) -> None:
         self.store_uri, self.run_id, self.role = store_uri, run_id, role
         self.member_id, self.epoch, self.interval_s = member_id, epoch, interval_s
         self.info, self.after_beat, self.on_fenced = info, after_beat, on_fenced
         self.on_run_finished = on_run_finished
-        # The driver's token for the start that made this process (tether.driver.spawner).
-        self.spawn = os.environ.get("TETHER_SPAWN", "")
+        # The driver's token for the start that made this process (tether.driver.spawner), or
+        # "" when no driver started it.
+        self.spawn = spawn
         self.stop = threading.Event()
         self.beats = 0
         self.skipped = 0  # beats that could not be written (store busy or unreachable)
@@ -73,12 +79,8 @@ class Heartbeat:
                 try:
                     if store is None:  # opened here, so a busy store at start is retried too
                         store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
-                    info = {
-                        **self.info(),
-                        "heartbeats_skipped": self.skipped,
-                        "peak_rss_bytes": peak_rss_bytes(),
-                        **({"spawn": self.spawn} if self.spawn else {}),
-                    }
+                    beat = BeatReport(self.skipped, peak_rss_bytes(), self.spawn or None)
+                    info = {**self.info(), **beat.to_info()}
                     store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1
                     if self.on_run_finished is not None and store.get_run(self.run_id).finished:
