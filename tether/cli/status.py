@@ -15,8 +15,8 @@ from typing import Any
 
 from tether.cli.common import add_store_run, emit_json
 from tether.config import LivenessPolicy
-from tether.driver.policy import member_name
 from tether.exitcodes import EXIT_OK
+from tether.roles import member_name
 from tether.store import Member, default_store_uri, open_store
 
 

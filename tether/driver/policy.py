@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tether.driver.liveness import Cause, exit_cause
+from tether.roles import member_name
 from tether.store import Member
 
 READY_FIELD = {"server": "serving_since", "worker": "resumed_at"}
@@ -52,10 +53,6 @@ class Restart:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     message: str
-
-
-def member_name(role: str, member_id: int) -> str:
-    return f"{'shard' if role == 'server' else role} {member_id}"
 
 
 class Supervisor:

@@ -21,7 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from tether.store import Fenced, Role, Store, StoreError, open_store
+from tether.roles import Role
+from tether.store import Fenced, Store, StoreError, open_store
 
 BUSY_TIMEOUT_S = 1.0
 

@@ -13,7 +13,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tether.config import RunConfig
-from tether.tasks.api import Role, TaskContext
+from tether.roles import TaskRole
+from tether.tasks.api import TaskContext
 
 if TYPE_CHECKING:
     from tether.tasks.runtime import TaskRuntime
@@ -54,7 +55,7 @@ def task_optimizer(config: RunConfig) -> Any:
 
 
 def context_of(
-    config: RunConfig, role: Role, worker_id: int = 0, store_uri: str = ""
+    config: RunConfig, role: TaskRole, worker_id: int = 0, store_uri: str = ""
 ) -> TaskContext:
     return TaskContext(
         seed=config.seed,
