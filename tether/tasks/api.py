@@ -55,6 +55,8 @@ class Task:
 
     - ``init(key) -> params``: any pytree of float32 arrays (dicts, Flax params, Equinox
       arrays). Called once per process on the CPU backend, so every process gets the same bits.
+      Traced (``jax.eval_shape``, then ``jax.jit``): split the key and draw with ``jax.random``;
+      never turn it into a Python or numpy value (``int(key[0])`` is refused, naming the task).
     - ``loss(params, batch) -> scalar`` or ``(scalar, {name: scalar})``: traced by JAX. The
       metrics dict is logged per step beside the loss.
     - ``batch(ctx, clock) -> batch``: any pytree of arrays, deterministic in (ctx.seed,
