@@ -1,21 +1,22 @@
 """The one consistency rule core (DESIGN §3).
 
-Pure functions over an explicit clock table: a worker's clock is the number of iterations the
-shard has received from it. BSP, SSP(s) and ASP are configurations of the same read rule:
+Pure functions over an explicit clock table, keyed by worker id: a worker's clock is the number
+of iterations the shard has received from it. BSP, SSP(s) and ASP are configurations of the same
+read rule:
 
 - BSP reads like SSP(0) and additionally aggregates a clock's gradients before applying them;
 - SSP(s) serves a pull at clock c only when ``c - min_w(clock_w) <= s``;
 - ASP is SSP with no bound (SSP(inf)).
 
 The *apply* half of BSP is not here: holding each worker's pending gradient of the open clock,
-summing them in fixed worker-id order and keeping the previous parameters for a restarted
-worker is the shard state's work (server/state.py). The rules decide who may read and whether a
-clock's gradients are aggregated; the state that owns the parameters applies the decision.
+summing them in worker-id order and keeping the previous parameters for a restarted worker is
+the shard's work (server/state.py, server/tables.py). The rules decide who may read and whether
+a clock's gradients are aggregated; the state that owns the parameters applies the decision.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -84,22 +85,36 @@ def parse_consistency(mode: str, staleness: int | None = None) -> Consistency:
     return Consistency(parse_mode(mode), 0 if staleness is None else staleness)
 
 
-def clock_gap(clock: int, clocks: Sequence[int]) -> int:
+# A clock table: worker id -> iterations received from it. A plain sequence is read as the table
+# of the workers at its positions (0..W-1).
+Clocks = Mapping[int, int] | Sequence[int]
+
+
+def _items(clocks: Clocks) -> list[tuple[int, int]]:
+    if isinstance(clocks, Mapping):
+        return sorted(clocks.items())
+    return list(enumerate(clocks))
+
+
+def _slowest(clocks: Clocks) -> int:
+    return min(clocks.values()) if isinstance(clocks, Mapping) else min(clocks)
+
+
+def clock_gap(clock: int, clocks: Clocks) -> int:
     """How far a worker at `clock` is ahead of the slowest worker (DESIGN §3 `clock_gap`)."""
-    return clock - min(clocks)
+    return clock - _slowest(clocks)
 
 
-def may_read(consistency: Consistency, clock: int, clocks: Sequence[int]) -> bool:
+def may_read(consistency: Consistency, clock: int, clocks: Clocks) -> bool:
     """The read rule: may a pull by a worker at `clock` be served now?"""
     bound = consistency.read_bound
     return bound is None or clock_gap(clock, clocks) <= bound
 
 
-def blocking_workers(
-    consistency: Consistency, clock: int, clocks: Sequence[int]
-) -> tuple[int, ...]:
-    """The workers a pull at `clock` waits for: those more than the bound behind it."""
+def blocking_workers(consistency: Consistency, clock: int, clocks: Clocks) -> tuple[int, ...]:
+    """The workers (by id, in id order) a pull at `clock` waits for: those more than the bound
+    behind it."""
     bound = consistency.read_bound
     if bound is None:
         return ()
-    return tuple(w for w, c in enumerate(clocks) if clock - c > bound)
+    return tuple(w for w, c in _items(clocks) if clock - c > bound)

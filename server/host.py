@@ -12,7 +12,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from tether.server.state import ShardState, Stop
+from tether.server.messages import Stop
+from tether.server.state import ShardState
 
 
 class ShardHost:

@@ -3,8 +3,9 @@
 
 Two background threads per shard, each with its own loop and neither on the request path:
 
-- :class:`Replicator` appends the log. Under the shard's lock it asks the core whether an append
-  is due (``replication_due``) and takes the unlogged entries (``log_batch``: references to the
+- :class:`Replicator` appends the log. Under the shard's lock it asks the core's log cursor
+  (``server/log.py``) whether an append is due (``replication_due``) and takes the unlogged
+  entries (``batch``: references to the
   gradients the optimizer applied, never a copy); the store write happens outside the lock.
   Appends are group commits: every update applied before the batch was taken is in it.
   Completion goes back to the core (``replicated``) and wakes the pushes whose acknowledgement
@@ -112,18 +113,18 @@ class Replicator(_Adapter):
         spec = self.host.state.spec
         while True:
             with self.host.locked() as state:
-                while not state.replication_due(self.now()):
+                while not state.log.replication_due(self.now()):
                     if self._stopping:
-                        if not state.unlogged:
+                        if not state.log.unlogged:
                             return
                         break  # final flush on a graceful stop
-                    if state.status != "serving" and not state.unlogged:
+                    if state.status != "serving" and not state.log.unlogged:
                         return
-                    wait = state.replication_wait_s(self.now())
+                    wait = state.log.wait_s(self.now())
                     self.host.wait(_IDLE_WAKE_S if wait is None else max(wait, 1e-3))
                 if state.status == "fenced":
                     return  # a zombie writes nothing
-                batch, epoch = state.log_batch(), state.epoch
+                batch, epoch = state.log.batch(), state.epoch
             try:
                 self.store.append_shard_log(spec.run_id, spec.shard_id, epoch, batch)
             except StoreUnavailable as e:
@@ -168,7 +169,7 @@ class Compactor(_Adapter):
                 continue  # the store was unavailable: ask again
             with self.host.locked() as state:
                 # A base is never ahead of the durable log; the replicator gets there soon.
-                while state.durable_version < base.version:
+                while state.log.durable_version < base.version:
                     if self._stopping or state.status != "serving":
                         return
                     self.host.wait(_IDLE_WAKE_S)
@@ -183,7 +184,7 @@ class Compactor(_Adapter):
             self._backoff.succeeded()
             self.bases += 1
             with self.host.locked() as state:
-                state.base_saved(base.version)
+                state.log.base_saved(base.version)
 
     def _copy(self) -> ShardSnapshot | None:
         """The state copied outside the lock, or None if every try was torn by an update."""

@@ -20,8 +20,10 @@ import numpy as np
 
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.server.host import ShardHost
+from tether.server.messages import Ack, Code, PushHeader, Reject, Serve, Wait
+from tether.server.report import ServingCounters, ShardReport
 from tether.server.segments import SegmentCache
-from tether.server.state import Ack, Code, PushHeader, Reject, Serve, Wait
+from tether.server.state import DENSE
 from tether.wire import Assembler, WireError
 
 # How often a waiting pull checks that its client is still there (a cancelled pull must not keep
@@ -46,37 +48,35 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self.host = host
         self._wait_timeout_s = wait_timeout_s
         self._now = now
-        self.pull_wait_s = 0.0
         # The workers' same-host segments (DESIGN §2).
         self.segments = SegmentCache(host.state.spec.shard_id)
-        self.segment_pulls = 0  # pulls served into a segment
-        self.segment_pushes = 0  # gradients read from a segment
-        self.waiting = 0  # pulls currently waiting for slower workers
+        self.counters = ServingCounters()  # changed under the shard's lock
         self.serving_since: float | None = None  # set by the process once it serves
-        self._last_info: dict[str, Any] = {}
+        self._last_report: ShardReport | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Pulls waiting for slower workers right now."""
+        return self.counters.waiting
+
+    def report(self) -> ShardReport:
+        """The shard's report with this servicer's counters (DESIGN §9)."""
+        with self.host.locked() as state:
+            return state.report(self.counters)
 
     def heartbeat_info(self, lock_timeout_s: float) -> dict[str, Any]:
         """What the shard's heartbeat reports. Never waits long on the shard's lock: when a long
-        apply or state copy holds it, the last statistics are reported again, so the beat (the
+        apply or state copy holds it, the last report is published again, so the beat (the
         proof of life) goes out on time (DESIGN §5 Liveness)."""
         with self.host.locked_within(lock_timeout_s) as state:
             if state is not None:
-                self._last_info = {
-                    "version": state.version,
-                    "durable_version": state.durable_version,
-                    "updates_applied": state.stats.updates_applied,
-                    "clocks": state.clocks,
-                    "max_clock_gap": state.stats.max_clock_gap,
-                    "base_version": state.base_version,  # the store's base and log after it
-                    "log_entries": len(state.since_base),
-                }
-        return {
-            **self._last_info,
-            "phase": "serving",
-            "serving_since": self.serving_since,
-            "restored_version": self.host.state.restored_version,  # fixed when it was built
-            "recovered": self.host.state.recovered,  # also fixed: base, entries, seconds
-        }
+                self._last_report = state.report(self.counters)
+        if self._last_report is not None:
+            info = self._last_report.heartbeat()
+        else:  # fixed when the state was built: the version it restored and how
+            state = self.host.state
+            info = {"restored_version": state.restored_version, "recovered": state.recovered}
+        return {**info, "phase": "serving", "serving_since": self.serving_since}
 
     # -- Pull -----------------------------------------------------------------------------
 
@@ -150,10 +150,10 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                 if not context.is_active():
                     decision = Reject(Code.ABORTED, "the pull was cancelled by the client")
                     break
-                self.waiting += 1
+                self.counters.waiting += 1
                 self.host.wait(min(remaining, _LIVENESS_CHECK_S))
-                self.waiting -= 1
-            self.pull_wait_s += time.monotonic() - start
+                self.counters.waiting -= 1
+            self.counters.pull_wait_s += time.monotonic() - start
         return decision
 
     def _read_once(
@@ -173,7 +173,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         decision = state.pull(request.run_id, w, request.clock, self._now(), into)
         if isinstance(decision, Serve) and segment is not None:
             self.segments.served(w, segment, request.request_id)
-            self.segment_pulls += 1
+            self.counters.segment_pulls += 1
         return decision
 
     # -- Push -----------------------------------------------------------------------------
@@ -217,7 +217,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         def read() -> np.ndarray | None:  # called under the lock
             view = self.segments.view(header.worker_id, request.segment, header.length)
             if view is not None:
-                self.segment_pushes += 1
+                self.counters.segment_pushes += 1
                 if self.host.state.keeps_gradients:  # the worker reuses its segment
                     view = view.copy()
             return view
@@ -258,7 +258,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
     ) -> ps_pb2.PushReply:
         """Apply (or hold, or de-duplicate) a push whose header passed (`ShardState.push`)."""
         with self.host.locked() as state:
-            result: Ack | Reject = state.push(header, gradient, self._now())
+            result: Ack | Reject = state.push(header, {DENSE: gradient}, self._now())
             if isinstance(result, Ack) and not result.duplicate:
                 self.host.notify_all()  # clocks moved: waiting pulls re-check the read rule
             if isinstance(result, Ack):
@@ -298,37 +298,8 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         with self.host.locked() as state:
             if rejected := state.check_info(request.run_id):
                 _abort(context, rejected)
-            spec, stats = state.spec, state.stats
-            return ps_pb2.InfoReply(
-                shard_id=spec.shard_id,
-                epoch=state.epoch,
-                version=state.version,
-                offset=spec.offset,
-                length=spec.length,
-                mode=spec.consistency.mode.value,
-                staleness=spec.consistency.staleness,
-                updates_applied=stats.updates_applied,
-                pushes_accepted=stats.pushes_accepted,
-                max_clock_gap=stats.max_clock_gap,
-                clock_gap_hist=stats.clock_gap_hist,
-                staleness_hist=stats.staleness_hist,
-                workers=[
-                    ps_pb2.WorkerClock(
-                        worker_id=w, clock=e.clock, last_seq=e.last_seq, last_seen=e.last_seen
-                    )
-                    for w, e in enumerate(state.workers)
-                ],
-                pulls_served=stats.pulls_served,
-                pull_wait_s=self.pull_wait_s,
-                replication=spec.replication.mode,
-                durable_version=state.durable_version,
-                replications=stats.replications,
-                replication_lag_max_s=stats.replication_lag_max_s,
-                replication_lag_mean_s=stats.replication_lag_sum_s / max(stats.replications, 1),
-                restored_version=state.restored_version,
-                segment_pulls=self.segment_pulls,
-                segment_pushes=self.segment_pushes,
-            )
+            report = state.report(self.counters)
+        return report.info_reply()
 
 
 class RawBytesServicer(ps_pb2_grpc.RawBytesServicer):

@@ -18,8 +18,8 @@ import numpy as np
 
 from tether.config import RunConfig
 from tether.driver.summary import Outcome, summarise
-from tether.proto.ps_pb2 import InfoReply
 from tether.retry import PollTimeout, poll_until
+from tether.server.report import ShardReport
 from tether.store import Member, Store, redact_uri
 from tether.tasks.build import context_of, runtime_of
 from tether.worker.client import read_params
@@ -31,8 +31,8 @@ class RunFailed(RuntimeError):
 
 def final_params(
     config: RunConfig, shards: Callable[[], list[Member]], timeout_s: float
-) -> tuple[np.ndarray, list[InfoReply]]:
-    """The run's final parameters and each shard's statistics, once every shard answers.
+) -> tuple[np.ndarray, list[ShardReport]]:
+    """The run's final parameters and each shard's report, once every shard answers.
 
     A shard restarted near the end may still be starting when the last worker finishes: until
     its replacement registers, the store names the dead one's address (refused) or a fenced one
@@ -40,9 +40,10 @@ def final_params(
     `timeout_s`; after that the run fails, naming the last error."""
     last: list[str] = []
 
-    def attempt() -> tuple[np.ndarray, list[InfoReply]] | None:
+    def attempt() -> tuple[np.ndarray, list[ShardReport]] | None:
         try:
-            return read_params(config, shards())
+            flat, infos = read_params(config, shards())
+            return flat, [ShardReport.from_info(i) for i in infos]
         except grpc.RpcError as e:
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
                 raise

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from tether.config import RunConfig
-from tether.proto.ps_pb2 import InfoReply
+from tether.server.report import ShardReport
 from tether.store import Member
 from tether.wire import FLOAT
 
@@ -90,14 +90,14 @@ def summarise(
     cfg: RunConfig,
     outcome: Outcome,
     flat: np.ndarray,
-    infos: list[InfoReply],
+    infos: list[ShardReport],
     workers: list[Member],
     recoveries: list[dict[str, Any]],
     restarts: dict[str, int],
     liveness: dict[str, Any],
     events: list[dict[str, Any]],
 ) -> RunSummary:
-    """The summary of a finished run: its config, the shards' final statistics (`infos`, one per
+    """The summary of a finished run: its config, the shards' final reports (`infos`, one per
     shard), the workers' ack ledgers and what the driver saw."""
     samples = cfg.workers * cfg.steps * cfg.batch_size
     return RunSummary(
@@ -188,7 +188,7 @@ def lost_updates(workers: list[Member]) -> int:
     return sum(worst.values())
 
 
-def audit_ledger(steps: int, infos: list[InfoReply], workers: list[Member]) -> dict[str, Any]:
+def audit_ledger(steps: int, infos: list[ShardReport], workers: list[Member]) -> dict[str, Any]:
     """The workers' ack ledgers against the shards' applied logs (DESIGN §7).
 
     A shard's log of worker w is its de-duplication entry: how many of w's pushes it accepted
