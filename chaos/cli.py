@@ -82,6 +82,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from tether.chaos.scenario import ScenarioError
 
+    if args.chaos_command in ("run", "soak"):
+        from tether.plotting import missing
+
+        # Checked before any run starts: the report's figure is drawn at the end.
+        if (why := missing()) is not None:
+            print(f"tether chaos {args.chaos_command}: {why}", file=sys.stderr)
+            return EXIT_USAGE
     try:
         if args.chaos_command == "proxy":
             return _proxy(args)

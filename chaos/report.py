@@ -48,11 +48,9 @@ def plot_timeline(
     faults: list[dict[str, Any]],
     title: str,
 ) -> None:
-    import matplotlib
+    from tether.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("a chaos report's timeline.png")
     fig, (ax_loss, ax_clock) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     if (b0 := first_iteration_start(baseline)) is not None:
         for i, (xs, ys) in enumerate(series(baseline, b0, _loss).values()):

@@ -38,10 +38,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tether.config import RunConfig, default_lr, default_replication
+from tether.roles import ROLE_NAMES, role_named
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 
-Role = Literal["server", "worker", "store"]
+# What a process fault hits: a shard or a worker of the run, by its member role (tether.roles),
+# or a member of the MongoDB replica set behind the store, which is no member of the run.
+# Scenario files name them as people do: shard:N, worker:N, store:N.
+TargetKind = Literal["server", "worker", "store"]
 PROCESS_ACTIONS = ("kill", "pause", "resume", "stop", "restart", "replace")
 LINK_ACTIONS = ("add_toxic", "remove_toxic", "disable", "enable")
 TOXIC_TYPES = (
@@ -62,11 +66,11 @@ class ScenarioError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ProcessTarget:
-    role: Role
+    role: TargetKind
     member_id: int | None  # None: the MongoDB primary, found when the fault fires
 
     def describe(self) -> str:
-        name = {"server": "shard", "worker": "worker", "store": "store"}[self.role]
+        name = "store" if self.role == "store" else ROLE_NAMES[self.role]
         return f"{name}:{'primary' if self.member_id is None else self.member_id}"
 
 
@@ -311,7 +315,8 @@ def parse_target(text: str, action: str, where: str) -> ProcessTarget | LinkTarg
             f"{where}: {action} needs a process target (shard:N, worker:N, store:N or "
             f"store:primary), got {text!r}"
         )
-    role: Role = {"shard": "server", "worker": "worker", "store": "store"}[m.group(1)]  # type: ignore[assignment]
+    role = "store" if m.group(1) == "store" else role_named(m.group(1))
+    assert role != "launcher"  # the pattern names shards, workers and store members only
     if m.group(2) == "primary":
         if role != "store":
             raise ScenarioError(f"{where}: only store members have a primary, got {text!r}")

@@ -342,11 +342,9 @@ def _say_phase(r: dict[str, Any], err: TextIO) -> None:
 
 
 def _plot(results: list[dict[str, Any]], out: Path) -> Path:
-    import matplotlib
+    from tether.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("a soak report's memory.png")
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 3.5), squeeze=False)
     for ax, r in zip(axes[0], results, strict=True):
         for pid, s in sorted(r["memory_series"].items()):

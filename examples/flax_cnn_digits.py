@@ -1,4 +1,4 @@
-"""A small Flax (linen) CNN on scikit-learn's bundled 8x8 digits.
+"""A small Flax (linen) CNN on the bundled 8x8 digits (UCI's, as scikit-learn ships them).
 
     tether launch --task examples/flax_cnn_digits.py:task --steps 150 --optimizer adam --lr 3e-3
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tether
-from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
+from tether.data import Dataset, batch_indices, load_dataset, partition
 
 NUM_CLASSES = 10
 

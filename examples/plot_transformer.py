@@ -5,6 +5,7 @@
 Each run goes through `tether.launch`, exactly like `tether launch --task
 examples/char_transformer.py:task ...`; the per-step losses are read back from the run's store
 (every worker logs one metric row per clock, DESIGN §8). About 50 s per run on two CPU cores.
+Needs matplotlib: the `examples` extra (`pip install -e '.[examples]'`).
 """
 
 from __future__ import annotations

@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from tether.server.state import DENSE, ShardSpec, ShardState, Stats
 from tether.store.base import ShardLog, StoreError
+
+from .state import DENSE, ShardSpec, ShardState, Stats
 
 
 def base_parts(state: ShardState) -> tuple[int, dict[str, Any], dict[str, np.ndarray]]:

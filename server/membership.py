@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tether.server.messages import Code, Reject
+from .messages import Code, Reject
 
 
 @dataclass(frozen=True, slots=True)

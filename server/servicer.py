@@ -84,7 +84,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- Pull -----------------------------------------------------------------------------
 
-    def Pull(  # noqa: N802 - gRPC method name
+    def Pull(
         self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
     ) -> Iterator[ps_pb2.PullChunk]:
         if request.observer:
@@ -100,7 +100,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         for data in decision.chunks[1:]:
             yield ps_pb2.PullChunk(data=data)
 
-    def PullInto(  # noqa: N802 - gRPC method name
+    def PullInto(
         self, request: ps_pb2.PullRequest, context: grpc.ServicerContext
     ) -> ps_pb2.PullHeader:
         """A pull served into the worker's same-host segment (DESIGN §2). When the segment
@@ -182,7 +182,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- Push -----------------------------------------------------------------------------
 
-    def Push(  # noqa: N802 - gRPC method name
+    def Push(
         self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext
     ) -> ps_pb2.PushReply:
         # Read without the lock: the core repeats the check under it once the header is here.
@@ -204,7 +204,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
         return self._accept(header, grad, context)
 
-    def PushFrom(  # noqa: N802 - gRPC method name
+    def PushFrom(
         self, request: ps_pb2.PushHeader, context: grpc.ServicerContext
     ) -> ps_pb2.PushReply:
         """A push whose gradient is in the worker's same-host segment (DESIGN §2).
@@ -296,9 +296,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
 
     # -- Info -----------------------------------------------------------------------------
 
-    def Info(  # noqa: N802 - gRPC method name
-        self, request: ps_pb2.InfoRequest, context: grpc.ServicerContext
-    ) -> ps_pb2.InfoReply:
+    def Info(self, request: ps_pb2.InfoRequest, context: grpc.ServicerContext) -> ps_pb2.InfoReply:
         with self.host.locked() as state:
             if rejected := state.check_info(request.run_id):
                 _abort(context, rejected)
@@ -312,12 +310,12 @@ class RawBytesServicer(ps_pb2_grpc.RawBytesServicer):
     def __init__(self) -> None:
         self._source_cache: dict[tuple[int, int], list[bytes]] = {}
 
-    def Sink(  # noqa: N802
+    def Sink(
         self, request_iterator: Iterator[ps_pb2.RawChunk], context: grpc.ServicerContext
     ) -> ps_pb2.RawAck:
         return ps_pb2.RawAck(nbytes=sum(len(m.data) for m in request_iterator))
 
-    def Source(  # noqa: N802
+    def Source(
         self, request: ps_pb2.RawRequest, context: grpc.ServicerContext
     ) -> Iterator[ps_pb2.RawChunk]:
         if not 0 <= request.nbytes <= 1 << 30 or not 0 < request.chunk_bytes <= 4 << 20:

@@ -23,9 +23,11 @@ import numpy as np
 
 from tether.config import ReplicationPolicy
 from tether.consistency import blocking_workers, clock_gap, may_read
-from tether.server.log import LogCursor
-from tether.server.membership import ClockTable, Membership, WorkerEntry
-from tether.server.messages import (
+from tether.store.base import LogEntry, StoreError
+
+from .log import LogCursor
+from .membership import ClockTable, Membership, WorkerEntry
+from .messages import (
     STATUS_ORDER,
     Ack,
     Code,
@@ -36,10 +38,9 @@ from tether.server.messages import (
     Stop,
     Wait,
 )
-from tether.server.report import MemberClock, ServingCounters, ShardReport
-from tether.server.spec import ShardSpec, Stats, bump, split_ranges
-from tether.server.tables import DenseSlice, Table
-from tether.store.base import LogEntry, StoreError
+from .report import MemberClock, ServingCounters, ShardReport
+from .spec import ShardSpec, Stats, bump, split_ranges
+from .tables import DenseSlice, Table
 
 __all__ = [  # the messages are part of the core's vocabulary, imported from here by adapters
     "Ack", "Code", "PushHeader", "Reject", "Serve", "ShardSpec", "ShardState", "Stats", "Status",

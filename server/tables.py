@@ -18,9 +18,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from tether.config import OptimizerConfig
-from tether.server.messages import Code, Reject
-from tether.server.optim import Optimizer
 from tether.wire import DEFAULT_CHUNK_BYTES, FLOAT, chunk_bytes_of
+
+from .messages import Code, Reject
+from .optim import Optimizer
 
 
 class Table(Protocol):

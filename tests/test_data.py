@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
+from tether.data import Dataset, batch_indices, load_dataset, partition
 
 
 def _centroid_accuracy(data: Dataset) -> float:
@@ -65,7 +65,7 @@ def test_digits_split_is_fixed_and_a_true_split() -> None:
 
 def test_digits_matches_sklearn_and_does_not_import_it() -> None:
     code = (
-        "import sys; from tether.tasks.data import load_dataset; d = load_dataset('digits'); "
+        "import sys; from tether.data import load_dataset; d = load_dataset('digits'); "
         "print('sklearn' in sys.modules, len(d.y_train) + len(d.y_test))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -29,12 +29,20 @@ from mongo_fixture import (  # noqa: F401  (mongodb_uri is a fixture used throug
 )
 from pymongo.errors import AutoReconnect
 
-import tether.data as tdata
+import tether.data.reader as tdata
 import tether.store.mongo as mongo_backend
 import tether.store.sqlite as sqlite_backend
 import tether.store.sqlite_schema as sqlite_schema
 from tether.cli.main import main
-from tether.data import StoredDataset, import_table, read_file, read_records, record_range
+from tether.data import (
+    StoredDataset,
+    batch_indices,
+    import_table,
+    read_file,
+    read_records,
+    record_range,
+)
+from tether.data.schema import table_from_arrays, table_from_records
 from tether.store import (
     DatasetExists,
     MongoStore,
@@ -54,12 +62,9 @@ from tether.store.datasets import (
     decode_chunk,
     pack_buffers,
     table_chunks,
-    table_from_arrays,
-    table_from_records,
     unpack_buffers,
 )
 from tether.tasks.api import TaskContext
-from tether.tasks.data import batch_indices
 
 # -- helpers -----------------------------------------------------------------------------------
 

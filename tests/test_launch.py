@@ -18,9 +18,9 @@ import pytest
 from helpers import wait_until
 from tether import shm
 from tether.config import OptimizerConfig
+from tether.data import batch_indices, load_dataset, partition
 from tether.server.optim import Optimizer
 from tether.tasks.builtin import build_model
-from tether.tasks.data import batch_indices, load_dataset, partition
 from tether.tasks.models import parse_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

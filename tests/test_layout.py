@@ -33,7 +33,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "foundations",
         (
             "tether.exitcodes", "tether.config", "tether.wire", "tether.shm", "tether.malloc",
-            "tether.retry", "tether.store", "tether.proto", "tether.consistency",
+            "tether.retry", "tether.roles", "tether.plotting", "tether.store", "tether.proto",
+            "tether.consistency",
         ),
     ),
     ("tasks", ("tether.tasks", "tether.data")),

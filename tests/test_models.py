@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
+from tether.data import Dataset, batch_indices, load_dataset, partition
 from tether.tasks.builtin import Model, build_model
-from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
 from tether.tasks.models import ModelSpec, parse_model
 
 
@@ -192,7 +192,7 @@ def test_gradients_are_bit_identical_across_calls_and_instances(
 def test_gradients_are_bit_identical_across_processes(mlp: Model, digits: Dataset) -> None:
     code = (
         "import hashlib, sys\n"
-        "from tether.tasks.data import load_dataset\n"
+        "from tether.data import load_dataset\n"
         "from tether.tasks.builtin import build_model\n"
         "from tether.tasks.models import parse_model\n"
         "d = load_dataset('digits')\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,38 @@ def test_the_command_line_and_a_restored_shard_start_without_jax() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_optional_dependencies_stay_optional() -> None:
+    """scikit-learn (only the tests compare the shipped digits with it), toxiproxy-python (only
+    the tests drive the proxy with it) and matplotlib (only the reports draw) are not core
+    dependencies, and the members, the driver, the harnesses and the digits import none."""
+    with (REPO / "pyproject.toml").open("rb") as fh:
+        project = tomllib.load(fh)["project"]
+    core = " ".join(project["dependencies"])
+    assert [n for n in ("scikit-learn", "toxiproxy-python", "matplotlib") if n in core] == []
+    assert project["optional-dependencies"]["plot"] == ["matplotlib>=3.8"]
+    code = (
+        "import sys\n"
+        "import tether.cli.main, tether.server.main, tether.worker.loop, tether.driver.launcher\n"
+        "import tether.chaos.runner, tether.chaos.soak, tether.consistency.experiments.report\n"
+        "from tether.data import load_dataset\n"
+        "load_dataset('digits')\n"
+        "print(sorted(m for m in ('sklearn', 'toxiproxy', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_figure_without_matplotlib_names_the_extra(monkeypatch, capsys) -> None:
+    from tether import plotting
+    from tether.cli.main import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    hint = "needs matplotlib, which is not installed: pip install 'tether-ps[plot]'"
+    assert plotting.missing("a figure") == f"a figure {hint}"
+    with pytest.raises(plotting.PlotUnavailable, match="tether-ps\\[plot\\]"):
+        plotting.pyplot()
+    # `tether chaos run` says so before any run starts.
+    assert main(["chaos", "run", "shard-kill"]) == 2
+    assert capsys.readouterr().err.strip() == f"tether chaos run: the report's figures {hint}"

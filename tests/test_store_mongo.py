@@ -568,8 +568,8 @@ def test_a_fault_during_a_dataset_import_leaves_nothing_behind(
     """A dataset import that fails while writing its chunks or publishing its header leaves
     no dataset and no chunks (DESIGN §11: all or nothing); a retry then succeeds."""
     from tether.data import import_table
+    from tether.data.schema import table_from_arrays
     from tether.store import UnknownDataset
-    from tether.store.datasets import table_from_arrays
 
     table = table_from_arrays({"x": np.arange(40, dtype=np.float32)}, "test arrays")
     faults.fail("put_dataset", "not_primary", skip=skip)  # pass 0 is the existence check

@@ -203,6 +203,36 @@ def test_a_loss_that_is_not_a_scalar_is_refused(tmp_path: Path) -> None:
         runtime.step(flat, runtime.task.batch(ctx(), 0))
 
 
+def test_an_init_that_makes_its_key_a_python_int_is_named_above_its_own_frames(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """init(key) is traced (jax.eval_shape): an init that turns its key into a Python int gets
+    one sentence naming the task and its method, then the user's own frames, none of Tether's."""
+    from tether.cli.main import main
+    from tether.config import RunConfig
+    from tether.tasks.build import resolve_config
+
+    path = tmp_path / "int_key.py"
+    path.write_text(
+        USER_TASK.replace(
+            "k1, k2 = jax.random.split(key)",
+            "seed = int(key[0])\n        k1, k2 = jax.random.split(jax.random.PRNGKey(seed))",
+        )
+    )
+    with pytest.raises(ValueError) as refused:
+        resolve_config(RunConfig(run_id="r", task=f"{path}:task"))
+    first, *rest = str(refused.value).splitlines()
+    assert first.startswith(f"task {path}:task: TwoLayer.init(key) is traced: ")
+    assert "jax.eval_shape" in first and "split the key and draw with jax.random" in first
+    assert rest[:2] == [f'  File "{path}", line 7, in init', "    seed = int(key[0])"]
+    assert not [line for line in rest if "File" in line and str(path) not in line]
+    assert any(line.startswith("ConcretizationTypeError: ") for line in rest)  # JAX's words
+    # The command line prints it as it prints any bad input, and exits 2 before any run.
+    assert main(["launch", "--task", f"{path}:task", "--run-dir", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith(f"tether launch: {first}\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_builtin_classifier_is_a_task_on_the_same_path() -> None:
     from tether.config import RunConfig
     from tether.tasks.build import resolve_config, runtime_of

@@ -30,12 +30,9 @@ CONDITIONS = ("no straggler", "straggler")
 
 
 def _plt() -> Any:
-    import matplotlib
+    from tether.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("an experiment report's figures")
 
 
 def _colors(labels: list[str]) -> dict[str, Any]:

@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     uri = args.store or default_store()
     command = args.data_command
     if command == "import":
-        from tether.data import import_table, read_file
+        from tether.data.importer import import_table, read_file
         from tether.store.datasets import DEFAULT_CHUNK_RECORDS, check_dataset_name
 
         per_chunk = DEFAULT_CHUNK_RECORDS if args.chunk_records is None else args.chunk_records
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     elif command == "show":
         if args.head < 0:
             raise UsageError(f"--head must be 0 or more; got {args.head}")
-        from tether.data import read_records
+        from tether.data.reader import read_records
 
         with open_store(uri) as store:
             info = store.dataset_info(args.name)

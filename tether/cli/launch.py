@@ -345,7 +345,7 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  restarts        {s['restarts']['server']} shard, {s['restarts']['worker']} worker\n"
         f"  run dir         {s['run_dir']}"
     )
-    from tether.driver.policy import member_name
+    from tether.roles import member_name
 
     for r in s.get("recoveries", []):
         print(f"    {member_name(r['role'], r['id'])} (epoch {r['epoch']}): {r['detail']}")

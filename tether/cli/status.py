@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tether.cli.common import add_store_run, emit_json
-from tether.driver.policy import member_name
 from tether.exitcodes import EXIT_OK
 from tether.member.view import Here, MemberLife, RunView, member_views, observe, run_liveness
+from tether.roles import member_name
 from tether.store import RunRecord, default_store_uri, open_store
 
 

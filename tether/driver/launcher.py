@@ -42,7 +42,6 @@ from tether.driver.policy import (
     Replaced,
     Supervisor,
     classify_exit,
-    member_name,
 )
 from tether.driver.probe import Prober
 from tether.driver.progress import ProgressView
@@ -52,8 +51,9 @@ from tether.member.heartbeat import Heartbeat
 from tether.member.report import LauncherReport
 from tether.member.view import Here, MemberView, RunView, member_views, observe
 from tether.retry import PollTimeout, poll_until
+from tether.roles import Role, member_name
 from tether.shm import remove_leftovers
-from tether.store import Member, Role, Store, open_store
+from tether.store import Member, Store, open_store
 from tether.tasks.build import context_of, runtime_of
 
 # How long the end of a run waits for a shard that was restarted at the very end and already

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from tether.driver.liveness import Cause, exit_cause
 from tether.member.view import MemberView
+from tether.roles import member_name
 
 
 @dataclass(slots=True)
@@ -50,10 +51,6 @@ class Restart:
 @dataclass(frozen=True, slots=True)
 class GiveUp:
     message: str
-
-
-def member_name(role: str, member_id: int) -> str:
-    return f"{'shard' if role == 'server' else role} {member_id}"
 
 
 class Supervisor:

@@ -17,8 +17,8 @@ from rich.live import Live
 from rich.table import Table
 
 from tether.config import RunConfig
-from tether.driver.policy import member_name
 from tether.member.view import MemberLife, RunView
+from tether.roles import member_name
 
 _PLAIN_EVERY_S = 2.0
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from tether.store import Role
+from tether.roles import Role
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 SPAWN_VARIABLE = "TETHER_SPAWN"

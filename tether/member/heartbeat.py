@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from tether.member.report import BeatReport
-from tether.store import Fenced, Role, Store, StoreError, open_store
+from tether.roles import Role
+from tether.store import Fenced, Store, StoreError, open_store
 
 BUSY_TIMEOUT_S = 1.0
 

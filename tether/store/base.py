@@ -69,14 +69,12 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 
+from tether.roles import ROLES, Role
 from tether.store.datasets import DatasetChunk, DatasetInfo, FieldSpec
-
-Role = Literal["server", "worker", "launcher"]
-ROLES: tuple[Role, ...] = ("server", "worker", "launcher")
 
 MEMBER_STATES: tuple[str, ...] = ("running", "exited", "failed")
 

@@ -25,9 +25,9 @@ user's functions the same tree back, built from views of the pulled buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-Role = Literal["worker", "server", "driver"]
+from tether.roles import TaskRole
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +44,7 @@ class TaskContext:
     num_workers: int
     batch_size: int  # --batch-size: per worker, per clock
     steps: int  # clocks per worker in the run
-    role: Role = "worker"
+    role: TaskRole = "worker"  # the process: "worker", "server" (a shard) or "driver"
     run_id: str = ""
     store_uri: str = ""  # where `tether.data.StoredDataset` reads its records from
     device: str = "cpu"
@@ -55,6 +55,8 @@ class Task:
 
     - ``init(key) -> params``: any pytree of float32 arrays (dicts, Flax params, Equinox
       arrays). Called once per process on the CPU backend, so every process gets the same bits.
+      Traced (``jax.eval_shape``, then ``jax.jit``): split the key and draw with ``jax.random``;
+      never turn it into a Python or numpy value (``int(key[0])`` is refused, naming the task).
     - ``loss(params, batch) -> scalar`` or ``(scalar, {name: scalar})``: traced by JAX. The
       metrics dict is logged per step beside the loss.
     - ``batch(ctx, clock) -> batch``: any pytree of arrays, deterministic in (ctx.seed,

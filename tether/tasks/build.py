@@ -13,7 +13,8 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tether.config import RunConfig
-from tether.tasks.api import Role, TaskContext
+from tether.roles import TaskRole
+from tether.tasks.api import TaskContext
 
 if TYPE_CHECKING:
     from tether.tasks.runtime import TaskRuntime
@@ -35,7 +36,8 @@ def runtime_of(config: RunConfig, device: str | None = None) -> TaskRuntime:
     """The run's task in this process, on `device` (the run's own device by default)."""
     from tether.tasks.runtime import TaskRuntime
 
-    runtime = TaskRuntime(task_of(config), config.device if device is None else device)
+    device = config.device if device is None else device
+    runtime = TaskRuntime(task_of(config), device, name=config.task)
     if config.num_params and runtime.num_params != config.num_params:
         raise ValueError(
             f"the task has {runtime.num_params} parameters in this process but the run expects "
@@ -54,7 +56,7 @@ def task_optimizer(config: RunConfig) -> Any:
 
 
 def context_of(
-    config: RunConfig, role: Role, worker_id: int = 0, store_uri: str = ""
+    config: RunConfig, role: TaskRole, worker_id: int = 0, store_uri: str = ""
 ) -> TaskContext:
     return TaskContext(
         seed=config.seed,
@@ -79,7 +81,7 @@ def resolve_config(config: RunConfig) -> RunConfig:
         from tether.tasks.load import absolute_spec, load_task
 
         spec = absolute_spec(config.task)
-        runtime = TaskRuntime(load_task(spec), config.device)
+        runtime = TaskRuntime(load_task(spec), config.device, name=spec)
         resolved = dataclasses.replace(config, task=spec, model="", dataset="")
     else:
         from tether.tasks.builtin import Classifier

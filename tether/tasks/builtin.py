@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tether.data.batches import batch_indices, partition
+from tether.data.builtin import Dataset, load_dataset
 from tether.tasks.api import Task, TaskContext
-from tether.tasks.data import Dataset, batch_indices, load_dataset, partition
 from tether.tasks.models import (
     ModelSpec,
     Params,

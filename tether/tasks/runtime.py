@@ -13,8 +13,11 @@ on CPU, which is what made the worker slower than the model it trains.
 from __future__ import annotations
 
 import math
+import os
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -131,15 +134,49 @@ def _cpu() -> jax.Device:
     return jax.devices("cpu")[0]
 
 
+# What JAX raises when traced code makes a Python or numpy value of an abstract array.
+_TRACER_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+# Frames in these files are Tether's, JAX's or numpy's, not the user's.
+_NOT_THE_USERS = (str(Path(__file__).resolve()),) + tuple(
+    str(Path(m.__file__).resolve().parent) + os.sep for m in (jax, np) if m.__file__
+)
+
+
+def _untraceable_init(task: Any, name: str, error: Exception) -> ValueError:
+    """One sentence naming the task and its ``init``, then the user's own frames and JAX's
+    message: ``init`` is traced (DESIGN §11), so it must not make a Python value of its key."""
+    who = f"task {name}: " if name else ""
+    sentence = (
+        f"{who}{type(task).__name__}.init(key) is traced: Tether calls it under jax.eval_shape "
+        "and jax.jit, so its key is an abstract array, and init must not turn the key, or anything "
+        "computed from it, into a Python or numpy value (int(), float(), bool(), .item(), "
+        "np.asarray(), an if on it); split the key and draw with jax.random instead"
+    )
+    frames = traceback.extract_tb(error.__traceback__)
+    theirs = [f for f in frames if not str(Path(f.filename).resolve()).startswith(_NOT_THE_USERS)]
+    where = "".join(traceback.format_list(theirs)).rstrip("\n")
+    said = str(error).split("\n\n")[0]  # JAX's explanation, without the link after it
+    parts = (sentence, where, f"{type(error).__name__}: {said}")
+    return ValueError("\n".join(part for part in parts if part))
+
+
 class TaskRuntime:
     """One task in one process: layout, initial parameters, gradient step and evaluation."""
 
-    def __init__(self, task: Any, device: str = "cpu") -> None:
+    def __init__(self, task: Any, device: str = "cpu", *, name: str = "") -> None:
+        """``name``, the task's spec where it has one, goes into the messages about it."""
         self.task = task
         self.device = resolve_device(device)
         key = jax.ShapeDtypeStruct((2,), jnp.uint32)
         with jax.default_device(_cpu()):
-            shapes = jax.eval_shape(task.init, key)
+            try:
+                shapes = jax.eval_shape(task.init, key)
+            except _TRACER_ERRORS as e:
+                raise _untraceable_init(task, name, e) from None
         self.layout = Layout.of(shapes)
         self.num_params = self.layout.num_params
         self._grad: Callable[..., Any] | None = None

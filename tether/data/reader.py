@@ -1,8 +1,8 @@
 """Input data kept in the store, as tasks read it (DESIGN §11).
 
-``tether data import FILE --name NAME`` (or :func:`import_file`) stores a ``.npz``, ``.jsonl``
-or ``.csv`` file as a dataset (the layout and the schema rules: :mod:`tether.store.datasets`). A
-task reads it with :class:`StoredDataset`::
+``tether data import FILE --name NAME`` (or :func:`tether.data.import_file`) stores a ``.npz``,
+``.jsonl`` or ``.csv`` file as a dataset (the layout: :mod:`tether.store.datasets`; the schema
+rules: :mod:`tether.data.schema`). A task reads it with :class:`StoredDataset`::
 
     class Digits(tether.Task):
         data = tether.data.StoredDataset("digits")
@@ -13,10 +13,10 @@ task reads it with :class:`StoredDataset`::
 
 Each worker reads only its own partition: the records are cut into ``ctx.num_workers``
 contiguous, balanced ranges and worker ``w`` gets range ``w`` (:func:`record_range`) -- not the
-strided slices of :func:`tether.tasks.data.partition`, so that a worker reads only the chunks
+strided slices of :func:`tether.data.batches.partition`, so that a worker reads only the chunks
 that hold its records. A background thread, started at first use, reads them chunk by chunk;
 ``batch`` waits (with a deadline) only for the chunks its records are in. The batch of a clock
-is :func:`tether.tasks.data.batch_indices` over the partition: a pure function of
+is :func:`tether.data.batches.batch_indices` over the partition: a pure function of
 ``(ctx.seed, ctx.worker_id, ctx.num_workers, clock)`` and the stored records, so it is the same
 bits in every process and after every restart (DESIGN §3, §5). Because partitions are
 contiguous, a file sorted by label gives each worker a few labels only: shuffle it first.
@@ -24,213 +24,31 @@ contiguous, a file sorted by label gives each worker a few labels only: shuffle 
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import os
 import random
-import re
 import threading
-import zipfile
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from tether.data.batches import batch_indices, record_range
 from tether.retry import RetryPolicy, retry
 from tether.store import Store, StoreError, StoreUnavailable, open_store
 from tether.store.datasets import (
-    DEFAULT_CHUNK_BYTES,
-    DEFAULT_CHUNK_RECORDS,
-    MASK_SUFFIX,
     DatasetInfo,
     Table,
     check_dataset_name,
     concat_tables,
     decode_chunk,
     slice_table,
-    table_chunks,
-    table_from_arrays,
-    table_from_records,
 )
 from tether.tasks.api import TaskContext
-from tether.tasks.data import batch_indices
 
-__all__ = [
-    "MASK_SUFFIX",
-    "StoredDataset",
-    "import_file",
-    "import_table",
-    "read_file",
-    "read_records",
-    "record_range",
-]
-
-SUFFIXES = (".npz", ".jsonl", ".csv")
 # A read of the store that finds it briefly unavailable is tried again (STYLE §6).
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.1, max_s=2.0)
-_INT_RE = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 
-# -- files to tables --------------------------------------------------------------------------
-
-
-def read_file(path: str | Path) -> Table:
-    """The records of a ``.npz`` (each array a field; all share their first dimension),
-    ``.jsonl`` (one JSON object per line) or ``.csv`` (a header row; numbers parsed as numbers)
-    file. ValueError naming the file, and the record and field where one does not fit."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        kind = f"a {suffix}" if suffix else "a suffix-less"
-        raise ValueError(f"{path}: cannot import {kind} file; use one of {', '.join(SUFFIXES)}")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    try:
-        if suffix == ".npz":
-            return _read_npz(path)
-        if suffix == ".jsonl":
-            return table_from_records(lambda: _jsonl_records(path), str(path))
-        return _read_csv(path)
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from None
-    except OSError as e:
-        raise ValueError(f"{path} cannot be read: {e}") from None
-
-
-def _read_npz(path: Path) -> Table:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not an .npz file: {e}") from None
-    except ValueError as e:  # numpy refuses object arrays without allow_pickle
-        raise ValueError(
-            f"{path} holds Python objects (pickled arrays), which are not imported; save numbers "
-            f"or text ({e})"
-        ) from None
-    return table_from_arrays(arrays, str(path))
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not JSON: {e.msg}") from None
-            yield f"line {lineno}", record
-
-
-def _is_float(cell: str) -> bool:
-    try:
-        float(cell)
-    except ValueError:
-        return False
-    return True
-
-
-def _read_csv(path: Path) -> Table:
-    """A CSV file's columns: a column of integers is int64, of numbers float32, else text. An
-    empty cell is a missing value in a number column and the empty string in a text one."""
-    with path.open("r", encoding="utf-8", newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{path} is empty; a CSV file needs a header row")
-        for j, name in enumerate(header):
-            if not name.strip():
-                raise ValueError(f"{path}: column {j + 1} of the header has no name")
-            if name in header[:j]:
-                raise ValueError(f"{path}: the header names column {name!r} twice")
-        kinds = ["i"] * len(header)
-        valued = [False] * len(header)
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(
-                    f"{path}: line {reader.line_num} has {len(row)} cells; the header has "
-                    f"{len(header)}"
-                )
-            for j, cell in enumerate(row):
-                if kinds[j] == "U" or not cell.strip():
-                    continue
-                valued[j] = True
-                if kinds[j] == "i" and not _INT_RE.fullmatch(cell):
-                    kinds[j] = "f"
-                if kinds[j] == "f" and not _is_float(cell):
-                    kinds[j] = "U"
-    kinds = [k if v else "U" for k, v in zip(kinds, valued, strict=True)]
-
-    def records() -> Iterator[tuple[str, dict[str, Any]]]:
-        with path.open("r", encoding="utf-8", newline="") as fh:
-            reader = csv.reader(fh)
-            next(reader)
-            for row in reader:
-                if row:
-                    yield (
-                        f"line {reader.line_num}",
-                        {
-                            name: _cell(cell, kind)
-                            for name, cell, kind in zip(header, row, kinds, strict=True)
-                        },
-                    )
-
-    return table_from_records(records, str(path))
-
-
-def _cell(cell: str, kind: str) -> Any:
-    if kind == "U":
-        return cell
-    if not cell.strip():
-        return None
-    return int(cell) if kind == "i" else float(cell)
-
-
-# -- tables to the store and back --------------------------------------------------------------
-
-
-def import_file(
-    path: str | Path,
-    name: str,
-    *,
-    store: str | Store,
-    replace: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    chunk_records: int = DEFAULT_CHUNK_RECORDS,
-) -> DatasetInfo:
-    """Read ``path`` (:func:`read_file`) and store it as dataset ``name``, all or nothing.
-
-    ``store`` is a store URI or an open store. Raises ValueError for a bad file or name (before
-    the store is opened) and :class:`tether.store.DatasetExists` unless ``replace``.
-    """
-    check_dataset_name(name)
-    table = read_file(path)
-    options: dict[str, Any] = {"source": Path(path).name, "replace": replace}
-    options |= {"chunk_bytes": chunk_bytes, "chunk_records": chunk_records}
-    if isinstance(store, str):
-        with open_store(store) as opened:
-            return import_table(opened, name, table, **options)
-    return import_table(store, name, table, **options)
-
-
-def import_table(
-    store: Store,
-    name: str,
-    table: Table,
-    *,
-    source: str = "",
-    replace: bool = False,
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-    chunk_records: int = DEFAULT_CHUNK_RECORDS,
-) -> DatasetInfo:
-    """Store ``table`` as dataset ``name``, chunk by chunk, all or nothing."""
-    chunks = table_chunks(table, chunk_bytes, chunk_records)
-    return store.put_dataset(name, table.fields, chunks, source=source, replace=replace)
+# -- reading records ---------------------------------------------------------------------------
 
 
 def read_records(store: Store, info: DatasetInfo, start: int, stop: int) -> Table:
@@ -240,17 +58,6 @@ def read_records(store: Store, info: DatasetInfo, start: int, stop: int) -> Tabl
     whole = concat_tables(info.fields, parts)
     offset = info.chunk_starts[c0] if parts else 0
     return slice_table(whole, start - offset, stop - offset)
-
-
-def record_range(records: int, num_workers: int, worker_id: int) -> tuple[int, int]:
-    """Worker ``worker_id``'s records ``[start, stop)``: ``num_workers`` contiguous ranges whose
-    sizes differ by at most one, in worker order."""
-    for what, value, low in (("num_workers", num_workers, 1), ("worker_id", worker_id, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{what} must be an int >= {low}; got {value!r}")
-    if worker_id >= num_workers:
-        raise ValueError(f"worker_id must be < num_workers={num_workers}; got {worker_id}")
-    return records * worker_id // num_workers, records * (worker_id + 1) // num_workers
 
 
 # -- what tasks use ----------------------------------------------------------------------------
@@ -425,7 +232,7 @@ class StoredDataset:
 
     def batch(self, ctx: TaskContext, clock: int, size: int | None = None) -> dict[str, np.ndarray]:
         """The mini-batch of ``clock``: ``size`` (default ``ctx.batch_size``) records of this
-        worker's partition, drawn by :func:`tether.tasks.data.batch_indices`; new arrays."""
+        worker's partition, drawn by :func:`tether.data.batches.batch_indices`; new arrays."""
         reader = self._reader(ctx, whole=False)
         reader.wait(None, "the header")
         size = ctx.batch_size if size is None else size
