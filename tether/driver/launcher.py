@@ -53,7 +53,7 @@ from tether.member.heartbeat import Heartbeat
 from tether.retry import PollTimeout, poll_until
 from tether.shm import remove_leftovers
 from tether.store import Member, Role, Store, open_store
-from tether.tasks.build import context_of, runtime_of
+from tether.tasks.build import context_of, own_optimizer_name, runtime_of
 
 # How long the end of a run waits for a shard that was restarted at the very end and already
 # answered its final read to heartbeat that it serves (a few heartbeat intervals).
@@ -270,9 +270,9 @@ class Launcher:
         t_start = time.monotonic()
         self.say(
             f"tether: run {cfg.run_id} — {cfg.consistency.describe()}, {cfg.shards} shards, "
-            f"{cfg.workers} workers, {cfg.task or f'{cfg.model} on {cfg.dataset}'}, "
+            f"{cfg.workers} workers, {cfg.task_config.describe()}, "
             f"{cfg.num_params} parameters, {cfg.steps} steps, "
-            f"{cfg.optimizer} lr={cfg.lr}, seed {cfg.seed}\n"
+            f"{own_optimizer_name(cfg) or f'{cfg.optimizer} lr={cfg.lr}'}, seed {cfg.seed}\n"
             f"tether: run dir {self.opts.run_dir}, store {self.opts.store_uri}"
         )
         try:

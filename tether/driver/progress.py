@@ -54,7 +54,8 @@ class ProgressView:
         line = self._line(workers)
         now = time.monotonic()
         self._last_line = line
-        if now - self._last_plain >= _PLAIN_EVERY_S:
+        starting_again = not workers and line == self._printed  # said once is enough
+        if now - self._last_plain >= _PLAIN_EVERY_S and not starting_again:
             self._last_plain = now
             self._printed = line
             print(line, file=self.out, flush=True)

@@ -17,6 +17,7 @@ import numpy as np
 from tether.config import RunConfig
 from tether.proto.ps_pb2 import InfoReply
 from tether.store import Member
+from tether.tasks.build import own_optimizer_name
 from tether.wire import FLOAT
 
 
@@ -37,8 +38,8 @@ class RunSummary:
     num_params: int
     optimizer: str
     opt_args: dict[str, Any]  # --opt K=V (DESIGN §4)
-    schedule: str
-    lr: float
+    schedule: str | None  # None, like lr, when the shards ran the task's own optimizer
+    lr: float | None
     seed: int
     final_loss: float | None
     test_accuracy: float | None
@@ -100,6 +101,7 @@ def summarise(
     """The summary of a finished run: its config, the shards' final statistics (`infos`, one per
     shard), the workers' ack ledgers and what the driver saw."""
     samples = cfg.workers * cfg.steps * cfg.batch_size
+    own = own_optimizer_name(cfg)  # what the shards ran, when it is not --optimizer
     return RunSummary(
         run_id=cfg.run_id,
         run_dir=outcome.run_dir,
@@ -114,10 +116,10 @@ def summarise(
         dataset=cfg.dataset,
         task=cfg.task,
         num_params=cfg.num_params,
-        optimizer=cfg.optimizer,
-        opt_args=dict(cfg.opt_args),
-        schedule=cfg.schedule,
-        lr=cfg.lr,
+        optimizer=own or cfg.optimizer,
+        opt_args={} if own else dict(cfg.opt_args),
+        schedule=None if own else cfg.schedule,
+        lr=None if own else cfg.lr,
         seed=cfg.seed,
         final_loss=final_loss(outcome.evaluation, outcome.last_losses),
         test_accuracy=test_accuracy(outcome.evaluation),
