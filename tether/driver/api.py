@@ -126,12 +126,12 @@ def run(
     run_dir: str | Path | None = None,
     store: str | None = None,
     export: str | Path | None = None,
-    err: TextIO = sys.stderr,
+    err: TextIO | None = None,
 ) -> RunSummary:
     """Run `config` to its end and return its summary: members started by `spawner` (child
     processes of this one by default), the run's folder `run_dir` (default runs/<run id>), its
     store `store` (default the SQLite file in that folder), the final parameters written to
-    `export` if given. Raises `RunFailed` if the run fails."""
+    `export` if given, progress on `err` (stderr). Raises `RunFailed` if the run fails."""
     from tether.store import default_store_uri
 
     hooks = hooks or RunHooks()
@@ -145,7 +145,7 @@ def run(
         eval_interval_s=hooks.eval_interval_s,
         before_workers=hooks.before_workers,
     )
-    launcher = Launcher(opts, err=err, spawner=spawner)
+    launcher = Launcher(opts, err=err or sys.stderr, spawner=spawner)
     if hooks.on_start is not None:
         hooks.on_start(launcher)
     return launcher.run()
