@@ -4,11 +4,12 @@ Every way of starting a run goes through this pair, so all of them get the same 
 same checks: the command line (`tether launch`, `tether run create`), `tether.launch` from Python,
 chaos scenarios and soaks, the consistency experiments and the benchmarks.
 
-- `new_run(task, **settings)`: the settings by their flat names (`tether.config.SETTINGS`: the
-  command line's flags), the product's defaults for the rest (`RunConfig.of`), then the checks
-  that need the task: its spec made absolute, its parameters counted (`resolve_config`), and the
-  shards' optimizer (the task's own or `--optimizer`) checked to be elementwise, so that a bad
-  one is refused before anything starts (DESIGN §4, §10) rather than by every shard.
+- `new_run(task, **settings)`: the settings by their stored names (`tether.config.SETTINGS`,
+  which follow the command line's flags), the product's defaults for the rest (`RunConfig.of`),
+  then the checks that need the task: its spec made absolute, its parameters counted
+  (`resolve_config`), and the shards' optimizer (the task's own or `--optimizer`) checked to be
+  elementwise, so that a bad one is refused before anything starts (DESIGN §4, §10) rather than
+  by every shard.
 - `run(config, spawner, hooks)`: the driver (`Launcher`) over that config, to the summary. What a
   harness adds (fault-proxy routes, periodic evaluation, access to the running driver) are
   `RunHooks`.
@@ -68,7 +69,7 @@ def _spec(module: Any, name: str) -> str:
 def new_run(task: Any = None, *, run_id: str | None = None, **settings: Any) -> RunConfig:
     """A new run's config, built and checked (nothing is started): `task` is a task object, its
     class or its import spec (None: `settings` may name one as `task`, else the built-in model on
-    its data set); `settings` are named as `tether launch`'s flags (`tether.config.SETTINGS`).
+    its data set); `settings` are named as the store keeps them (`tether.config.SETTINGS`).
     A new run id unless `run_id` is given. ValueError, one sentence, for a bad setting."""
     unknown = sorted(set(settings) - set(SETTINGS) - {"run_id"})
     if unknown:
@@ -160,10 +161,10 @@ def launch(
     **settings: Any,
 ) -> dict[str, Any]:
     """Train `task` (a task object, its class, or an import spec; None = the built-in MLP on
-    digits) and return the run summary. `settings` are named as `tether launch`'s flags
+    digits) and return the run summary. `settings` are a run's settings as the store keeps them
     (`shards`, `workers`, `mode`, `staleness`, `steps`, `batch_size`, `optimizer`, `lr`, `seed`,
-    `replication`, ...: `tether.config.SETTINGS`), with the same defaults (replication sync for
-    BSP and async otherwise, the learning rate of the optimizer named).
+    `replication`, ...: `tether.config.SETTINGS`), with `tether launch`'s defaults (replication
+    sync for BSP and async otherwise, the learning rate of the optimizer named).
 
     Raises ValueError for a bad setting (nothing started) and `RunFailed` if the run fails.
     """
