@@ -83,7 +83,7 @@ def main() -> int:
     )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from tether.cli.bench import BenchOptions, bench_pushpull
+    from tether.bench.pushpull import BenchOptions, bench_pushpull
     from tether.store import open_store
 
     shards = 4

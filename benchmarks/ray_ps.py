@@ -44,19 +44,17 @@ def main() -> int:
         print("ray_ps: ray is not installed (pip install ray)", file=sys.stderr)
         return 2
 
-    from tether.config import RunConfig
-    from tether.tasks.bench import interleaved_medians, model_step
-    from tether.tasks.build import context_of, resolve_config, runtime_of
+    from tether.bench.timing import interleaved_medians, model_step
+    from tether.driver.api import new_run
+    from tether.tasks.build import context_of, runtime_of
 
-    config = resolve_config(
-        RunConfig(
-            run_id="ray-ps",
-            model=args.model,
-            dataset=args.dataset,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            seed=args.seed,
-        )
+    config = new_run(
+        run_id="ray-ps",
+        model=args.model,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        seed=args.seed,
     )
     print(f"ray_ps: seed {config.seed}, {config.num_params} parameters", file=sys.stderr)
     runtime = runtime_of(config)

@@ -20,13 +20,12 @@ from typing import Any, TextIO
 from tether.chaos.invariants import check_run
 from tether.chaos.links import LinkPlan, fault_proxy
 from tether.chaos.report import write_report
-from tether.chaos.scenario import Scenario, run_config
+from tether.chaos.scenario import Scenario, run_settings
 from tether.chaos.timeline import Timeline, progress_after
-from tether.config import RunConfig, new_run_id
-from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
+from tether.driver import api
+from tether.driver.launcher import Launcher, RunFailed
 from tether.store import MetricRow, default_store_uri, open_store
 from tether.store.metrics import first_iteration_start
-from tether.tasks.build import resolve_config
 
 Baseline = tuple[dict[str, Any], list[MetricRow]]  # the fault-free run's summary and metrics
 
@@ -57,30 +56,17 @@ def _metrics(store_uri: str, run_id: str) -> list[MetricRow]:
         return store.metrics(run_id)
 
 
-def _launch(
-    config: RunConfig, run_dir: Path, store_uri: str, err: TextIO, links: LinkPlan | None = None
-) -> Launcher:
-    opts = LaunchOptions(
-        config=config,
-        run_dir=run_dir,
-        store_uri=store_uri,
-        routes=links.routes() if links is not None else {},
-        before_workers=links.point_all if links is not None else None,
-    )
-    return Launcher(opts, err)
-
-
 def run_baseline(scenario: Scenario, out_dir: Path, err: TextIO, cache: BaselineCache) -> Baseline:
     """The fault-free run with the scenario's options and seed (from `cache` if it has run)."""
     if (cached := cache.get(scenario)) is not None:
         print(f"chaos: fault-free baseline reused ({cached[0]['run_id']})", file=err)
         return cached
-    config = resolve_config(run_config(scenario, new_run_id()))
+    config = api.new_run(**run_settings(scenario))
     run_dir = out_dir / "baseline"
     shutil.rmtree(run_dir, ignore_errors=True)
     store_uri = default_store_uri(run_dir)
     print(f"chaos: fault-free baseline run {config.run_id}", file=err, flush=True)
-    summary = _launch(config, run_dir, store_uri, err).run().to_json()
+    summary = api.run(config, run_dir=run_dir, store=store_uri, err=err).to_json()
     baseline = (summary, _metrics(store_uri, config.run_id))
     cache.put(scenario, baseline)
     return baseline
@@ -139,7 +125,7 @@ def run_scenario(
         if scenario.invariants.needs_baseline
         else (None, [])
     )
-    config = resolve_config(run_config(scenario, new_run_id()))
+    config = api.new_run(**run_settings(scenario))
     run_dir = out_dir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     summary: dict[str, Any] | None = None
@@ -149,28 +135,41 @@ def run_scenario(
         store_uri, store_members = stack.enter_context(_store_for(scenario, run_dir))
         links = None
         if scenario.proxy_workers:
-            api, proxy_kind = stack.enter_context(fault_proxy(scenario.seed, prefer_binary))
+            proxy_api, proxy_kind = stack.enter_context(fault_proxy(scenario.seed, prefer_binary))
             print(f"chaos: links through {proxy_kind}", file=err, flush=True)
-            links = LinkPlan(api, config.workers, config.shards)
+            links = LinkPlan(proxy_api, config.workers, config.shards)
             links.create()
             stack.callback(links.close)
             links.follow(store_uri, config.run_id)
-        launcher = _launch(config, run_dir, store_uri, err, links)
         observer = stack.enter_context(open_store(store_uri))
-        timeline = Timeline(
-            scenario.faults, launcher, observer, config.run_id, config.workers, links,
-            store_members,
-        )  # fmt: skip
-        print(f"chaos: faulted run {config.run_id}", file=err, flush=True)
-        timeline.start()
+        timelines: list[Timeline] = []
+
+        def start_timeline(launcher: Launcher) -> None:
+            """The faults fire through the driver while it runs (DESIGN §7)."""
+            timeline = Timeline(
+                scenario.faults, launcher, observer, config.run_id, config.workers, links,
+                store_members,
+            )  # fmt: skip
+            timelines.append(timeline)
+            print(f"chaos: faulted run {config.run_id}", file=err, flush=True)
+            timeline.start()
+
+        hooks = api.RunHooks(
+            routes=links.routes() if links is not None else {},
+            before_workers=links.point_all if links is not None else None,
+            on_start=start_timeline,
+        )
         try:
-            summary = launcher.run().to_json()
+            done = api.run(config, None, hooks, run_dir=run_dir, store=store_uri, err=err)
+            summary = done.to_json()
         except RunFailed as e:
             failure = str(e)
         finally:
-            timeline.done.set()
-            timeline.join(30)
-            timeline.join_watchers()
+            for timeline in timelines:
+                timeline.done.set()
+                timeline.join(30)
+                timeline.join_watchers()
+        (timeline,) = timelines
         metrics = observer.metrics(config.run_id)
     t0 = first_iteration_start(metrics) or timeline.t0 or 0.0
     faults = [r.to_json(t0) for r in timeline.records]

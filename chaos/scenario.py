@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from tether.config import RunConfig, default_lr, default_replication
+from tether.config import SETTINGS, RunConfig
 from tether.roles import ROLE_NAMES, role_named
 
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
@@ -52,7 +52,7 @@ TOXIC_TYPES = (
     "latency", "bandwidth", "slow_close", "timeout", "reset_peer", "slicer", "limit_data",
 )  # fmt: skip
 # The run options a scenario may set: RunConfig's fields, less what the runner decides.
-RUN_KEYS = {f.name for f in dataclasses.fields(RunConfig)} - {
+RUN_KEYS = set(SETTINGS) - {
     "run_id", "num_params", "in_dim", "num_classes",
 } | {"store"}  # fmt: skip
 
@@ -254,17 +254,18 @@ def load_scenario(
     )
 
 
+def run_settings(scenario: Scenario) -> dict[str, Any]:
+    """The scenario's run options as `new_run`'s settings (the store is the runner's)."""
+    return {k: v for k, v in scenario.run.items() if k != "store"}
+
+
 def run_config(scenario: Scenario, run_id: str) -> RunConfig:
+    """The scenario's run with the product's defaults, before its task is resolved."""
     return _config(scenario.run, run_id)
 
 
 def _config(run: dict[str, Any], run_id: str = "scenario") -> RunConfig:
-    opts = {k: v for k, v in run.items() if k != "store"}
-    opts.setdefault("replication", default_replication(opts.get("mode", "bsp")))
-    opts.setdefault("lr", default_lr(opts.get("optimizer", "adam")))  # as the command line
-    if "stragglers" in opts:
-        opts["stragglers"] = {int(k): int(v) for k, v in opts["stragglers"].items()}
-    return RunConfig(run_id=run_id, **opts)
+    return RunConfig.of(run_id, **{k: v for k, v in run.items() if k != "store"})
 
 
 def _apply_override(raw: dict[str, Any], text: str, where: str) -> None:

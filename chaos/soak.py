@@ -41,10 +41,9 @@ from tether.chaos.scenario import (
     Scenario,
     ToxicSpec,
 )
-from tether.config import RunConfig, new_run_id
-from tether.driver.launcher import Launcher, LaunchOptions
+from tether.config import LivenessPolicy
+from tether.driver import api
 from tether.store import default_store_uri, open_store
-from tether.tasks.build import resolve_config
 
 SAMPLE_S = 1.0
 MIN_FAULT_GAP_S = 8.0
@@ -216,11 +215,10 @@ def memory_flat(series: dict[int, dict[str, Any]], phase_s: float) -> tuple[bool
 
 def calibrate(run: dict[str, Any], seed: int, out: Path, err: TextIO) -> float:
     """Steps per second of a short fault-free run of this mode on this machine, now."""
-    config = resolve_config(RunConfig(run_id=new_run_id(), steps=200, seed=seed, **run))
+    config = api.new_run(**{**run, "steps": 200, "seed": seed})
     run_dir = out / "calibration"
     store_uri = default_store_uri(run_dir)
-    opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri)
-    Launcher(opts, err).run()
+    api.run(config, run_dir=run_dir, store=store_uri, err=err)
     with open_store(store_uri) as store:  # steady state: from step 50 on, start-up excluded
         rows = [r for r in store.metrics(config.run_id, "worker:0") if r.step >= 50]
     return (rows[-1].step - rows[0].step) / max(rows[-1].t - rows[0].t, 1e-3)
@@ -241,8 +239,8 @@ def soak(minutes: float, seed: int, out: Path, err: TextIO) -> dict[str, Any]:
         # take a part of the faulted run's.
         duration_s = budget_s / (2 if phase.invariants.needs_baseline else 1)
         steps = max(100, int(0.8 * rate * duration_s))
-        defaults = RunConfig(run_id="x")
-        detect_s = defaults.lease_s + defaults.probe_timeout_s
+        liveness = LivenessPolicy()  # the product's, which the soak's runs keep
+        detect_s = liveness.lease_s + liveness.probe_timeout_s
         workers, shards = int(phase.run["workers"]), int(phase.run["shards"])
         faults = fault_plan(rng, duration_s, workers, shards, detect_s)
         scenario = Scenario(

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tether import shm
+from tether.bench.train import CpuSampler, cpu_figures, steady_rate
 from tether.cli.main import main
-from tether.driver.bench_train import CpuSampler, cpu_figures, steady_rate
 from tether.store import MetricRow
 
 

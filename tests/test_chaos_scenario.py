@@ -157,7 +157,7 @@ FAULT = {"index": 0, "fault": "kill shard:0 at step 5", "action": "kill", "targe
 def checks_of(scenario_text: str, tmp_path: Path, summary=None, baseline=None, faults=None,
               gap=None, failure=None):  # fmt: skip
     s = load_scenario(write(tmp_path, BASE + scenario_text))
-    config = RunConfig(run_id="x", **{k: v for k, v in s.run.items()})
+    config = RunConfig.of("x", **{k: v for k, v in s.run.items()})
     result = check_run(s.invariants, config, summary, failure, baseline, faults or [FAULT], gap)
     return {c.name: c for c in result}
 
@@ -250,7 +250,7 @@ def test_the_ssp_bound_and_worker_observed_gaps(tmp_path):
     s_text = text.replace("", "")
     ssp = BASE.replace("steps = 50", 'steps = 50\nmode = "ssp"\nstaleness = 2')
     s = load_scenario(write(tmp_path, ssp + s_text))
-    config = RunConfig(run_id="x", **s.run)
+    config = RunConfig.of("x", **s.run)
     ok = check_run(s.invariants, config, dict(SUMMARY, max_clock_gap=2), None, None, [], 2)
     bad = check_run(s.invariants, config, dict(SUMMARY, max_clock_gap=2), None, None, [], 3)
     gap = {c.name: c for c in ok}["clock_gap"]

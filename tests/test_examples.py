@@ -63,7 +63,7 @@ def test_the_flax_cnn_classifies_digits(tether_cli, tmp_path) -> None:
 )
 def test_the_char_transformer_learns_python_source(tether_cli, tmp_path, mode_args) -> None:
     spec = f"{EXAMPLES / 'char_transformer.py'}:task"
-    config = resolve_config(RunConfig(run_id="r", task=spec, batch_size=16))
+    config = resolve_config(RunConfig.of("r", task=spec, batch_size=16))
     runtime = runtime_of(config)
     initial = runtime.evaluate(runtime.init_flat(config.seed), context_of(config, "driver"))["loss"]
     assert abs(initial - math.log(256)) < 0.05  # near-uniform over the byte vocabulary

@@ -30,7 +30,7 @@ def _dead_address() -> str:
 @pytest.mark.timeout(60)
 def test_the_final_read_waits_for_a_replacement_to_register(live_shard):
     shard = live_shard(Mode.ASP, workers=1, n=1000)
-    config = RunConfig(run_id=RUN, shards=1, num_params=1000)
+    config = RunConfig.of(RUN, shards=1, num_params=1000, replication="off")
     dead, calls = _dead_address(), []
 
     def members() -> list[Member]:  # the replacement registers on the store's third reading
@@ -45,7 +45,7 @@ def test_the_final_read_waits_for_a_replacement_to_register(live_shard):
 
 @pytest.mark.timeout(60)
 def test_a_shard_that_never_answers_fails_the_run_naming_the_error():
-    config = RunConfig(run_id=RUN, shards=1, num_params=10)
+    config = RunConfig.of(RUN, shards=1, num_params=10, replication="off")
     dead = _dead_address()
     with pytest.raises(
         RunFailed, match=r"could not be read from the shards within 1s.*UNAVAILABLE"

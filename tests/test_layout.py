@@ -42,7 +42,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("driver", ("tether.driver",)),
     (
         "harnesses",
-        ("tether.chaos", "tether.consistency.experiments", "tether.devtools"),
+        ("tether.chaos", "tether.consistency.experiments", "tether.devtools", "tether.bench"),
     ),
     ("cli", ("tether.cli", "tether.__main__")),
     # The package itself is the public surface (`tether.Task`, `tether.launch`): it names the

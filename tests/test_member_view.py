@@ -335,7 +335,7 @@ def test_progress_and_status_agree_on_the_same_records():
 
 def test_status_reads_the_store_once_and_applies_the_run_s_lease(tmp_path):
     store = open_store(default_store_uri(tmp_path))
-    config = RunConfig(run_id=RUN, lease_s=2.5).to_dict()
+    config = RunConfig.of(RUN, lease_s=2.5).to_dict()
     store.create_run(RUN, config)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()

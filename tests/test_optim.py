@@ -690,8 +690,8 @@ def test_opt_arguments_parse_as_python_literals() -> None:
 
 
 def test_run_config_carries_the_optimizer_through_the_store() -> None:
-    config = RunConfig(
-        run_id="r",
+    config = RunConfig.of(
+        "r",
         mode="asp",
         steps=30,
         workers=3,
@@ -705,7 +705,7 @@ def test_run_config_carries_the_optimizer_through_the_store() -> None:
         "adamw", 3e-4, {"weight_decay": 0.01, "b1": 0.95}, "warmup_cosine:warmup=10", 90
     )
     assert RunConfig.from_dict(config.to_dict()) == config
-    bsp = RunConfig(run_id="r", mode="bsp", steps=30, workers=3, schedule="cosine")
+    bsp = RunConfig.of("r", mode="bsp", steps=30, workers=3, schedule="cosine")
     assert bsp.optimizer_config.horizon == 30  # one update per clock under BSP
     old = config.to_dict()  # as written before the optimizer had arguments and schedules
     for key in ("opt_args", "schedule"):
@@ -713,9 +713,9 @@ def test_run_config_carries_the_optimizer_through_the_store() -> None:
     loaded = RunConfig.from_dict(old)
     assert loaded.opt_args == {} and loaded.schedule == "constant"
     with pytest.raises(ValueError, match="has no argument 'wd'"):
-        RunConfig(run_id="r", optimizer="adamw", opt_args={"wd": 0.1})
+        RunConfig.of("r", optimizer="adamw", opt_args={"wd": 0.1})
     with pytest.raises(ValueError, match="warmup"):
-        RunConfig(run_id="r", steps=10, schedule="warmup_cosine:warmup=10")
+        RunConfig.of("r", steps=10, schedule="warmup_cosine:warmup=10")
 
 
 # --- buffers ----------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 @pytest.fixture
 def run_in_store(tmp_path):
     uri = default_store_uri(tmp_path / "run")
-    config = resolve_config(RunConfig(run_id="cluster-run", shards=2, workers=3, model="logreg"))
+    config = resolve_config(
+        RunConfig.of("cluster-run", shards=2, workers=3, model="logreg", replication="off")
+    )
     store = open_store(uri)
     store.create_run(config.run_id, config.to_dict())
     yield uri, config, store
@@ -88,7 +90,7 @@ def test_a_paused_shard_that_was_replaced_is_fenced_when_it_resumes(tether_cli, 
     """SIGSTOP a shard, start its replacement, SIGCONT the old one (DESIGN §5, zombies)."""
     uri = default_store_uri(tmp_path / "run")
     config = resolve_config(
-        RunConfig(run_id="zombie", shards=1, workers=1, mode="asp", replication="sync")
+        RunConfig.of("zombie", shards=1, workers=1, mode="asp", replication="sync")
     )
     store = open_store(uri)
     store.create_run(config.run_id, config.to_dict())

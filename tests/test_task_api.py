@@ -220,7 +220,7 @@ def test_an_init_that_makes_its_key_a_python_int_is_named_above_its_own_frames(
         )
     )
     with pytest.raises(ValueError) as refused:
-        resolve_config(RunConfig(run_id="r", task=f"{path}:task"))
+        resolve_config(RunConfig.of("r", task=f"{path}:task"))
     first, *rest = str(refused.value).splitlines()
     assert first.startswith(f"task {path}:task: TwoLayer.init(key) is traced: ")
     assert "jax.eval_shape" in first and "split the key and draw with jax.random" in first
@@ -237,7 +237,7 @@ def test_the_builtin_classifier_is_a_task_on_the_same_path() -> None:
     from tether.config import RunConfig
     from tether.tasks.build import resolve_config, runtime_of
 
-    config = resolve_config(RunConfig(run_id="r", model="mlp:16", dataset="digits"))
+    config = resolve_config(RunConfig.of("r", model="mlp:16", dataset="digits"))
     runtime = runtime_of(config)
     assert runtime.num_params == config.num_params == 64 * 16 + 16 + 16 * 10 + 10
     x, y = runtime.task.batch(ctx(batch_size=4), 0)
@@ -252,10 +252,10 @@ def test_resolve_config_makes_the_task_spec_absolute_and_counts_params(
     from tether.tasks.build import resolve_config
 
     monkeypatch.chdir(task_file.parent)
-    config = resolve_config(RunConfig(run_id="r", task="user_task.py:task"))
+    config = resolve_config(RunConfig.of("r", task="user_task.py:task"))
     assert config.task == f"{task_file}:task" and config.num_params == 129
     with pytest.raises(ValueError, match="--shards 200 exceeds the 129 parameters"):
-        resolve_config(RunConfig(run_id="r", task="user_task.py:task", shards=200))
+        resolve_config(RunConfig.of("r", task="user_task.py:task", shards=200))
 
 
 def test_launch_refuses_unknown_settings_before_starting_anything(tmp_path: Path) -> None:

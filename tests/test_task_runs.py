@@ -29,7 +29,7 @@ def task_spec(tmp_path: Path) -> str:
 
 def initial_loss(spec: str, batch_size: int) -> float:
     """The mean loss of worker 0's first batches at the initial parameters, in this process."""
-    config = resolve_config(RunConfig(run_id="r", task=spec, batch_size=batch_size))
+    config = resolve_config(RunConfig.of("r", task=spec, batch_size=batch_size))
     runtime = runtime_of(config)
     flat = runtime.init_flat(config.seed)
     ctx = TaskContext(seed=0, worker_id=0, num_workers=2, batch_size=batch_size, steps=1)

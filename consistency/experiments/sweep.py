@@ -131,9 +131,9 @@ def plan(spec: ExperimentSpec) -> list[Point]:
     ]
 
 
-def run_config(spec: ExperimentSpec, point: Point) -> RunConfig:
-    return RunConfig(
-        run_id=new_run_id(),
+def run_settings(spec: ExperimentSpec, point: Point) -> dict[str, Any]:
+    """One point's run as `new_run`'s settings."""
+    return dict(
         shards=spec.shards,
         workers=point.workers,
         mode=point.mode,
@@ -148,6 +148,11 @@ def run_config(spec: ExperimentSpec, point: Point) -> RunConfig:
         stragglers={} if point.straggler is None else dict([point.straggler]),
         replication=spec.replication,
     )
+
+
+def run_config(spec: ExperimentSpec, point: Point) -> RunConfig:
+    """One point's run with the product's defaults, before its task is resolved."""
+    return RunConfig.of(new_run_id(), **run_settings(spec, point))
 
 
 def provenance() -> dict[str, Any]:
@@ -193,8 +198,8 @@ def run_experiment(
     """Run the sweep; returns {experiment_id, runs, failed, findings, report}."""
     from tether.consistency.experiments.analysis import load_run
     from tether.consistency.experiments.report import render
-    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
-    from tether.tasks.build import resolve_config
+    from tether.driver import api
+    from tether.driver.launcher import RunFailed
 
     exp_id = exp_id or "exp-" + new_run_id()
     points = plan(spec)
@@ -214,18 +219,16 @@ def run_experiment(
     failed: list[dict[str, Any]] = []
     t_start = time.monotonic()
     for i, point in enumerate(points):
-        config = resolve_config(run_config(spec, point))
+        config = api.new_run(**run_settings(spec, point))
         run_dir = out_dir / "runs" / config.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         meta = {"kind": "run", "experiment": exp_id, "point": point.to_dict(), **prov}
         outcome: dict[str, Any]
         with open(run_dir / "launcher.log", "w") as log:
-            opts = LaunchOptions(
-                config=config, run_dir=run_dir, store_uri=store_uri,
-                eval_interval_s=spec.eval_interval_s,
-            )  # fmt: skip
+            hooks = api.RunHooks(eval_interval_s=spec.eval_interval_s)
             try:
-                summary = Launcher(opts, log).run().to_json()
+                done = api.run(config, None, hooks, run_dir=run_dir, store=store_uri, err=log)
+                summary = done.to_json()
                 outcome = {"status": "finished", "wall_s": summary["wall_s"],
                            "final_loss": summary["final_loss"]}  # fmt: skip
             except RunFailed as e:

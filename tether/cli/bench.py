@@ -1,178 +1,22 @@
-"""`tether bench pushpull | step | train`.
+"""`tether bench pushpull | step | train` (DESIGN §9): flags in, figures out.
 
-`tether bench step` (the worker's gradient step against the task's own) is tether/tasks/bench.py;
-`tether bench train` (a real run's steady-state update rate against the single-process gradient
-step) is tether/driver/bench_train.py. What follows is `tether bench pushpull`: shard push/pull
-throughput against raw gRPC bytes (DESIGN §9).
-
-The shards are real `tether server` processes of a throw-away run whose model is a bare float32
-vector. In the same run, on the same servers and channels, it measures:
-
-- push: a float32 vector on the client until every shard acknowledged it applied (optimizer step
-  included);
-- pull: the request until the whole vector is a numpy array on the client;
-- raw push / raw pull: the same number of bytes in the same chunk size through a gRPC stream that
-  does no parameter-server work (the RawBytes service), the baseline the ratios are taken against.
-
-Reported figures are medians over the timed rounds, in gigabits per second.
+The benchmarks themselves are the `tether.bench` package: `pushpull.py` (shard push/pull
+throughput against raw gRPC bytes), `step.py` (the worker's gradient step against the task's own)
+and `train.py` (a real run's steady-state update rate against the single-process step). Their
+runs are made by `new_run`, like every other run.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TextIO
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from tether.cli.common import Parser, emit_json
-from tether.config import RunConfig, new_run_id
-from tether.driver.launcher import Launcher, LaunchOptions
 from tether.exitcodes import EXIT_OK
-from tether.malloc import tune_allocator
-from tether.proto import ps_pb2, ps_pb2_grpc
-from tether.store import default_store_uri
-from tether.tasks.bench import interleaved_medians
-from tether.wire import FLOAT
-from tether.worker.client import ShardClient
 
-
-@dataclass(frozen=True, slots=True)
-class BenchOptions:
-    size_mb: float = 16.0
-    shards: int = 1
-    repeats: int = 20
-    optimizer: str = "sgd"
-    warmup: int = 2
-
-    def __post_init__(self) -> None:
-        if not 0 < self.size_mb <= 1024:
-            raise ValueError(f"--size-mb must be in (0, 1024], got {self.size_mb}")
-        if self.shards < 1 or self.repeats < 1:
-            raise ValueError("--shards and --repeats must be >= 1")
-
-
-def _gbps(nbytes: int, seconds: float) -> float:
-    return nbytes * 8 / 1e9 / seconds
-
-
-def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, Any]:
-    tune_allocator()  # the same tuning the shard and worker processes run with
-    n = int(opts.size_mb * (1 << 20)) // FLOAT.itemsize
-    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
-        config = RunConfig(
-            run_id=new_run_id(),
-            shards=opts.shards,
-            workers=1,
-            mode="asp",
-            model=f"vector:{n}",
-            dataset="none",
-            optimizer=opts.optimizer,
-            lr=1e-3,
-            steps=1,
-            num_params=n,
-        )
-        run_dir = Path(tmp)
-        launcher = Launcher(
-            LaunchOptions(config=config, run_dir=run_dir, store_uri=default_store_uri(run_dir)),
-            err=err,
-        )
-        try:
-            shards = launcher.start_shards()
-            return _measure(opts, config, [m.address for m in shards], n, err)
-        finally:
-            launcher.stop_children()
-            if launcher.store is not None:
-                launcher.store.close()
-
-
-def _measure(
-    opts: BenchOptions, config: RunConfig, addresses: list[str], n: int, err: TextIO
-) -> dict[str, Any]:
-    clients = [ShardClient(a, config.run_id, chunk_bytes=config.chunk_bytes) for a in addresses]
-    raw_stubs = [ps_pb2_grpc.RawBytesStub(c.channel) for c in clients]
-    infos = [c.info() for c in clients]
-    ranges = [(i.offset, i.length) for i in infos]
-    grad = np.random.default_rng(0).standard_normal(n).astype(FLOAT) * np.float32(1e-3)
-    out = np.empty(n, dtype=FLOAT)
-    pool = ThreadPoolExecutor(max_workers=len(clients))
-    clock = [0]
-    versions = [0] * len(clients)
-    epochs = [i.epoch for i in infos]
-    nbytes = n * FLOAT.itemsize
-    chunk = config.chunk_bytes
-    raw_chunks = [
-        [bytes(min(chunk, ln * 4 - k)) for k in range(0, ln * 4, chunk)] for _, ln in ranges
-    ]
-
-    def each(fn: Callable[[int], Any]) -> None:
-        list(pool.map(fn, range(len(clients))))
-
-    def push_one(i: int) -> None:
-        o, ln = ranges[i]
-        reply = clients[i].push(
-            grad[o : o + ln], worker_id=0, clock=clock[0], seq=clock[0],
-            read_version=versions[i], epoch=epochs[i],
-        )  # fmt: skip
-        assert reply.applied, "an ASP push is applied on arrival"
-        versions[i] = reply.version
-
-    def pull_one(i: int) -> None:
-        o, ln = ranges[i]
-        got = clients[i].pull_into(out[o : o + ln], worker_id=0, clock=clock[0])
-        versions[i] = got.version
-
-    def push() -> None:
-        each(push_one)
-        clock[0] += 1
-
-    def pull() -> None:
-        each(pull_one)
-
-    def raw_push_one(i: int) -> None:
-        ack = raw_stubs[i].Sink(ps_pb2.RawChunk(data=d) for d in raw_chunks[i])
-        assert ack.nbytes == ranges[i][1] * 4
-
-    def raw_pull_one(i: int) -> None:
-        req = ps_pb2.RawRequest(nbytes=ranges[i][1] * 4, chunk_bytes=chunk)
-        got = sum(len(m.data) for m in raw_stubs[i].Source(req))
-        assert got == ranges[i][1] * 4
-
-    print(f"tether bench: {nbytes / 2**20:.1f} MiB over {len(clients)} shard(s)", file=err)
-    try:
-        t = interleaved_medians(
-            {
-                "push": push,
-                "raw_push": lambda: each(raw_push_one),
-                "pull": pull,
-                "raw_pull": lambda: each(raw_pull_one),
-            },
-            opts.repeats,
-            opts.warmup,
-        )
-    finally:
-        pool.shutdown()
-        for c in clients:
-            c.close()
-    result: dict[str, Any] = {
-        "size_mb": nbytes / 2**20,
-        "shards": len(clients),
-        "optimizer": opts.optimizer,
-        "repeats": opts.repeats,
-        "chunk_bytes": chunk,
-        "push_gbps": _gbps(nbytes, t["push"]),
-        "pull_gbps": _gbps(nbytes, t["pull"]),
-        "raw_push_gbps": _gbps(nbytes, t["raw_push"]),
-        "raw_pull_gbps": _gbps(nbytes, t["raw_pull"]),
-    }
-    result["push_ratio"] = result["push_gbps"] / result["raw_push_gbps"]
-    result["pull_ratio"] = result["pull_gbps"] / result["raw_pull_gbps"]
-    return result
+if TYPE_CHECKING:
+    from tether.config import RunConfig
 
 
 def print_bench(r: dict[str, Any]) -> None:
@@ -256,24 +100,21 @@ def _task_arguments(parser: Any) -> None:
 
 
 def _config(args: argparse.Namespace, **extra: Any) -> RunConfig:
-    from tether.tasks.build import resolve_config
+    from tether.driver.api import new_run
 
-    return resolve_config(
-        RunConfig(
-            run_id=new_run_id(),
-            task=args.task or "",
-            model=args.model,
-            dataset=args.dataset,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=args.device,
-            **extra,
-        )
+    return new_run(
+        args.task or "",
+        model=args.model,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=args.device,
+        **extra,
     )
 
 
 def run_step(args: argparse.Namespace) -> dict[str, Any]:
-    from tether.tasks.bench import bench_step
+    from tether.bench.step import bench_step
     from tether.tasks.build import context_of, runtime_of
 
     config = _config(args)
@@ -285,7 +126,7 @@ def run_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    from tether.driver.bench_train import bench_train
+    from tether.bench.train import bench_train
 
     config = _config(
         args,
@@ -320,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
             for key, value in result.items():
                 print(f"  {key:22} {_shown(value)}")
         return EXIT_OK
+    from tether.bench.pushpull import BenchOptions, bench_pushpull
+
     result = bench_pushpull(
         BenchOptions(
             size_mb=args.size_mb,

@@ -1,4 +1,4 @@
-"""`tether launch`: one run on this machine (DESIGN §9): flags to a `RunConfig`, then the driver."""
+"""`tether launch`: one run (DESIGN §9): flags to `new_run`, then `run` (tether/driver/api.py)."""
 
 from __future__ import annotations
 
@@ -213,49 +213,39 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> RunConfig:
-    """The run's config from the flags of `add_run_flags`, resolved and checked (a new run id
-    unless one is given)."""
-    from tether.config import (
-        RunConfig,
-        default_lr,
-        default_replication,
-        new_run_id,
-        parse_opt_arg,
-        parse_straggler,
-    )
+    """The run's config from the flags of `add_run_flags`, built and checked by `new_run` (a new
+    run id unless one is given)."""
+    from tether.config import parse_opt_arg, parse_straggler
     from tether.consistency import check_staleness
-    from tether.driver.api import prepare
+    from tether.driver.api import new_run
 
-    lr = args.lr if args.lr is not None else default_lr(args.optimizer)
     opt_args: dict[str, Any] = {}
     for key, value in map(parse_opt_arg, args.opt):
         if key in opt_args:
             raise UsageError(f"--opt {key} is given twice.")
         opt_args[key] = value
-    stragglers = dict(parse_straggler(s) for s in args.straggler)
-    staleness = args.staleness
-    if staleness is None:
-        check_staleness(args.mode, None)  # the rest of the check runs as RunConfig is built
-    config = RunConfig(
-        run_id=run_id or new_run_id(),
+    if args.staleness is None:
+        check_staleness(args.mode, None)  # the command line insists on SSP's bound
+    return new_run(
+        args.task or "",
+        run_id=run_id,
         shards=args.shards,
         workers=args.workers,
         mode=args.mode,
-        staleness=staleness or 0,
+        staleness=args.staleness or 0,
         model=args.model,
         dataset=args.dataset,
-        task=args.task or "",
         steps=args.steps,
         batch_size=args.batch_size,
         optimizer=args.optimizer,
-        lr=lr,
+        lr=args.lr,  # None: the optimizer's default
         opt_args=opt_args,
         schedule=args.schedule,
         seed=args.seed,
         device=args.device,
-        stragglers=stragglers,
+        stragglers=dict(parse_straggler(s) for s in args.straggler),
         wait_timeout_s=args.wait_timeout,
-        replication=args.replication or default_replication(args.mode),
+        replication=args.replication,  # None: the consistency's default
         replicate_every=args.replicate_every,
         replicate_interval_ms=args.replicate_interval_ms,
         compaction_budget_ms=args.compaction_budget_ms,
@@ -266,17 +256,16 @@ def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> Run
         overlap=args.overlap,
         shared_memory=args.shared_memory,
     )
-    return prepare(config)  # resolved, and the optimizer refused here if not elementwise
 
 
 def run(args: argparse.Namespace) -> int:
-    from tether.driver.launcher import Launcher, LaunchOptions, RunFailed
+    from tether.driver import api
+    from tether.driver.launcher import RunFailed
     from tether.store import StoreError, default_store_uri
 
     config = config_from_args(args)
     run_dir = (args.run_dir or Path("runs") / config.run_id).resolve()
     store_uri = args.store or default_store_uri(run_dir)
-    opts = LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri, export=args.export)
     spawner = make_spawner(args.engine, args.address, run_dir, config)
     if args.engine != "local" and store_uri.startswith("sqlite:"):
         print(
@@ -286,7 +275,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        summary = Launcher(opts, spawner=spawner).run().to_json()
+        summary = api.run(
+            config, spawner, run_dir=run_dir, store=store_uri, export=args.export
+        ).to_json()
     except RunFailed as e:
         print(f"tether launch: run {config.run_id} failed: {e}", file=sys.stderr)
         return EXIT_FAILED

@@ -54,7 +54,7 @@ from tether.retry import PollTimeout, poll_until
 from tether.roles import Role, member_name
 from tether.shm import remove_leftovers
 from tether.store import Member, Store, open_store
-from tether.tasks.build import context_of, runtime_of
+from tether.tasks.build import context_of, own_optimizer_name, runtime_of
 
 # How long the end of a run waits for a shard that was restarted at the very end and already
 # answered its final read to heartbeat that it serves (a few heartbeat intervals).
@@ -271,9 +271,9 @@ class Launcher:
         t_start = time.monotonic()
         self.say(
             f"tether: run {cfg.run_id} — {cfg.consistency.describe()}, {cfg.shards} shards, "
-            f"{cfg.workers} workers, {cfg.task or f'{cfg.model} on {cfg.dataset}'}, "
+            f"{cfg.workers} workers, {cfg.task_config.describe()}, "
             f"{cfg.num_params} parameters, {cfg.steps} steps, "
-            f"{cfg.optimizer} lr={cfg.lr}, seed {cfg.seed}\n"
+            f"{own_optimizer_name(cfg) or f'{cfg.optimizer} lr={cfg.lr}'}, seed {cfg.seed}\n"
             f"tether: run dir {self.opts.run_dir}, store {self.opts.store_uri}"
         )
         try:

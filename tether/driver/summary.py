@@ -19,6 +19,7 @@ from tether.config import RunConfig
 from tether.member.report import WorkerReport
 from tether.member.view import MemberView
 from tether.server.report import ShardReport
+from tether.tasks.build import own_optimizer_name
 from tether.wire import FLOAT
 
 
@@ -39,8 +40,8 @@ class RunSummary:
     num_params: int
     optimizer: str
     opt_args: dict[str, Any]  # --opt K=V (DESIGN §4)
-    schedule: str
-    lr: float
+    schedule: str | None  # None, like lr, when the shards ran the task's own optimizer
+    lr: float | None
     seed: int
     final_loss: float | None
     test_accuracy: float | None
@@ -102,6 +103,7 @@ def summarise(
     """The summary of a finished run: its config, the shards' final reports (`infos`, one per
     shard), the workers' ack ledgers and what the driver saw."""
     samples = cfg.workers * cfg.steps * cfg.batch_size
+    own = own_optimizer_name(cfg)  # what the shards ran, when it is not --optimizer
     return RunSummary(
         run_id=cfg.run_id,
         run_dir=outcome.run_dir,
@@ -116,10 +118,10 @@ def summarise(
         dataset=cfg.dataset,
         task=cfg.task,
         num_params=cfg.num_params,
-        optimizer=cfg.optimizer,
-        opt_args=dict(cfg.opt_args),
-        schedule=cfg.schedule,
-        lr=cfg.lr,
+        optimizer=own or cfg.optimizer,
+        opt_args={} if own else dict(cfg.opt_args),
+        schedule=None if own else cfg.schedule,
+        lr=None if own else cfg.lr,
         seed=cfg.seed,
         final_loss=final_loss(outcome.evaluation, outcome.last_losses),
         test_accuracy=test_accuracy(outcome.evaluation),

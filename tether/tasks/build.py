@@ -9,7 +9,6 @@ in its own process. JAX is imported here only when a task is built.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tether.config import RunConfig
@@ -55,6 +54,14 @@ def task_optimizer(config: RunConfig) -> Any:
     return make() if make is not None else None
 
 
+def own_optimizer_name(config: RunConfig) -> str | None:
+    """How the start line and the summary name the shards' optimizer when it is the task's own
+    (`task_optimizer`), or None: then it is `--optimizer` with its learning rate."""
+    if task_optimizer(config) is None:
+        return None
+    return f"task optimizer (from {config.task}.optimizer())"
+
+
 def context_of(
     config: RunConfig, role: TaskRole, worker_id: int = 0, store_uri: str = ""
 ) -> TaskContext:
@@ -82,18 +89,17 @@ def resolve_config(config: RunConfig) -> RunConfig:
 
         spec = absolute_spec(config.task)
         runtime = TaskRuntime(load_task(spec), config.device, name=spec)
-        resolved = dataclasses.replace(config, task=spec, model="", dataset="")
+        resolved = config.with_task(spec=spec, model="", dataset="")
     else:
         from tether.tasks.builtin import Classifier
 
         task = Classifier.named(config.model, config.dataset)
         runtime = TaskRuntime(task, config.device)
-        resolved = dataclasses.replace(
-            config,
+        resolved = config.with_task(
             model=task.spec.describe(),
             in_dim=task.sizes[0],
             num_classes=task.sizes[-1],
         )
     if config.shards > runtime.num_params:
         raise ValueError(f"--shards {config.shards} exceeds the {runtime.num_params} parameters")
-    return dataclasses.replace(resolved, num_params=runtime.num_params)
+    return resolved.with_task(num_params=runtime.num_params)

@@ -3,10 +3,11 @@
 In one invocation, on the same machine and task:
 
 1. baseline: the task's own jitted gradient step, in this process, on device-resident
-   parameters (`tether.tasks.bench.model_step`): the rate a single-process loop could reach;
-2. the run: shards and workers as child processes (`Launcher`), replication off, and the rate at
-   which the shards applied updates once every worker is past its first `skip` clocks (start-up
-   and compilation excluded), read from the workers' per-step metric rows in the store.
+   parameters (`tether.bench.timing.model_step`): the rate a single-process loop could reach;
+2. the run: shards and workers as child processes (`tether.driver.api.run`), replication off,
+   and the rate at which the shards applied updates once every worker is past its first `skip`
+   clocks (start-up and compilation excluded), read from the workers' per-step metric rows in
+   the store.
 
 The baseline is measured before the run starts and again after it ends, so the two never
 compete for the CPUs; `single_process_steps_per_s` is the mean of the two rates, so that a shared
@@ -30,10 +31,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from tether.bench.timing import interleaved_medians, model_step
 from tether.config import RunConfig
-from tether.driver.launcher import Launcher, LaunchOptions
+from tether.driver import api
+from tether.driver.launcher import Launcher
 from tether.store import MetricRow, default_store_uri, open_store
-from tether.tasks.bench import interleaved_medians, model_step
 from tether.tasks.build import context_of, runtime_of
 
 
@@ -145,11 +147,14 @@ def bench_train(config: RunConfig, skip: int = 30, err: TextIO = sys.stderr) -> 
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp:
         run_dir = Path(tmp)
         store_uri = default_store_uri(run_dir)
-        launcher = Launcher(
-            LaunchOptions(config=config, run_dir=run_dir, store_uri=store_uri), err=err
-        )
-        with CpuSampler(lambda: [(c.role, c.pid) for c in list(launcher.children)]) as cpu:
-            summary = launcher.run()
+        launchers: list[Launcher] = []
+        hooks = api.RunHooks(on_start=launchers.append)
+
+        def members() -> list[tuple[str, int]]:
+            return [(c.role, c.pid) for launcher in launchers for c in list(launcher.children)]
+
+        with CpuSampler(members) as cpu:
+            summary = api.run(config, None, hooks, run_dir=run_dir, store=store_uri, err=err)
         with open_store(store_uri) as store:
             rate, count, (start, end) = steady_rate(store.metrics(config.run_id), skip)
     after = interleaved_medians({"model": step}, 200, 5)["model"]
