@@ -60,11 +60,6 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         """Pulls waiting for slower workers right now."""
         return self.counters.waiting
 
-    def report(self) -> ShardReport:
-        """The shard's report with this servicer's counters (DESIGN §9)."""
-        with self.host.locked() as state:
-            return state.report(self.counters)
-
     def heartbeat_info(self, lock_timeout_s: float) -> dict[str, Any]:
         """What the shard's heartbeat reports. Never waits long on the shard's lock: when a long
         apply or state copy holds it, the last report is published again, so the beat (the
