@@ -56,7 +56,10 @@ def test_a_killed_shard_is_replaced_and_the_run_finishes(
 
 
 def test_bsp_sync_with_kills_ends_bit_identical_to_the_fault_free_run(tether_cli, tmp_path, watch):
-    args = ["--json", "--steps", "200", "--seed", "11", "--straggler", "0:5"]
+    # Worker 0 is a 25 ms straggler so the 40 clocks after the last kill outlast a worker's
+    # 0.5 s progress beat: at 5 ms the run could reach clock 200 and exit between two beats,
+    # before any beat showed clock 160, and the last kill found worker 0 already gone.
+    args = ["--json", "--steps", "200", "--seed", "11", "--straggler", "0:25"]
     clean = tether_cli("launch", *args, "--run-dir", str(tmp_path / "clean")).json()
     run_dir = tmp_path / "faulty"
     launch = tether_cli("launch", *args, "--run-dir", str(run_dir))
