@@ -11,7 +11,6 @@ table's arrays `"{table}.{name}"` (the codec adds the prefix).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -90,7 +89,6 @@ class DenseSlice:
         self.prev_params = self.params.copy() if keeps_previous else None
         self.pending: dict[int, np.ndarray] = {}  # BSP: worker id -> gradient of the open clock
         self.chunk_bytes = chunk_bytes
-        self.apply_s = 0.0  # seconds the last update's apply took
 
     # -- updates ------------------------------------------------------------------------------
 
@@ -121,9 +119,7 @@ class DenseSlice:
         redoes the update exactly (DESIGN §5)."""
         if self.prev_params is not None:
             np.copyto(self.prev_params, self.params)
-        started = time.perf_counter()
         self.optimizer.apply(self.params, part)
-        self.apply_s = time.perf_counter() - started
         return {"grad": part}
 
     def replay(self, arrays: Mapping[str, np.ndarray]) -> None:

@@ -101,7 +101,7 @@ def test_new_run_resolves_the_task_and_refuses_a_bad_setting_before_anything_sta
     assert config.replication == "sync" and config.lr == 0.01
     with pytest.raises(ValueError, match="unknown settings shardz"):
         new_run(shardz=2)
-    with pytest.raises(ValueError, match="elementwise|refused|not"):
+    with pytest.raises(ValueError, match="optimizer lamb is not elementwise"):
         new_run(model="logreg", optimizer="lamb")
 
 

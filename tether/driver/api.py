@@ -91,11 +91,10 @@ def check(config: RunConfig) -> RunConfig:
 
     if config.model.startswith("vector:") and not config.task:
         size = int(config.model.partition(":")[2])
-        config = config.with_task(dataset="none", num_params=size)
-        check_elementwise(config.optimizer_config.transformation(), f"optimizer {config.optimizer}")
-        return config
-    config = resolve_config(config)
-    own = task_optimizer(config)
+        config, own = config.with_task(dataset="none", num_params=size), None
+    else:
+        config = resolve_config(config)
+        own = task_optimizer(config)
     if own is not None:
         check_elementwise(own, f"the task's optimizer() ({config.task})")
     else:
