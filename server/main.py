@@ -20,7 +20,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +38,7 @@ from tether.server.replication import Compactor, Replicator
 from tether.server.servicer import RawBytesServicer, ShardServicer
 from tether.server.state import ShardSpec, ShardState, split_ranges
 from tether.store import Fenced, Store, open_store
+from tether.transport import Security, TlsFiles, run_security
 from tether.wire import CHANNEL_OPTIONS
 
 log = logging.getLogger("tether.server")
@@ -77,20 +77,14 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
     )
 
 
-def create_server(address: str, *, max_workers: int) -> tuple[grpc.Server, int]:
+def create_server(address: str, *, max_workers: int, security: Security) -> tuple[grpc.Server, int]:
     """Build and bind (not start) a server; returns the bound port (grpc examples).
 
     Binding first lets a shard publish its address while it is still loading its state: a
-    worker that connects early is refused and retries.
+    worker that connects early is refused and retries. ``security`` is the run's token and TLS
+    (DESIGN §13).
     """
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="shard"),
-        options=CHANNEL_OPTIONS,
-    )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot listen on {address}")
-    return server, port
+    return security.server(address, max_workers=max_workers, name="shard", options=CHANNEL_OPTIONS)
 
 
 def add_services(server: grpc.Server, servicer: ShardServicer) -> health.HealthServicer:
@@ -118,6 +112,8 @@ class ServerOptions:
     heartbeat_s: float = 0.5
     run_wait_s: float = DEFAULT_RUN_WAIT_S  # how long to wait for the run to be created
     spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
+    tls: TlsFiles | None = None  # --tls-*: instead of the run config's files (DESIGN §13)
+    allow_unauthenticated: bool = False  # serve a run from before tokens without one
 
 
 def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
@@ -159,7 +155,13 @@ def serve(opts: ServerOptions) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server, port = create_server(opts.listen, max_workers=pool_size(config.workers))
+    security = run_security(
+        store, opts.store_uri, config, tls=opts.tls,
+        allow_unauthenticated=opts.allow_unauthenticated, who="tether server",
+    )  # fmt: skip
+    server, port = create_server(
+        opts.listen, max_workers=pool_size(config.workers), security=security
+    )
     address = advertised_address(opts.listen, port, opts.advertise)
     epoch = store.register(
         opts.run_id, "server", opts.shard_id, address=address, pid=os.getpid(),
@@ -219,7 +221,7 @@ def serve(opts: ServerOptions) -> int:
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
-        f"replication {spec.replication.mode}"
+        f"replication {spec.replication.mode}, {security.describe()}"
         + (", fresh state" if state.recovered is None else _restored(state.recovered, restored)),
         file=sys.stderr,
         flush=True,

@@ -22,7 +22,11 @@ from tether.server.host import ShardHost
 from tether.server.main import add_services, create_server, pool_size
 from tether.server.servicer import ShardServicer
 from tether.server.state import ShardSpec, ShardState
+from tether.transport import Security, TokenBook
 from tether.worker.client import ShardClient
+
+# The in-process shards check a run token like every shard does (DESIGN §13).
+LIVE_TOKEN = "live-shard-token"
 
 
 @dataclass
@@ -31,9 +35,13 @@ class LiveShard:
     servicer: ShardServicer
     address: str
     clients: list[ShardClient]
+    security: Security
 
-    def client(self) -> ShardClient:
-        c = ShardClient(self.address, RUN, chunk_bytes=self.state.spec.chunk_bytes)
+    def client(self, security: Security | None = None) -> ShardClient:
+        c = ShardClient(
+            self.address, RUN, security=security or self.security,
+            chunk_bytes=self.state.spec.chunk_bytes,
+        )  # fmt: skip
         self.clients.append(c)
         return c
 
@@ -57,11 +65,14 @@ def live_shard() -> Iterator[Callable[..., LiveShard]]:
         )
         state = ShardState(spec, np.linspace(-1, 1, n, dtype=np.float32))
         servicer = ShardServicer(ShardHost(state), wait_timeout_s=wait_timeout_s)
-        server, port = create_server("127.0.0.1:0", max_workers=pool_size(workers))
+        security = Security(TokenBook.fixed(LIVE_TOKEN))
+        server, port = create_server(
+            "127.0.0.1:0", max_workers=pool_size(workers), security=security
+        )
         add_services(server, servicer)
         server.start()
         servers.append(server)
-        shard = LiveShard(state, servicer, f"127.0.0.1:{port}", [])
+        shard = LiveShard(state, servicer, f"127.0.0.1:{port}", [], security)
         shards.append(shard)
         return shard
 

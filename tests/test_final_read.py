@@ -14,6 +14,7 @@ from tether.config import RunConfig
 from tether.consistency import Mode
 from tether.driver.launcher import RunFailed, final_params
 from tether.store import Member
+from tether.transport import Security
 
 
 def _member(address: str) -> Member:
@@ -37,7 +38,7 @@ def test_the_final_read_waits_for_a_replacement_to_register(live_shard):
         calls.append(1)
         return [_member(dead if len(calls) < 3 else shard.address)]
 
-    flat, infos = final_params(config, members, timeout_s=30)
+    flat, infos = final_params(config, members, 30, shard.security)
     assert len(calls) == 3
     np.testing.assert_array_equal(flat, shard.state.params)
     assert [i.length for i in infos] == [1000]
@@ -50,4 +51,4 @@ def test_a_shard_that_never_answers_fails_the_run_naming_the_error():
     with pytest.raises(
         RunFailed, match=r"could not be read from the shards within 1s.*UNAVAILABLE"
     ):
-        final_params(config, lambda: [_member(dead)], timeout_s=1)
+        final_params(config, lambda: [_member(dead)], 1, Security.insecure())

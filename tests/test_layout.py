@@ -34,6 +34,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "tether.exitcodes", "tether.config", "tether.wire", "tether.shm", "tether.malloc",
             "tether.retry", "tether.roles", "tether.plotting", "tether.store", "tether.proto",
+            "tether.transport",
             "tether.consistency",
         ),
     ),

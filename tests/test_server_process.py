@@ -13,6 +13,7 @@ from helpers import wait_until
 from tether.config import RunConfig
 from tether.store import default_store_uri, open_store
 from tether.tasks.build import resolve_config
+from tether.transport import run_security
 from tether.worker.client import ShardClient
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -43,7 +44,7 @@ def test_a_shard_registers_serves_health_and_stops_gracefully_on_sigterm(tether_
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     channel.close()
-    client = ShardClient(member.address, config.run_id)
+    client = ShardClient(member.address, config.run_id, security=run_security(store, uri, config))
     info = client.info()
     client.close()
     half = config.num_params // 2
@@ -103,7 +104,7 @@ def test_a_paused_shard_that_was_replaced_is_fenced_when_it_resumes(tether_cli, 
     old = tether_cli(*args)
     wait_until(lambda: serving(old.proc.pid), 60, "the first shard to serve")
     old_address = serving(old.proc.pid).address
-    client = ShardClient(old_address, config.run_id)
+    client = ShardClient(old_address, config.run_id, security=run_security(store, uri, config))
     grad = np.full(config.num_params, 0.5, dtype=np.float32)
     ack = client.push(grad, worker_id=0, clock=0, seq=0, read_version=0, epoch=1)
     assert ack.applied and ack.version == 1  # sync: durable in the store before this ack
@@ -113,7 +114,9 @@ def test_a_paused_shard_that_was_replaced_is_fenced_when_it_resumes(tether_cli, 
     wait_until(lambda: serving(new.proc.pid), 60, "the replacement to serve")
     replacement = serving(new.proc.pid)
     assert replacement.epoch == 2
-    new_client = ShardClient(replacement.address, config.run_id)
+    new_client = ShardClient(
+        replacement.address, config.run_id, security=run_security(store, uri, config)
+    )
     info = new_client.info()
     assert info.version == 1 and info.restored_version == 1  # the acknowledged push survived
 

@@ -14,6 +14,7 @@ from tether.config import RunConfig
 from tether.member.view import member_views
 from tether.retry import RetryPolicy
 from tether.store import Member, StoreUnavailable
+from tether.transport import Security
 from tether.worker.resolve import (
     MAX_RESOLVES_WITHOUT_PROGRESS,
     Fatal,
@@ -137,7 +138,7 @@ def test_replaced_shards_are_those_whose_newer_epoch_serves():
 
 def shards_with_clients(store, epochs: list[int]) -> tuple[ResolvedShards, list[FakeClient]]:
     config = RunConfig(run_id=RUN, shards=len(epochs))
-    shards = ResolvedShards(store, config, {}, RetryPolicy(), random.Random(0))
+    shards = ResolvedShards(store, config, {}, RetryPolicy(), random.Random(0), Security.insecure())
     clients = [FakeClient() for _ in epochs]
     shards.clients, shards.epochs = clients, epochs  # type: ignore[assignment]
     return shards, clients

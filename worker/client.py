@@ -21,6 +21,7 @@ from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.proto.ps_pb2 import InfoReply
 from tether.retry import RetryPolicy, with_retry
 from tether.store import Member
+from tether.transport import Security
 from tether.wire import (
     CHANNEL_OPTIONS,
     DEFAULT_CHUNK_BYTES,
@@ -56,11 +57,18 @@ class ChannelClosed(RuntimeError):
 class ShardClient:
     """One channel to one shard."""
 
-    def __init__(self, address: str, run_id: str, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        address: str,
+        run_id: str,
+        *,
+        security: Security,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         self.address = address
         self.run_id = run_id
         self.chunk_bytes = chunk_bytes
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = security.channel(address, options=CHANNEL_OPTIONS)
         self.stub = ps_pb2_grpc.ParameterServerStub(self.channel)
         self.closed = False
 
@@ -194,12 +202,16 @@ def prefetched(reply: ps_pb2.PushReply) -> Pulled | None:
     return Pulled(h.epoch, h.version, h.offset, h.clock_gap, in_segment=True)
 
 
-def read_params(config: RunConfig, shards: list[Member]) -> tuple[np.ndarray, list[InfoReply]]:
+def read_params(
+    config: RunConfig, shards: list[Member], security: Security
+) -> tuple[np.ndarray, list[InfoReply]]:
     """Read the whole flat vector and each shard's statistics, outside the clock protocol."""
     flat = np.empty(config.num_params, dtype=FLOAT)
     infos = []
     for m in sorted(shards, key=lambda m: m.member_id):
-        client = ShardClient(m.address, config.run_id, chunk_bytes=config.chunk_bytes)
+        client = ShardClient(
+            m.address, config.run_id, security=security, chunk_bytes=config.chunk_bytes
+        )
         rng = random.Random(m.member_id)
         try:
             info = with_retry(client.info, RetryPolicy(), rng)

@@ -45,6 +45,7 @@ from tether.store import (
     open_store,
 )
 from tether.tasks.build import context_of, runtime_of
+from tether.transport import Security, TlsFiles, run_security
 from tether.wire import Pieces
 from tether.worker.client import ChannelClosed, InSegment, Pulled, prefetched
 from tether.worker.ledger import AckLedger
@@ -101,17 +102,22 @@ class WorkerOptions:
     # Called once this worker has done its last step, with the store still open: a run without
     # a driver (`tether run create`) is concluded by its last worker (DESIGN §12). The CLI
     # passes the driver's conclusion (a layer above); its return value is the exit code.
-    conclude: Callable[[Store, str, RunConfig], int] | None = None
+    conclude: Callable[[Store, str, RunConfig, Security], int] | None = None
     spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
+    tls: TlsFiles | None = None  # --tls-*: instead of the run config's files (DESIGN §13)
+    allow_unauthenticated: bool = False  # call a run from before tokens without one
 
 
 class Worker:
-    def __init__(self, opts: WorkerOptions, store: Store, config: RunConfig) -> None:
+    def __init__(
+        self, opts: WorkerOptions, store: Store, config: RunConfig, security: Security
+    ) -> None:
         if not 0 <= opts.worker_id < config.workers:
             raise ValueError(
                 f"--worker-id {opts.worker_id} is outside 0..{config.workers - 1} for this run"
             )
         self.opts, self.store, self.config = opts, store, config
+        self.security = security  # the run's token and TLS, for every channel (DESIGN §13)
         self.wid = opts.worker_id
         # The run's task (DESIGN §11): the user's loss and batches, differentiated with respect
         # to the parameter tree, which is made of views of `self.flat`.
@@ -124,7 +130,7 @@ class Worker:
         self.run_finished = threading.Event()  # the store marks the run finished: stop, exit 0
         # Transient UNAVAILABLE is retried briefly; longer outages go through re-resolution.
         self.policy = RetryPolicy(attempts=3, initial_s=0.02, max_s=0.1)
-        self.shards = ResolvedShards(store, config, opts.routes, self.policy, self.rng)
+        self.shards = ResolvedShards(store, config, opts.routes, self.policy, self.rng, security)
         # The ack ledger (DESIGN §7): what the shards acknowledged, audited against their applied
         # logs, and what their recoveries lost.
         self.ledger = AckLedger(config.shards)
@@ -421,12 +427,16 @@ def run_worker(opts: WorkerOptions) -> int:
         # Read by XLA when the backend starts, which is after import and before the first use.
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()
-    worker = Worker(opts, store, config)  # ValueError: bad id/device -> exit 2 at the edge
+    security = run_security(
+        store, opts.store_uri, config, tls=opts.tls,
+        allow_unauthenticated=opts.allow_unauthenticated, who="tether worker",
+    )  # fmt: skip
+    worker = Worker(opts, store, config, security)  # ValueError: bad id/device -> exit 2
     for sig in (signal.SIGTERM, signal.SIGINT):  # before registering: a stop is never fatal
         signal.signal(sig, lambda *_: worker.stop.set())
     # The worker's address in the store is its health endpoint: what the launcher's liveness
     # probe asks when the heartbeats fall silent (a frozen process cannot answer it).
-    health_server, health_port = serve_health(opts.listen)
+    health_server, health_port = serve_health(opts.listen, worker.security)
     health_address = advertised_address(opts.listen, health_port, opts.advertise)
     worker.epoch = store.register(
         opts.run_id,
@@ -487,6 +497,10 @@ def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) 
         store.close()
         return EXIT_STOPPED
     try:
-        return 0 if opts.conclude is None else opts.conclude(store, opts.store_uri, config)
+        return (
+            0
+            if opts.conclude is None
+            else opts.conclude(store, opts.store_uri, config, worker.security)
+        )
     finally:
         store.close()

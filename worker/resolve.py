@@ -27,6 +27,7 @@ from tether.member.view import MemberView, member_views
 from tether.proto.ps_pb2 import InfoReply
 from tether.retry import PollTimeout, RetryPolicy, poll_until, with_retry
 from tether.store import Member, Store, StoreError
+from tether.transport import Security
 from tether.worker.client import ShardClient
 
 
@@ -149,8 +150,10 @@ class ResolvedShards:
         routes: dict[int, str],
         policy: RetryPolicy,
         rng: random.Random,
+        security: Security,
     ) -> None:
         self.store, self.config, self.routes = store, config, routes
+        self.security = security
         self.policy, self.rng = policy, rng
         self.clients: list[ShardClient] = []
         self.epochs: list[int] = []  # each shard's epoch as last resolved from the store
@@ -179,6 +182,7 @@ class ResolvedShards:
                 ShardClient(
                     self.routes.get(m.member_id, m.address),
                     self.config.run_id,
+                    security=self.security,
                     chunk_bytes=self.config.chunk_bytes,
                 )
                 for m in shards

@@ -31,6 +31,7 @@ from tether.driver.launcher import Launcher, LaunchOptions
 from tether.malloc import tune_allocator
 from tether.proto import ps_pb2, ps_pb2_grpc
 from tether.store import default_store_uri
+from tether.transport import Security
 from tether.wire import FLOAT
 from tether.worker.client import ShardClient
 
@@ -71,7 +72,8 @@ def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, An
         )
         try:
             shards = launcher.start_shards()
-            return _measure(opts, config, [m.address for m in shards], n, err)
+            assert launcher.security is not None  # made with the run
+            return _measure(opts, config, [m.address for m in shards], n, err, launcher.security)
         finally:
             launcher.stop_children()
             if launcher.store is not None:
@@ -79,9 +81,17 @@ def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, An
 
 
 def _measure(
-    opts: BenchOptions, config: RunConfig, addresses: list[str], n: int, err: TextIO
+    opts: BenchOptions,
+    config: RunConfig,
+    addresses: list[str],
+    n: int,
+    err: TextIO,
+    security: Security,
 ) -> dict[str, Any]:
-    clients = [ShardClient(a, config.run_id, chunk_bytes=config.chunk_bytes) for a in addresses]
+    clients = [
+        ShardClient(a, config.run_id, security=security, chunk_bytes=config.chunk_bytes)
+        for a in addresses
+    ]
     raw_stubs = [ps_pb2_grpc.RawBytesStub(c.channel) for c in clients]
     infos = [c.info() for c in clients]
     ranges = [(i.offset, i.length) for i in infos]

@@ -94,3 +94,32 @@ def member_id(flag: int | None, flag_name: str, env: Mapping[str, str] = os.envi
 def emit_json(obj: dict[str, Any]) -> None:
     """`--json`: exactly one JSON object, the last line of stdout (DESIGN §9)."""
     print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+def add_tls_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """`--tls-cert`, `--tls-key`, `--tls-ca` (DESIGN §13), each defaulting to its environment
+    variable (`TETHER_TLS_CERT`, ...) as a Kubernetes Secret mounted as files would set them."""
+    env = os.environ
+    for name, help_text in (
+        ("cert", "PEM certificate chain: serve and call with TLS"),
+        ("key", "PEM private key of --tls-cert"),
+        ("ca", "PEM CA bundle: TLS becomes mutual (clients must present a certificate signed "
+         "by it) and clients verify servers against it"),
+    ):  # fmt: skip
+        p.add_argument(
+            f"--tls-{name}",
+            default=env.get(f"TETHER_TLS_{name.upper()}") or None,
+            metavar="FILE",
+            help=f"{help_text}; {what} (env TETHER_TLS_{name.upper()})",
+        )
+
+
+def tls_paths(args: argparse.Namespace) -> dict[str, str]:
+    """The `--tls-*` flags as absolute paths (members may run in another directory), keyed as
+    the run config stores them; {} when none is given."""
+    given = {
+        f"tls_{name}": os.path.abspath(getattr(args, f"tls_{name}"))
+        for name in ("cert", "key", "ca")
+        if getattr(args, f"tls_{name}", None)
+    }
+    return given

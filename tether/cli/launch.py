@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tether.cli.common import UsageError, emit_json
+from tether.cli.common import UsageError, add_tls_flags, emit_json, tls_paths
 from tether.exitcodes import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
@@ -210,6 +210,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="stream parameters and gradients through gRPC even between processes of one "
         "machine (by default they go through a /dev/shm segment there)",
     )
+    add_tls_flags(p, "kept in the run's config for every member, as paths on each host")
 
 
 def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> RunConfig:
@@ -255,6 +256,7 @@ def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> Run
         startup_timeout_s=args.startup_timeout,
         overlap=args.overlap,
         shared_memory=args.shared_memory,
+        **tls_paths(args),
     )
 
 

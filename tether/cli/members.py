@@ -13,14 +13,17 @@ from tether.cli.common import (
     MEMBER_ID_VARIABLES,
     UsageError,
     add_store_run,
+    add_tls_flags,
     member_id,
     required_store_uri,
+    tls_paths,
 )
 from tether.member.join import DEFAULT_RUN_WAIT_S
 
 if TYPE_CHECKING:
     from tether.config import RunConfig
     from tether.store import Store
+    from tether.transport import Security, TlsFiles
 
 _ID_FROM_ENV = f"; without it, from {', '.join(MEMBER_ID_VARIABLES)} (the first one set)"
 
@@ -48,6 +51,13 @@ def _add_member_options(p: Any, what: str) -> None:
         metavar="S",
         help="wait this long for the run to be created, e.g. by `tether run create` in "
         f"another job ({DEFAULT_RUN_WAIT_S:.0f})",
+    )
+    add_tls_flags(p, "instead of the files the run's config names")
+    p.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        help="serve a run created before runs had tokens without one (said at every start); "
+        "without it such a run is refused",
     )
 
 
@@ -93,7 +103,8 @@ def _server(args: argparse.Namespace) -> int:
         ServerOptions(
             required_store_uri(args), args.run, member_id(args.shard_id, "--shard-id"),
             listen=args.listen, advertise=args.advertise, run_wait_s=args.wait_for_run,
-            spawn=spawn_token(),
+            spawn=spawn_token(), tls=tls_override(args),
+            allow_unauthenticated=args.allow_unauthenticated,
         )
     )  # fmt: skip
 
@@ -107,8 +118,20 @@ def _worker(args: argparse.Namespace) -> int:
             required_store_uri(args), args.run, member_id(args.worker_id, "--worker-id"),
             routes=routes, listen=args.listen, advertise=args.advertise,
             run_wait_s=args.wait_for_run, conclude=_conclude, spawn=spawn_token(),
+            tls=tls_override(args), allow_unauthenticated=args.allow_unauthenticated,
         )
     )  # fmt: skip
+
+
+def tls_override(args: argparse.Namespace) -> TlsFiles | None:
+    """The member's own `--tls-*` files, which replace the run config's; None when none is
+    given."""
+    from tether.transport import TlsFiles
+
+    paths = tls_paths(args)
+    if not paths:
+        return None
+    return TlsFiles(paths.get("tls_cert", ""), paths.get("tls_key", ""), paths.get("tls_ca", ""))
 
 
 def spawn_token(env: Mapping[str, str] = os.environ) -> str:
@@ -120,12 +143,12 @@ def spawn_token(env: Mapping[str, str] = os.environ) -> str:
     return env.get(SPAWN_VARIABLE, "")
 
 
-def _conclude(store: Store, store_uri: str, config: RunConfig) -> int:
+def _conclude(store: Store, store_uri: str, config: RunConfig, security: Security) -> int:
     """A worker's last step done: conclude a driverless run if this was its last worker."""
     from tether.driver.conclude import RunFailed, conclude_if_last
 
     try:
-        if conclude_if_last(store, store_uri, config):
+        if conclude_if_last(store, store_uri, config, security):
             print(f"tether worker: concluded run {config.run_id}", file=sys.stderr, flush=True)
     except RunFailed as e:  # exit 1: the scheduler's retry of this worker tries again
         print(f"tether worker: could not conclude run {config.run_id}: {e}", file=sys.stderr)

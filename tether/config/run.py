@@ -81,8 +81,17 @@ class Transport:
     # Off by default: measured, it bought 8% more updates/s and cost every gradient about two
     # versions more staleness, which tripled the final loss of an SSP(2) run (DESIGN §11).
     overlap: bool = False
+    # TLS (DESIGN §13): PEM paths on every member's host (a Kubernetes Secret mounted at the
+    # same path); a certificate and key make shards serve TLS, a CA makes it mutual. "": off.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
     def __post_init__(self) -> None:
+        if (self.tls_cert or self.tls_key or self.tls_ca) and not (self.tls_cert and self.tls_key):
+            raise ValueError(
+                "TLS needs both --tls-cert and --tls-key (and --tls-ca for mutual TLS)"
+            )
         if not (math.isfinite(self.wait_timeout_s) and self.wait_timeout_s > 0):
             raise ValueError(f"--wait-timeout must be > 0 seconds, got {self.wait_timeout_s}")
         if not 1 << 10 <= self.chunk_bytes <= 4 << 20:
@@ -164,6 +173,9 @@ class RunConfig:
             shared_memory=s["shared_memory"],
             wait_timeout_s=s["wait_timeout_s"],
             overlap=s["overlap"],
+            tls_cert=s["tls_cert"],
+            tls_key=s["tls_key"],
+            tls_ca=s["tls_ca"],
         )
         consistency = parse_consistency(s["mode"], s["staleness"])
         updates = s["steps"] if consistency.aggregates else s["steps"] * s["workers"]
@@ -328,6 +340,18 @@ class RunConfig:
     def overlap(self) -> bool:
         return self.transport.overlap
 
+    @property
+    def tls_cert(self) -> str:
+        return self.transport.tls_cert
+
+    @property
+    def tls_key(self) -> str:
+        return self.transport.tls_key
+
+    @property
+    def tls_ca(self) -> str:
+        return self.transport.tls_ca
+
 
 # The flat settings in their stored order, and the product's default of each (`lr` None: the
 # optimizer's own default, `replication` None: the consistency's).
@@ -364,6 +388,9 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "num_params": 0,
     "in_dim": 0,
     "num_classes": 0,
+    "tls_cert": "",
+    "tls_key": "",
+    "tls_ca": "",
 }
 SETTINGS: tuple[str, ...] = tuple(_FLAT_DEFAULTS)
 

@@ -23,6 +23,7 @@ from tether.retry import PollTimeout, poll_until
 from tether.server.report import ShardReport
 from tether.store import Member, Store, redact_uri
 from tether.tasks.build import context_of, runtime_of
+from tether.transport import Security
 from tether.worker.client import read_params
 
 
@@ -31,7 +32,7 @@ class RunFailed(RuntimeError):
 
 
 def final_params(
-    config: RunConfig, shards: Callable[[], list[Member]], timeout_s: float
+    config: RunConfig, shards: Callable[[], list[Member]], timeout_s: float, security: Security
 ) -> tuple[np.ndarray, list[ShardReport]]:
     """The run's final parameters and each shard's report, once every shard answers.
 
@@ -43,7 +44,7 @@ def final_params(
 
     def attempt() -> tuple[np.ndarray, list[ShardReport]] | None:
         try:
-            flat, infos = read_params(config, shards())
+            flat, infos = read_params(config, shards(), security)
             return flat, [ShardReport.from_info(i) for i in infos]
         except grpc.RpcError as e:
             if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION):
@@ -80,7 +81,7 @@ def workers_done(config: RunConfig, members: Sequence[MemberView]) -> bool:
     return len(done) == config.workers
 
 
-def conclude_if_last(store: Store, store_uri: str, config: RunConfig) -> bool:
+def conclude_if_last(store: Store, store_uri: str, config: RunConfig, security: Security) -> bool:
     """Conclude a driverless run if every worker is done; returns whether this call did.
 
     Raises RunFailed when the shards cannot be read (the caller exits non-zero, to be retried).
@@ -94,7 +95,7 @@ def conclude_if_last(store: Store, store_uri: str, config: RunConfig) -> bool:
     if record.finished:
         return False
     flat, infos = final_params(
-        config, lambda: store.members(config.run_id, "server"), config.startup_timeout_s
+        config, lambda: store.members(config.run_id, "server"), config.startup_timeout_s, security
     )
     evaluation = runtime_of(config, device="cpu").evaluate(
         flat, context_of(config, "driver", store_uri=store_uri)

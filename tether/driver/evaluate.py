@@ -17,16 +17,20 @@ from typing import Any
 
 from tether.config import RunConfig
 from tether.store import MetricRow, open_store
+from tether.transport import Security
 
 SOURCE = "eval"
 
 
 class Evaluator(threading.Thread):
-    def __init__(self, config: RunConfig, store_uri: str, interval_s: float) -> None:
+    def __init__(
+        self, config: RunConfig, store_uri: str, interval_s: float, security: Security
+    ) -> None:
         super().__init__(name="evaluator", daemon=True)
         if not interval_s > 0:
             raise ValueError(f"the evaluation interval must be > 0 seconds, got {interval_s}")
         self.config, self.store_uri, self.interval_s = config, store_uri, interval_s
+        self.security = security
         self.stop_event = threading.Event()
         self.count = 0
         self.error: str | None = None
@@ -46,7 +50,7 @@ class Evaluator(threading.Thread):
                 try:
                     shards = store.members(cfg.run_id, "server")
                     if len(shards) == cfg.shards:
-                        flat, infos = read_params(cfg, shards)
+                        flat, infos = read_params(cfg, shards, self.security)
                         values = runtime.evaluate(flat, ctx)
                         store.log_metrics(cfg.run_id, [self.row(values, infos)])
                 except Exception as e:  # noqa: BLE001 - a shard being replaced (a gRPC error),

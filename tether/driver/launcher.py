@@ -55,6 +55,7 @@ from tether.roles import Role, member_name
 from tether.shm import remove_leftovers
 from tether.store import Member, Store, open_store
 from tether.tasks.build import context_of, own_optimizer_name, runtime_of
+from tether.transport import Security, run_security
 
 # How long the end of a run waits for a shard that was restarted at the very end and already
 # answered its final read to heartbeat that it serves (a few heartbeat intervals).
@@ -127,7 +128,9 @@ class Launcher:
         # A chaos run reads it to time recoveries and to check that a zombie was fenced.
         self.events: list[dict[str, Any]] = []
         self.detector = Detector(opts.config.liveness_policy)
-        self.prober = Prober(attempt_timeout_s=PROBE_ATTEMPT_S)
+        # Made once the run exists: the probes carry its TLS (DESIGN §13).
+        self.security: Security | None = None
+        self.prober: Prober | None = None
         self._kill_causes: dict[int, Cause] = {}  # pid -> why the detector killed it
         self.liveness: list[dict[str, Any]] = []  # what the detector saw of each ended process
         self._beats_skipped: dict[tuple[str, int, int], int] = {}  # as members last reported
@@ -253,6 +256,8 @@ class Launcher:
         self.opts.run_dir.mkdir(parents=True, exist_ok=True)
         store = self.store = open_store(self.opts.store_uri)
         store.create_run(cfg.run_id, cfg.to_dict())
+        self.security = run_security(store, self.opts.store_uri, cfg, who="tether launch")
+        self.prober = Prober(PROBE_ATTEMPT_S, self.security)
         self.epoch = store.register(
             cfg.run_id, "launcher", 0, address="", pid=os.getpid(), host=socket.gethostname()
         )
@@ -287,7 +292,10 @@ class Launcher:
             beating = self._keep_alive()
             evaluator = None
             if self.opts.eval_interval_s is not None:
-                evaluator = Evaluator(cfg, self.opts.store_uri, self.opts.eval_interval_s)
+                assert self.security is not None  # made with the run
+                evaluator = Evaluator(
+                    cfg, self.opts.store_uri, self.opts.eval_interval_s, self.security
+                )
                 evaluator.start()
             try:
                 with ProgressView(cfg, self.err) as view, self.mailbox.open():
@@ -446,6 +454,7 @@ class Launcher:
             if m is not None and m.state == "running":
                 self.detector.heartbeat(child.key, m.heartbeat, m.serving, now)
                 self._beats_skipped[child.key] = m.heartbeats_skipped
+        assert self.prober is not None  # made with the run
         for key, number, ok, error in self.prober.drain():
             self.detector.probe_result(key, number, ok, now, error)
         for action in self.detector.tick(now):
@@ -511,7 +520,10 @@ class Launcher:
     def _finish(self, store: Store, t_start: float, train_s: float) -> RunSummary:
         cfg = self.config
         workers = member_views(store.members(cfg.run_id, "worker"))
-        flat, infos = final_params(cfg, lambda: self._shards_seen(store), cfg.startup_timeout_s)
+        assert self.security is not None  # made with the run
+        flat, infos = final_params(
+            cfg, lambda: self._shards_seen(store), cfg.startup_timeout_s, self.security
+        )
         # A shard restarted at the very end answers before its heartbeat says it serves: wait
         # for that heartbeat, so that its recovery is in the summary like any other.
         with contextlib.suppress(PollTimeout):
@@ -569,7 +581,8 @@ class Launcher:
 
     def stop_children(self, grace_s: float = 5.0) -> None:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""
-        self.prober.close()
+        if self.prober is not None:
+            self.prober.close()
         stop_all([c.handle for c in self.children], grace_s)
         self.spawner.close()
         # Same-host segments a killed worker made and had not unlinked yet (DESIGN §2).

@@ -16,13 +16,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tether.driver.liveness import Key
+from tether.transport import Security
 
 
-def probe(address: str, timeout_s: float) -> tuple[bool, str]:
+def probe(address: str, timeout_s: float, security: Security) -> tuple[bool, str]:
     """(answered, what went wrong) for one health check of the member at ``address``."""
     if not address:
         return False, "the member registered no address to probe"
-    channel = grpc.insecure_channel(address)
+    channel = security.channel(address)
     try:
         health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
@@ -37,14 +38,15 @@ def probe(address: str, timeout_s: float) -> tuple[bool, str]:
 class Prober:
     """Runs probes on a few threads so the caller's loop never waits on one; results queue up."""
 
-    def __init__(self, attempt_timeout_s: float, threads: int = 4) -> None:
+    def __init__(self, attempt_timeout_s: float, security: Security, threads: int = 4) -> None:
         self.attempt_timeout_s = attempt_timeout_s
+        self.security = security
         self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="probe")
         self.results: queue.Queue[tuple[Key, int, bool, str]] = queue.Queue()
 
     def submit(self, key: Key, number: int, address: str) -> None:
         def run() -> None:
-            ok, error = probe(address, self.attempt_timeout_s)
+            ok, error = probe(address, self.attempt_timeout_s, self.security)
             self.results.put((key, number, ok, error))
 
         self._pool.submit(run)

@@ -48,6 +48,7 @@ from tether.store.base import (
     redact_uri,
 )
 from tether.store.datasets import DatasetInfo, FieldSpec
+from tether.store.secrets import RunToken
 from tether.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ __all__ = [
     "Role",
     "RunExists",
     "RunRecord",
+    "RunToken",
     "SQLiteStore",
     "ShardLog",
     "ShardSnapshot",

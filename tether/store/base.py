@@ -75,6 +75,7 @@ import numpy as np
 
 from tether.roles import ROLES, Role
 from tether.store.datasets import DatasetChunk, DatasetInfo, FieldSpec
+from tether.store.secrets import RunSecrets
 
 MEMBER_STATES: tuple[str, ...] = ("running", "exited", "failed")
 
@@ -447,7 +448,7 @@ class ProcessLocal:
 
 
 @runtime_checkable
-class Store(Protocol):
+class Store(RunSecrets, Protocol):
     """Runs, membership, replicated shard state and results. Every method may also raise
     :class:`StoreUnavailable` (transient: the call may be retried; every write here is safe to
     repeat, though a retried ``register`` takes another epoch, and a retried ``create_run`` or
@@ -457,7 +458,8 @@ class Store(Protocol):
     """A URI that reopens this same store from any process (for sqlite: an absolute path)."""
 
     def create_run(self, run_id: str, config: dict[str, Any]) -> None:
-        """Create a run. Raises :class:`RunExists` if the id is taken."""
+        """Create a run, and its first secret token (:mod:`tether.store.secrets`). Raises
+        :class:`RunExists` if the id is taken."""
         ...
 
     def get_run(self, run_id: str) -> RunRecord:

@@ -84,6 +84,7 @@ from tether.store.datasets import (
 )
 from tether.store.mongo_errors import translate_error
 from tether.store.mongo_results import MongoResults
+from tether.store.mongo_secrets import MongoSecrets
 from tether.store.mongo_setup import (
     create_indexes,
     doc_id,
@@ -101,6 +102,7 @@ from tether.store.mongo_uri import (
     uri_options,
 )
 from tether.store.rules import member_write_refusal
+from tether.store.secrets import first_token
 
 if TYPE_CHECKING:
     from tether.store.testing import FaultPlan
@@ -115,7 +117,7 @@ def _path_safe(key: str) -> bool:
     return bool(key) and "." not in key and not key.startswith("$")
 
 
-class MongoStore(ProcessLocal, MongoShardState, MongoResults):
+class MongoStore(ProcessLocal, MongoShardState, MongoResults, MongoSecrets):
     """A :class:`tether.store.base.Store` on a MongoDB replica set (see the module docstring).
 
     ``client_factory`` makes the client instead of ``MongoClient(uri, **client_options(uri))``
@@ -174,6 +176,7 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
         self._members_status = self._members.with_options(**status)
         self._heads_status = self._heads.with_options(**status)
         results_indexes = self._open_results(db, status)
+        self._open_secrets(db, recovery)
         indexes = store_indexes(self._runs, self._members, self._heads, self._chunks)
         log_key = [("run_id", ASCENDING), ("shard_id", ASCENDING), ("position", ASCENDING)]
         indexes.append((self._log, log_key, False))
@@ -261,10 +264,11 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
     def create_run(self, run_id: str, config: dict[str, Any]) -> None:
         if not isinstance(run_id, str) or not run_id:
             raise ValueError(f"run_id must be a non-empty string; got {run_id!r}")
+        now = self._clock()
         doc = {
             "_id": run_id,
             "config": json_doc(config, "run config"),
-            "created_at": self._clock(),
+            "created_at": now,
             "order": ObjectId(),  # breaks created_at ties: newest created first
             "finished": False,
             "summary": None,
@@ -275,6 +279,7 @@ class MongoStore(ProcessLocal, MongoShardState, MongoResults):
                 self._runs.insert_one(doc)
             except DuplicateKeyError:
                 raise RunExists(run_id, self._where) from None
+            self._insert_run_tokens(run_id, first_token(now))
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._op("get_run"):

@@ -58,6 +58,8 @@ class MongoResults:
 
         def _require_run(self, run_id: str) -> None: ...
 
+        _tokens: Any
+
     def _open_results(self, db: Any, status: dict[str, Any]) -> list[tuple[Any, Any, bool]]:
         """Bind the results collections; return their indexes ``(collection, keys, unique)``."""
         self._metrics = db.get_collection("metrics")
@@ -158,4 +160,5 @@ class MongoResults:
                 self._artifacts,
             ):
                 collection.delete_many({"run_id": run_id})
+            self._tokens.delete_one({"_id": run_id})
             self._runs.delete_one({"_id": run_id})

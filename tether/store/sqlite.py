@@ -59,8 +59,10 @@ from tether.store.datasets import (
     unpack_buffers,
 )
 from tether.store.rules import member_write_refusal, next_epoch
+from tether.store.secrets import first_token
 from tether.store.sqlite_results import SQLiteResults
 from tether.store.sqlite_schema import configure, init_schema
+from tether.store.sqlite_secrets import SQLiteSecrets
 from tether.store.sqlite_state import SQLiteShardState
 
 _MEMBER_COLUMNS = (
@@ -91,7 +93,7 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-class SQLiteStore(ProcessLocal, SQLiteShardState, SQLiteResults):
+class SQLiteStore(ProcessLocal, SQLiteShardState, SQLiteResults, SQLiteSecrets):
     """A :class:`tether.store.base.Store` on a SQLite file (created, with its parents, if absent).
 
     One connection per object, shared by the object's threads under one lock (a shard's heartbeat
@@ -220,8 +222,9 @@ class SQLiteStore(ProcessLocal, SQLiteShardState, SQLiteResults):
             conn.execute(
                 "INSERT INTO runs (run_id, config, created_at, finished, summary) "
                 "VALUES (?, ?, ?, 0, NULL)",
-                (run_id, config_json, self._clock()),
+                (run_id, config_json, now := self._clock()),
             )
+            self._insert_run_tokens(conn, run_id, first_token(now))
 
     def get_run(self, run_id: str) -> RunRecord:
         with self._tx(write=False) as conn:

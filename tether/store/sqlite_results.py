@@ -55,7 +55,7 @@ RESULTS_SCHEMA: tuple[str, ...] = (
 )
 
 # Children before the run itself (foreign keys are on).
-_RUN_TABLES = ("members", "shard_log", "shard_heads", "metrics", "artifacts", "runs")
+_RUN_TABLES = ("run_tokens", "members", "shard_log", "shard_heads", "metrics", "artifacts", "runs")
 
 
 def _text(value: dict[str, Any]) -> str:

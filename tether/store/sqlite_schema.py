@@ -13,8 +13,9 @@ from pathlib import Path
 from tether.retry import PollTimeout, poll_until
 from tether.store.base import StoreError
 from tether.store.sqlite_results import RESULTS_SCHEMA
+from tether.store.sqlite_secrets import SECRETS_SCHEMA
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The latest schema, created in one go on a fresh file. An older file is brought up to date by
 # MIGRATIONS[v] (the statements that take version v to v+1), in the same transaction that reads
@@ -111,13 +112,14 @@ DATASET_TABLES: tuple[str, ...] = (
 )
 # Version 4: results (DESIGN §8): runs.meta, metrics, artifacts. The statements that upgrade a
 # version 3 file (and a version 4 one) also finish a new one, so all have the same layout.
-SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA + DATASET_TABLES
+SCHEMA = SCHEMA + SHARD_STATE_TABLES + RESULTS_SCHEMA + DATASET_TABLES + SECRETS_SCHEMA
 MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: SHARD_STATE_TABLES,
     2: (*_DROP_SHARD_STATE, *SHARD_STATE_TABLES),
     3: RESULTS_SCHEMA,
     4: DATASET_TABLES,
     5: (*_DROP_SHARD_STATE, *SHARD_STATE_TABLES),
+    6: SECRETS_SCHEMA,  # run tokens (DESIGN §13); older runs keep none
 }
 
 

@@ -67,6 +67,9 @@ OPERATION_POINTS = (
     "artifacts",
     "get_artifact",
     "delete_run",
+    # run tokens (DESIGN §13)
+    "run_tokens",
+    "swap_run_tokens",
     # input data (DESIGN §11): every step of an import is a `put_dataset` pass (the existence
     # check, each batch of chunk inserts, the publish, the clean-up)
     "put_dataset",
