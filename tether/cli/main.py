@@ -14,7 +14,7 @@ import sys
 from types import ModuleType
 
 from tether.chaos import cli as chaos
-from tether.cli import bench, data, launch, members, mongo, runs, status
+from tether.cli import bench, certs, data, launch, members, mongo, runs, status
 from tether.cli.common import Parser, UsageError
 from tether.consistency.experiments import cli as experiment
 from tether.exitcodes import EXIT_FAILED, EXIT_USAGE
@@ -31,6 +31,7 @@ COMMANDS: dict[str, ModuleType] = {
     "experiment": experiment,
     "bench": bench,
     "data": data,
+    "certs": certs,
 }
 
 

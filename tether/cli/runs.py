@@ -1,22 +1,28 @@
-"""`tether run create` and `tether run wait`: a run for any scheduler (DESIGN §12).
+"""`tether run create`, `tether run wait` and `tether run rotate-token`: a run for any
+scheduler (DESIGN §12, §13).
 
 `tether launch` makes its run and drives it. Under a scheduler of the user's own (a Kubernetes
 Job, an sbatch script, a hand-written one), `tether run create` makes the run in the store with
 the same flags, then the scheduler starts `tether server` and `tether worker` members, which find
 each other through the store, conclude the run when the last worker is done and exit 0 once it
 is marked finished. `tether run wait` blocks until then and prints the run's summary.
+`tether run rotate-token` replaces the run's secret token while it trains: members accept the
+old one for a grace period, and pick the new one up from the store.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from typing import Any
 
 from tether.cli.common import UsageError, add_store_run, emit_json, required_store_uri
 from tether.cli.launch import add_run_flags, config_from_args, print_summary
 from tether.exitcodes import EXIT_FAILED, EXIT_OK
+from tether.store.secrets import DEFAULT_GRACE_S, DEFAULT_PROPAGATE_S, current, rotated
 
 
 def add_parser(sub: Any) -> None:
@@ -35,6 +41,12 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--run-id", default=None, help="the run's id (default: a new one)")
     add_run_flags(create)
     create.add_argument("--json", action="store_true", help="print {run_id, created} as JSON")
+    create.add_argument(
+        "--show-token",
+        action="store_true",
+        help="also print the run's secret token (for clients of your own; members read it "
+        "from the store)",
+    )
 
     wait = verbs.add_parser(
         "wait",
@@ -48,9 +60,31 @@ def add_parser(sub: Any) -> None:
     )
     wait.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    rotate = verbs.add_parser(
+        "rotate-token",
+        help="give a run a new secret token while it trains",
+        description="Members accept the old token until --grace S from now and present the new "
+        "one after re-reading the store; no call fails. A run from before tokens gets its "
+        "first one.",
+    )
+    add_store_run(rotate)
+    rotate.add_argument(
+        "--grace",
+        type=float,
+        default=DEFAULT_GRACE_S,
+        metavar="S",
+        help=f"how long the old token is still accepted ({DEFAULT_GRACE_S:.0f}; at least "
+        f"{DEFAULT_PROPAGATE_S:.0f}, the time members take to learn the new one)",
+    )
+    rotate.add_argument("--show-token", action="store_true", help="print the new token")
+    rotate.add_argument(
+        "--json", action="store_true", help="print {run_id, tokens, old_expires_at} as JSON"
+    )
+
 
 def run(args: argparse.Namespace) -> int:
-    return _create(args) if args.verb == "create" else _wait(args)
+    verbs = {"create": _create, "wait": _wait, "rotate-token": _rotate}
+    return verbs[args.verb](args)
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -73,14 +107,53 @@ def _create(args: argparse.Namespace) -> int:
                     "differ); choose another --run-id"
                 ) from None
             created = False
+        token = current(store.run_tokens(config.run_id), time.time()) if args.show_token else None
     print(
         f"tether run create: run {config.run_id} {'created' if created else 'exists already'}",
         file=sys.stderr,
     )
     if args.json:
-        emit_json({"run_id": config.run_id, "created": created})
+        emit_json({"run_id": config.run_id, "created": created} | _token_field(token))
     else:
         print(config.run_id, flush=True)
+        if token is not None:
+            print(token, flush=True)
+    return EXIT_OK
+
+
+def _token_field(token: str | None) -> dict[str, str]:
+    return {} if token is None else {"token": token}
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    from tether.store import open_store
+
+    if not math.isfinite(args.grace) or args.grace < DEFAULT_PROPAGATE_S:
+        raise UsageError(
+            f"--grace must be at least {DEFAULT_PROPAGATE_S:.0f} seconds, the time members take "
+            f"to learn the new token; got {args.grace}"
+        )
+    with open_store(required_store_uri(args)) as store:
+        while True:  # another rotation between the read and the write: read again
+            old = store.run_tokens(args.run)
+            now = time.time()
+            new = rotated(old, now, grace_s=args.grace)
+            if store.swap_run_tokens(args.run, old, new):
+                break
+    until = now + args.grace if old else None
+    print(
+        f"tether run rotate-token: run {args.run} has a new token, used by members from "
+        f"{DEFAULT_PROPAGATE_S:.0f}s on"
+        + (f"; the old one is accepted for {args.grace:g}s more" if old else ""),
+        file=sys.stderr,
+    )
+    token = new[-1].token if args.show_token else None
+    if args.json:
+        emit_json(
+            {"run_id": args.run, "tokens": len(new), "old_expires_at": until} | _token_field(token)
+        )
+    elif token is not None:
+        print(token, flush=True)
     return EXIT_OK
 
 
