@@ -292,3 +292,63 @@ def test_the_command_line_refuses_a_bad_factor_before_anything_starts(
     assert main(argv) == 2
     assert "--reject-grad-norm must be a finite factor > 1" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+# ---- whole runs (slow) -------------------------------------------------------------------------
+
+LINE_TASK = """
+import jax.numpy as jnp
+import numpy as np
+
+
+class Line:
+    def __init__(self, bug_at=None):
+        self.bug_at = bug_at  # from this clock on, worker 1's targets are a million times off
+
+    def init(self, key):
+        return {"w": jnp.zeros((6,), jnp.float32)}
+
+    def loss(self, params, batch):
+        x, y = batch
+        return jnp.mean((x @ params["w"] - y) ** 2)
+
+    def batch(self, ctx, clock):
+        rng = np.random.default_rng([ctx.seed, ctx.worker_id, clock])
+        x = rng.standard_normal((16, 6)).astype(np.float32)
+        y = x.sum(axis=1)
+        if self.bug_at is not None and ctx.worker_id == 1 and clock >= self.bug_at:
+            y = y * np.float32(1e6)
+        return x, y
+
+
+task = Line()
+buggy = Line(bug_at=12)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_bsp_run_is_bit_identical_with_the_guard_on_and_a_buggy_worker_fails_it(
+    tether_cli, tmp_path: Path
+) -> None:
+    (tmp_path / "line.py").write_text(LINE_TASK)
+    common = ["launch", "--json", "--steps", "30", "--optimizer", "sgd", "--lr", "0.05"]
+    runs = {
+        "off": tether_cli(*common, "--task", "line.py:task", "--run-dir", "off"),
+        "on": tether_cli(
+            *common, "--task", "line.py:task", "--reject-grad-norm", "10", "--run-dir", "on"
+        ),
+    }
+    summaries = {name: run.json() for name, run in runs.items()}
+    assert summaries["on"]["params_sha256"] == summaries["off"]["params_sha256"]
+    assert summaries["on"]["pushes_accepted"] == 2 * 2 * 30  # two shards, nothing refused
+    # A worker whose gradients go wild is refused by the guard and fails the run, naming it.
+    failed = tether_cli(
+        *common, "--task", "line.py:buggy", "--reject-grad-norm", "10", "--max-restarts", "0",
+        "--run-dir", "buggy",
+    )  # fmt: skip
+    rc, _, err = failed.finish()
+    assert rc == 1, err[-3000:]
+    assert "worker 1 exited with code 1" in err, err[-3000:]
+    assert "worker 1 failed at clock 12: INVALID_ARGUMENT: gradient norm" in err, err[-3000:]
+    assert "exceeds 10× the median" in err, err[-3000:]
