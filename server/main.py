@@ -74,6 +74,7 @@ def shard_spec(config: RunConfig, shard_id: int) -> ShardSpec:
         chunk_bytes=config.chunk_bytes,
         replication=config.replication_policy,
         transformation=task_optimizer(config),  # None unless the task names its own
+        guard=config.gradient_guard,
     )
 
 

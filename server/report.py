@@ -67,6 +67,7 @@ class ShardReport:
     base_version: int = 0  # the store's base; the log after it holds `log_entries` entries
     log_entries: int = 0
     recovered: Mapping[str, Any] | None = None  # base, entries replayed, seconds (a restart)
+    pushes_rejected_norm: int = 0  # refused by the gradient-norm guard since the process started
 
     @property
     def clocks(self) -> list[int]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tether.config import OptimizerConfig, ReplicationPolicy
+from tether.config import GradientGuard, OptimizerConfig, ReplicationPolicy
 from tether.consistency import Consistency
 from tether.wire import DEFAULT_CHUNK_BYTES
 
@@ -30,6 +30,8 @@ class ShardSpec:
     # The ids of the run's workers; () for 0..num_workers-1. Only the shard's membership
     # (server/membership.py) reads them.
     worker_ids: tuple[int, ...] = ()
+    # Refuse a push whose norm is far above the recent ones (server/guard.py); off by default.
+    guard: GradientGuard = GradientGuard()
 
     def __post_init__(self) -> None:
         if self.worker_ids and len(self.worker_ids) != self.num_workers:

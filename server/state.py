@@ -25,6 +25,7 @@ from tether.config import ReplicationPolicy
 from tether.consistency import blocking_workers, clock_gap, may_read
 from tether.store.base import LogEntry, StoreError
 
+from .guard import NormGuard, l2_norm
 from .log import LogCursor
 from .membership import ClockTable, Membership, WorkerEntry
 from .messages import (
@@ -77,6 +78,7 @@ class ShardState:
         self.tables: dict[str, Table] = {DENSE: self.dense}
         self.workers = ClockTable(Membership.first(spec.num_workers, spec.worker_ids))
         self.log = LogCursor(spec.replication)
+        self.guard = NormGuard(spec.guard, spec.shard_id)  # not shard state: never logged
         self.epoch = epoch
         self.version = 0
         self.revision = 0  # accepted pushes (DESIGN §5)
@@ -214,6 +216,7 @@ class ShardState:
                 f"not {sorted(given)}",
             )
         read: dict[str, Part] = {}
+        who = f"worker {h.worker_id} at clock {h.clock}"
         for name, part in given.items():
             if callable(part):
                 part = part()
@@ -223,10 +226,15 @@ class ShardState:
                         f"shard {self.spec.shard_id} cannot read the gradient's segment; "
                         "pull again",
                     )
-            who = f"worker {h.worker_id} at clock {h.clock}"
             if rejected := self.tables[name].check(part, who):
                 return rejected
             read[name] = part
+        # The gradient-norm guard (DESIGN §10) reads the dense part only, and only when on.
+        norm = l2_norm(read[DENSE]) if self.guard.on else None
+        if norm is not None:
+            if rejected := self.guard.check(norm, who):
+                return rejected
+            self.guard.accepted(norm)
         entry.last_seq = h.seq
         entry.clock += 1
         entry.last_seen = now
@@ -472,6 +480,7 @@ class ShardState:
             segment_pulls=serving.segment_pulls,
             segment_pushes=serving.segment_pushes,
             waiting=serving.waiting,
+            pushes_rejected_norm=self.guard.rejected,
             base_version=log.base_version,
             log_entries=len(log.since_base),
             recovered=self.recovered,
@@ -487,6 +496,7 @@ class ShardState:
             table.validate()
         self.workers.validate()
         self.log.validate(self.version)
+        self.guard.validate()
         bound = self.spec.consistency.read_bound
         if bound is not None:
             assert self.stats.max_clock_gap <= bound, (

@@ -118,6 +118,15 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         "horizon in optimizer updates, by default the run's (steps for bsp, steps x workers "
         "otherwise) (constant)",
     )
+    p.add_argument(
+        "--reject-grad-norm",
+        type=float,
+        default=None,
+        metavar="K",
+        help="each shard refuses (INVALID_ARGUMENT, which ends that worker) a push whose "
+        "gradient norm on its slice exceeds K times the median of its last 32 accepted pushes, "
+        "once it accepted 8: a defence against a buggy worker (off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of every random source (0)")
     p.add_argument(
         "--straggler",
@@ -242,6 +251,7 @@ def config_from_args(args: argparse.Namespace, run_id: str | None = None) -> Run
         lr=args.lr,  # None: the optimizer's default
         opt_args=opt_args,
         schedule=args.schedule,
+        reject_grad_norm=args.reject_grad_norm,  # None: off
         seed=args.seed,
         device=args.device,
         stragglers=dict(parse_straggler(s) for s in args.straggler),

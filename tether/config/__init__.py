@@ -1,8 +1,8 @@
 """The typed run configuration (STYLE §7: read at the edge, passed down as arguments).
 
 `run.py` holds `RunConfig`, nested by concern, and its flat stored form; `optimizer.py` the
-shards' optimizer and the parsing of `--opt`/`--schedule`; `policies.py` replication and
-liveness. Everything is importable from here.
+shards' optimizer and the parsing of `--opt`/`--schedule`; `policies.py` replication,
+liveness and the gradient guard. Everything is importable from here.
 """
 
 from tether.config.optimizer import (
@@ -14,6 +14,7 @@ from tether.config.optimizer import (
     parse_schedule,
 )
 from tether.config.policies import (
+    GradientGuard,
     LivenessPolicy,
     ReplicationMode,
     ReplicationPolicy,
@@ -33,6 +34,7 @@ __all__ = [
     "DEVICES",
     "SCHEDULE_FORMS",
     "SETTINGS",
+    "GradientGuard",
     "LivenessPolicy",
     "OptimizerConfig",
     "ReplicationMode",

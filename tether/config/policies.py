@@ -1,5 +1,6 @@
-"""How shard state reaches the store (`ReplicationPolicy`, DESIGN §5) and how the driver judges a
-silent member (`LivenessPolicy`, DESIGN §5 Liveness), with the product's defaults."""
+"""How shard state reaches the store (`ReplicationPolicy`, DESIGN §5), how the driver judges a
+silent member (`LivenessPolicy`, DESIGN §5 Liveness) and which gradients a shard refuses
+(`GradientGuard`, DESIGN §10), with the product's defaults."""
 
 from __future__ import annotations
 
@@ -60,3 +61,22 @@ class LivenessPolicy:
 def default_replication(mode: str) -> ReplicationMode:
     """Sync for BSP (its bit-identity through faults needs it, DESIGN §5), async otherwise."""
     return "sync" if mode == "bsp" else "async"
+
+
+@dataclass(frozen=True, slots=True)
+class GradientGuard:
+    """A shard refuses a push whose gradient norm exceeds `factor` × the median of its last
+    `window` accepted pushes, once it accepted `warmup` (DESIGN §10); None: off (the default)."""
+
+    factor: float | None = None
+    window: int = 32
+    warmup: int = 8
+
+    def __post_init__(self) -> None:
+        f = self.factor
+        if f is not None and (isinstance(f, bool) or not math.isfinite(f) or f <= 1):
+            raise ValueError(
+                f"--reject-grad-norm must be a finite factor > 1 (0 or none: off), got {f!r}"
+            )
+        if not 1 <= self.warmup <= self.window:
+            raise ValueError(f"the guard's warmup {self.warmup} is outside 1..{self.window}")

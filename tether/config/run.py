@@ -27,7 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.config.optimizer import OptimizerConfig, default_lr
-from tether.config.policies import LivenessPolicy, ReplicationPolicy, default_replication
+from tether.config.policies import (
+    GradientGuard,
+    LivenessPolicy,
+    ReplicationPolicy,
+    default_replication,
+)
 from tether.consistency import Consistency, Mode, parse_consistency
 from tether.wire import DEFAULT_CHUNK_BYTES
 
@@ -124,6 +129,8 @@ class RunConfig:
     # only if the probes keep failing for the probe timeout; start-up has its own deadline.
     liveness_policy: LivenessPolicy = LivenessPolicy()
     transport: Transport = Transport()
+    # Off by default: a shard refuses a push whose norm is far above the recent ones (DESIGN §10).
+    gradient_guard: GradientGuard = GradientGuard()
 
     def __post_init__(self) -> None:
         _check_shape(
@@ -231,13 +238,17 @@ class RunConfig:
             replication_policy=policy,
             liveness_policy=liveness,
             transport=transport,
+            gradient_guard=GradientGuard(factor=s["reject_grad_norm"] or None),  # 0: off
         )
 
     def to_dict(self) -> dict[str, Any]:
         """The stored form: flat, keys in `SETTINGS` order (DESIGN §6)."""
-        return {key: _stored(getattr(self, key)) for key in SETTINGS} | {
+        stored = {key: _stored(getattr(self, key)) for key in SETTINGS} | {
             "stragglers": {str(k): v for k, v in self.stragglers.items()}
         }
+        # A setting added later is stored only when set: a run stored before reads it as off
+        # and is stored again unchanged.
+        return {k: v for k, v in stored.items() if k not in _ADDED or v != _ADDED[k]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
@@ -352,6 +363,10 @@ class RunConfig:
     def tls_ca(self) -> str:
         return self.transport.tls_ca
 
+    @property
+    def reject_grad_norm(self) -> float | None:
+        return self.gradient_guard.factor
+
 
 # The flat settings in their stored order, and the product's default of each (`lr` None: the
 # optimizer's own default, `replication` None: the consistency's).
@@ -372,6 +387,7 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "lr": None,
     "opt_args": {},
     "schedule": "constant",
+    "reject_grad_norm": None,
     "seed": 0,
     "device": "cpu",
     "stragglers": {},
@@ -393,6 +409,8 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "tls_ca": "",
 }
 SETTINGS: tuple[str, ...] = tuple(_FLAT_DEFAULTS)
+# Settings added after the stored form was fixed, by the value that means "not set".
+_ADDED: dict[str, Any] = {"reject_grad_norm": None, "tls_cert": "", "tls_key": "", "tls_ca": ""}
 
 
 def _check_shape(
