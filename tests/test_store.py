@@ -1115,3 +1115,33 @@ def test_sqlite_upgrades_older_files(tmp_path: Path, old_version: int) -> None:
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     conn.close()
     assert version == (str(SCHEMA_VERSION),)
+
+
+# -- run tokens (DESIGN §13) ----------------------------------------------------------------------
+
+
+def test_a_new_run_has_one_secret_token_kept_apart_from_its_record(store: Store) -> None:
+    from tether.store.secrets import rotated
+
+    store.create_run(RUN, {"k": 1})
+    (token,) = store.run_tokens(RUN)
+    assert len(token.token) >= 40 and token.expires_at is None
+    record = store.get_run(RUN)
+    assert token.token not in repr(record) and token.token not in repr(store.list_runs())
+    store.create_run("run-2", {})
+    assert store.run_tokens("run-2")[0].token != token.token  # random per run
+    with pytest.raises(RunExists):
+        store.create_run(RUN, {})
+    assert store.run_tokens(RUN) == [token]  # a refused create changes nothing
+    newer = rotated([token], token.created_at + 1)
+    assert not store.swap_run_tokens(RUN, [], newer)  # not what is stored: nothing changes
+    assert store.run_tokens(RUN) == [token]
+    assert store.swap_run_tokens(RUN, [token], newer)
+    assert store.run_tokens(RUN) == newer
+    with pytest.raises(UnknownRun):
+        store.run_tokens("nope")
+    with pytest.raises(UnknownRun):
+        store.swap_run_tokens("nope", [], newer)
+    store.delete_run(RUN)
+    store.create_run(RUN, {})
+    assert store.run_tokens(RUN)[0].token not in {t.token for t in newer}  # none left behind

@@ -376,7 +376,9 @@ def test_sqlite_upgrade_from_version_3_keeps_runs(tmp_path: Path) -> None:
     with conn:
         # Exactly what version 3 created: everything but what version 4 adds.
         for stmt in sqlite_schema.SCHEMA[
-            : -len(RESULTS_SCHEMA) - len(sqlite_schema.DATASET_TABLES)
+            : -len(RESULTS_SCHEMA)
+            - len(sqlite_schema.DATASET_TABLES)
+            - len(sqlite_schema.SECRETS_SCHEMA)
         ]:
             conn.execute(stmt)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '3')")
@@ -419,7 +421,7 @@ def test_sqlite_upgrade_from_version_3_keeps_runs(tmp_path: Path) -> None:
 
     # an upgraded file and a new one have the same version, tables and columns
     assert layout(path) == layout(tmp_path / "new.db")
-    assert layout(path)[0] == (str(SCHEMA_VERSION),) == ("6",)
+    assert layout(path)[0] == (str(SCHEMA_VERSION),) == ("7",)
 
 
 def test_sqlite_results_queries_use_the_primary_keys(tmp_path: Path) -> None:

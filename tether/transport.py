@@ -7,14 +7,14 @@ benches all make their servers with :meth:`Security.server` and their channels w
 :meth:`Security.channel`; nothing else in Tether calls ``grpc.server`` or ``grpc.*_channel``
 (`tests/test_transport.py` checks the source), so no call site can forget either.
 
-- **Tokens.** A client interceptor adds ``authorization: Bearer <token>`` to every call's
-  metadata (gRPC's call credentials would be dropped silently on an insecure channel). A server
-  interceptor refuses a call whose token is missing or not accepted with UNAUTHENTICATED before
-  any handler runs, so nothing changes and no same-host segment is mapped; the standard health
-  service stays open for liveness probes (it says nothing about the model). The book re-reads
-  the run's tokens from the store now and then, so a rotation (``tether run rotate-token``)
-  reaches running members; a shard that meets a token it does not know re-reads at once (at most
-  every :data:`MISS_REFRESH_S`) before refusing.
+- **Tokens.** A client interceptor (:class:`_TokenChannel`) adds ``authorization: Bearer
+  <token>`` to every call's metadata (gRPC's call credentials would be dropped silently on an
+  insecure channel). A server interceptor refuses a call whose token is missing or not
+  accepted with UNAUTHENTICATED before any handler runs, so nothing changes and no same-host
+  segment is mapped; the standard health service stays open for liveness probes (it says
+  nothing about the model). The book re-reads the run's tokens from the store now and then, so
+  a rotation (``tether run rotate-token``) reaches running members; a shard that meets a token
+  it does not know re-reads at once (at most every :data:`MISS_REFRESH_S`) before refusing.
 - **TLS.** With a certificate and key, servers listen with TLS; with a CA too, they require a
   client certificate signed by it and clients verify servers against it. Servers re-read the
   files for each new connection when they changed (gRPC's dynamic server credentials), and each
@@ -23,14 +23,14 @@ benches all make their servers with :meth:`Security.server` and their channels w
 
 from __future__ import annotations
 
-import collections
 import hmac
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,6 +156,7 @@ class TokenBook:
         self._tokens = list(tokens)
         self._load, self._refresh_s, self._clock = load, refresh_s, clock
         self._loaded_at = time.monotonic()
+        self._missed_at = -math.inf  # when an unknown token last made it re-read the store
         self._lock = threading.Lock()
         self._refreshing = False
 
@@ -177,8 +178,10 @@ class TokenBook:
         self._refresh_in_background()
         if self._matches(token):
             return True
-        if self._load is None or time.monotonic() - self._loaded_at < MISS_REFRESH_S:
+        now = time.monotonic()
+        if self._load is None or now - self._missed_at < MISS_REFRESH_S:
             return False
+        self._missed_at = now
         self._refresh()
         return self._matches(token)
 
@@ -262,49 +265,63 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
     return make(deny)  # type: ignore[no-any-return]
 
 
-class _CallDetails(
-    collections.namedtuple(
-        "_CallDetails",
-        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
-    ),
-    grpc.ClientCallDetails,
-):
-    pass
+class _WithToken:
+    """One method of a channel, with the run's token added to every call's metadata."""
+
+    def __init__(self, inner: Any, book: TokenBook) -> None:
+        self._inner, self._book = inner, book
+
+    def _metadata(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = kwargs.get("metadata") or ()
+        return kwargs | {"metadata": (*given, (AUTH_KEY, f"Bearer {self._book.presented()}"))}
+
+    def __call__(self, request: Any, **kwargs: Any) -> Any:
+        return self._inner(request, **self._metadata(kwargs))
+
+    def with_call(self, request: Any, **kwargs: Any) -> Any:
+        return self._inner.with_call(request, **self._metadata(kwargs))
+
+    def future(self, request: Any, **kwargs: Any) -> Any:
+        return self._inner.future(request, **self._metadata(kwargs))
 
 
-class _BearerInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
-    """Adds the run's token to every call's metadata."""
+class _TokenChannel(grpc.Channel):
+    """The client side of the run token: a channel whose every call carries it.
 
-    def __init__(self, book: TokenBook) -> None:
-        self.book = book
+    It wraps each method's callable when a stub is made, rather than through
+    ``grpc.intercept_channel``, whose interceptors make a new callable on the channel at every
+    call: on a channel closed under a worker (a replaced shard's, DESIGN §5) that crashes the
+    process instead of raising ValueError."""
 
-    def _details(self, d: grpc.ClientCallDetails) -> _CallDetails:
-        metadata = [*(d.metadata or ()), (AUTH_KEY, f"Bearer {self.book.presented()}")]
-        return _CallDetails(
-            d.method, d.timeout, metadata, d.credentials,
-            getattr(d, "wait_for_ready", None), getattr(d, "compression", None),
-        )  # fmt: skip
+    def __init__(self, channel: grpc.Channel, book: TokenBook) -> None:
+        self._channel, self._book = channel, book
 
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_unary(method, *args, **kwargs), self._book)
 
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.unary_stream(method, *args, **kwargs), self._book)
 
-    def intercept_stream_unary(
-        self, continuation: Any, details: Any, requests: Iterator[Any]
-    ) -> Any:
-        return continuation(self._details(details), requests)
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_unary(method, *args, **kwargs), self._book)
 
-    def intercept_stream_stream(
-        self, continuation: Any, details: Any, requests: Iterator[Any]
-    ) -> Any:
-        return continuation(self._details(details), requests)
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return _WithToken(self._channel.stream_stream(method, *args, **kwargs), self._book)
+
+    def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
+        self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Any) -> None:
+        self._channel.unsubscribe(callback)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> _TokenChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._channel.close()
 
 
 # -- the one security value ----------------------------------------------------------------------
@@ -358,7 +375,7 @@ class Security:
             channel = grpc.insecure_channel(address, list(options))
         if self.tokens is None:
             return channel
-        return grpc.intercept_channel(channel, _BearerInterceptor(self.tokens))
+        return _TokenChannel(channel, self.tokens)
 
 
 # -- a member's security, from its run ----------------------------------------------------------
