@@ -117,11 +117,15 @@ def _member(life: MemberLife) -> dict[str, Any]:
 
 def print_status(record: RunRecord, run: RunView) -> None:
     """The run as text: its header, one row per member (`tether.member.rows`, the rows
-    `--watch` and the launcher's progress draw) with its pid and address, and every restart."""
+    `--watch` and the launcher's progress draw) with its pid, peak memory and address, and
+    every restart with its cause."""
     recoveries = reported_recoveries(run, record.summary)
     print(header(record, run).text())
-    table = [(*r.cells(), str(r.pid), r.address or "-") for r in rows(run, None, recoveries)]
-    for line in text_table(table, (*COLUMNS, "pid", "address")):
+    table = [
+        (*r.cells(), str(r.pid), _dash(r.peak_rss_mb), r.address or "-")
+        for r in rows(run, None, recoveries)
+    ]
+    for line in text_table(table, (*COLUMNS, "pid", "peak MB", "address")):
         print(line)
     for r in recoveries:
         recovered = ""
@@ -129,6 +133,10 @@ def print_status(record: RunRecord, run: RunView) -> None:
             recovered = f"; serving again {r['recovery_s']:.2f}s later"
         who = member_name(r["role"], r["id"])
         print(f"restart: {who} (epoch {r['epoch']}) {r['detail']}{recovered}")
+
+
+def _dash(v: Any) -> str:
+    return "-" if v is None else str(v)
 
 
 def _mb(nbytes: Any) -> float | None:

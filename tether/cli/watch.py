@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
@@ -57,7 +57,8 @@ def watch(
             record, run = read(previous)
             table_rows = rows(run, previous, reported_recoveries(run, record.summary))
             if live is not None:
-                live.update(rich_table(table_rows, title=header(record, run).text()), refresh=True)
+                frame = Group(Text(header(record, run).text()), rich_table(table_rows))
+                live.update(frame, refresh=True)
             else:
                 console.print(Text(plain_line(record, run, table_rows)), soft_wrap=True)
             if record.finished:

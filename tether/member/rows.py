@@ -86,7 +86,7 @@ class Row:
         return (
             self.name,
             self.phase,
-            "yes" if self.alive else (self.why or "no"),
+            "yes" if self.alive else "no" if self.why in (None, "exited") else self.why,
             _dash(self.clock),
             "-" if self.rate is None else f"{self.rate:.1f}",
             "-" if self.wait_s is None else f"{self.wait_s:.1f}s",
