@@ -71,11 +71,14 @@ def watch(
             sleep(interval_s)
     except KeyboardInterrupt:
         if live is not None:
-            live.stop()
+            live.stop()  # before the message, below the last frame
         print("tether status: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if live is not None:
-        live.stop()
+    finally:
+        # The last frame stays; the cursor comes back, whatever ended the loop (a store error
+        # too, which the command line reports).
+        if live is not None:
+            live.stop()
     console.print(Text(outcome), soft_wrap=True)
     return code
 
