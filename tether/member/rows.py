@@ -124,9 +124,12 @@ def rows(
     if recoveries is None:
         recoveries = reported_recoveries(run)
     before = {} if previous is None else {_registration(life): life for life in previous.members}
-    lives = sorted(run.members, key=lambda life: (_ROLE_ORDER.get(life.view.role, 3),
-                                                  life.view.member_id))  # fmt: skip
+    lives = sorted(run.members, key=_order)
     return [_row(life, before.get(_registration(life)), recoveries) for life in lives]
+
+
+def _order(life: MemberLife) -> tuple[int, int]:
+    return (_ROLE_ORDER.get(life.view.role, len(_ROLE_ORDER)), life.view.member_id)
 
 
 def _registration(life: MemberLife) -> tuple[str, int, int]:
