@@ -103,6 +103,7 @@ class ShardReport:
         return ShardNumbers(
             version=self.version,
             durable_version=self.durable_version,
+            replication_lag_max_s=self.replication_lag_max_s,
             updates_applied=self.updates_applied,
             clocks=tuple(self.clocks),
             max_clock_gap=self.max_clock_gap,

@@ -181,7 +181,8 @@ def test_a_shard_record_parses_what_the_shard_writes():
     info = {**servicer.heartbeat_info(lock_timeout_s=1.0), **BeatReport(0, 7, "3.1").to_info()}
     view = MemberView.of(record("server", 0, json.loads(json.dumps(info))))
     assert view.shard == ShardNumbers(
-        version=0, durable_version=0, updates_applied=0, clocks=(0, 0), max_clock_gap=0,
+        version=0, durable_version=0, replication_lag_max_s=0.0, updates_applied=0,
+        clocks=(0, 0), max_clock_gap=0,
         base_version=info["base_version"], log_entries=0,
         restored_version=info["restored_version"], recovered=None, serving_since=123.0,
     )  # fmt: skip

@@ -372,6 +372,7 @@ def test_the_report_is_the_one_source_of_info_and_the_heartbeat() -> None:
     assert set(beat) == {
         "version",
         "durable_version",
+        "replication_lag_max_s",
         "updates_applied",
         "clocks",
         "max_clock_gap",

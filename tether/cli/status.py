@@ -2,9 +2,10 @@
 
 Status is a read of the store only; it never talks to the members, so it works while a run goes
 on, after it ended, and when members are dead. It renders the run's `RunView`
-(`tether.member.view`), which the launcher's progress line renders too: one read, so each
-member's lease is the run's `--lease` (a reader that has seen no heartbeat interval yet uses the
-floor of the adaptive lease, as the liveness detector does).
+(`tether.member.view`) as the rows of `tether.member.rows`, which the launcher's progress line
+and `--watch` (`tether/cli/watch.py`) draw too: one read, so each member's lease is the run's
+`--lease` (a reader that has seen no heartbeat interval yet uses the floor of the adaptive lease,
+as the liveness detector does) and no rate is known.
 """
 
 from __future__ import annotations
@@ -14,52 +15,70 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tether.cli.common import add_store_run, emit_json
+from tether.cli.common import UsageError, add_store_run, emit_json
+from tether.cli.watch import watch
 from tether.exitcodes import EXIT_OK
+from tether.member.rows import COLUMNS, header, reported_recoveries, rows, text_table
 from tether.member.view import Here, MemberLife, RunView, member_views, observe, run_liveness
 from tether.roles import member_name
-from tether.store import RunRecord, default_store_uri, open_store
+from tether.store import RunRecord, Store, default_store_uri, open_store
 
 
 def run_status(
     *, run_dir: Path | None, store_uri: str | None, run_id: str | None
 ) -> dict[str, Any]:
-    if store_uri is None:
-        if run_dir is None:
-            raise ValueError("give --run-dir DIR, or --store URI and --run ID")
-        db = run_dir / "tether.db"
-        if not db.exists():
-            raise ValueError(f"no Tether run in {run_dir} (no {db.name} there)")
-        store_uri = default_store_uri(run_dir)
-    store = open_store(store_uri)
+    uri = store_uri_of(run_dir, store_uri)
+    store = open_store(uri)
     try:
-        if run_id is None:
-            # The newest training run: experiment records (DESIGN §8) hold no members.
-            runs = [r for r in store.list_runs() if r.meta.get("kind") != "experiment"]
-            if not runs:
-                raise ValueError(f"the store {store_uri} holds no runs")
-            record = runs[0]
-        else:
-            record = store.get_run(run_id)
-        members = member_views(store.members(record.run_id))
+        record, run = read_run(store, uri, run_id)
     finally:
         store.close()
+    return status_of(record, run, uri)
+
+
+def store_uri_of(run_dir: Path | None, store_uri: str | None) -> str:
+    """The store a status reads: `--store`, else the run folder's SQLite file."""
+    if store_uri is not None:
+        return store_uri
+    if run_dir is None:
+        raise ValueError("give --run-dir DIR, or --store URI and --run ID")
+    db = run_dir / "tether.db"
+    if not db.exists():
+        raise ValueError(f"no Tether run in {run_dir} (no {db.name} there)")
+    return default_store_uri(run_dir)
+
+
+def newest_run(store: Store, store_uri: str) -> str:
+    """The newest training run's id: experiment records (DESIGN §8) hold no members."""
+    runs = [r for r in store.list_runs() if r.meta.get("kind") != "experiment"]
+    if not runs:
+        raise ValueError(f"the store {store_uri} holds no runs")
+    return runs[0].run_id
+
+
+def read_run(
+    store: Store, store_uri: str, run_id: str | None, previous: RunView | None = None
+) -> tuple[RunRecord, RunView]:
+    """One read of a run (None: the newest training run): its record and its view, updated from
+    `previous` (`observe`). The members are read before the record, so a run the members show
+    ended is also seen finished if it did."""
+    if run_id is None:
+        run_id = newest_run(store, store_uri)
+    members = member_views(store.members(run_id))
+    record = store.get_run(run_id)
     # The run's own liveness settings, as launched.
     run = observe(
-        None, record.run_id, members, run_liveness(record.config), now=time.time(),
+        previous, record.run_id, members, run_liveness(record.config), now=time.time(),
         here=Here.this_host(),
     )  # fmt: skip
-    return status_of(record, run, store_uri)
+    return record, run
 
 
 def status_of(record: RunRecord, run: RunView, store_uri: str) -> dict[str, Any]:
     """The `--json` object of a run's record and its view."""
     cfg = record.config
-    launcher = run.launcher
-    summary = record.summary or {}
     # Every restart and its cause: the launcher reports them as it goes, the summary at the end.
-    reported = launcher.launcher.recoveries if launcher and launcher.launcher else None
-    recoveries = summary.get("recoveries") or [dict(r) for r in reported or ()]
+    recoveries = reported_recoveries(run, record.summary)
     return {
         "run_id": record.run_id,
         "store": store_uri,
@@ -70,7 +89,7 @@ def status_of(record: RunRecord, run: RunView, store_uri: str) -> dict[str, Any]
         "workers": cfg.get("workers"),
         "steps": cfg.get("steps"),
         "members": [_member(life) for life in run.members],
-        "recoveries": recoveries or [],
+        "recoveries": recoveries,
         "summary": record.summary,
     }
 
@@ -96,36 +115,32 @@ def _member(life: MemberLife) -> dict[str, Any]:
     }
 
 
-def print_status(status: dict[str, Any]) -> None:
-    state = "finished" if status["finished"] else "not finished"
-    print(
-        f"run {status['run_id']} ({status['mode']}, {status['shards']} shards, "
-        f"{status['workers']} workers, {status['steps']} steps): {state}"
-    )
-    print(
-        f"{'role':<9}{'id':>3} {'pid':>8} {'epoch':>6} {'alive':>6} {'clock':>6} "
-        f"{'version':>8} {'peak MB':>8}  address"
-    )
-    for m in status["members"]:
-        print(
-            f"{m['role']:<9}{m['id']:>3} {m['pid']:>8} {m['epoch']:>6} "
-            f"{'yes' if m['alive'] else 'no':>6} {_dash(m['clock']):>6} "
-            f"{_dash(m['version']):>8} {_dash(m['peak_rss_mb']):>8}  {m['address'] or '-'}"
-        )
-    for r in status["recoveries"]:
+def print_status(record: RunRecord, run: RunView) -> None:
+    """The run as text: its header, one row per member (`tether.member.rows`, the rows
+    `--watch` and the launcher's progress draw) with its pid, peak memory and address, and
+    every restart with its cause."""
+    recoveries = reported_recoveries(run, record.summary)
+    print(header(record, run).text())
+    table = [
+        (*r.cells(), str(r.pid), _dash(r.peak_rss_mb), r.address or "-")
+        for r in rows(run, None, recoveries)
+    ]
+    for line in text_table(table, (*COLUMNS, "pid", "peak MB", "address")):
+        print(line)
+    for r in recoveries:
         recovered = ""
-        if r["recovery_s"] is not None:
+        if r.get("recovery_s") is not None:
             recovered = f"; serving again {r['recovery_s']:.2f}s later"
         who = member_name(r["role"], r["id"])
         print(f"restart: {who} (epoch {r['epoch']}) {r['detail']}{recovered}")
 
 
-def _mb(nbytes: Any) -> float | None:
-    return None if nbytes is None else round(float(nbytes) / 2**20, 1)
-
-
 def _dash(v: Any) -> str:
     return "-" if v is None else str(v)
+
+
+def _mb(nbytes: Any) -> float | None:
+    return None if nbytes is None else round(float(nbytes) / 2**20, 1)
 
 
 def add_parser(sub: Any) -> None:
@@ -138,12 +153,34 @@ def add_parser(sub: Any) -> None:
     )
     add_store_run(status, required=False)
     status.add_argument("--json", action="store_true", help="print status as JSON")
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="redraw the members every --interval seconds until the run ends (a line per read "
+        "when stdout is not a terminal); exit 0 once it finished, 1 if its launcher is gone "
+        "first, 130 on Ctrl-C",
+    )
+    status.add_argument(
+        "--interval", type=float, default=1.0, metavar="S", help="seconds between reads (1)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    status = run_status(run_dir=args.run_dir, store_uri=args.store, run_id=args.run)
+    if args.watch and args.json:
+        raise UsageError("--watch draws the run as it goes; --json prints one object")
+    if not 0 < args.interval < float("inf"):
+        raise UsageError(f"--interval is seconds > 0; got {args.interval}")
+    uri = store_uri_of(args.run_dir, args.store)
+    store = open_store(uri)
+    try:
+        if args.watch:
+            run_id = args.run or newest_run(store, uri)
+            return watch(lambda previous: read_run(store, uri, run_id, previous), args.interval)
+        record, run = read_run(store, uri, args.run)
+    finally:
+        store.close()
     if args.json:
-        emit_json(status)
+        emit_json(status_of(record, run, uri))
     else:
-        print_status(status)
+        print_status(record, run)
     return EXIT_OK

@@ -167,6 +167,7 @@ class ShardNumbers(Stored):
 
     version: int | None = None
     durable_version: int | None = None
+    replication_lag_max_s: float | None = None  # longest first change -> durable so far
     updates_applied: int | None = None
     clocks: tuple[int, ...] | None = None  # per worker, in worker id order
     max_clock_gap: int | None = None
