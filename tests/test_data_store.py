@@ -465,7 +465,9 @@ def test_sqlite_upgrade_from_version_4_adds_datasets(tmp_path: Path) -> None:
     path = tmp_path / "v4.db"
     conn = sqlite3.connect(path)
     with conn:
-        for stmt in sqlite_schema.SCHEMA[: -len(sqlite_schema.DATASET_TABLES)]:
+        for stmt in sqlite_schema.SCHEMA[
+            : -len(sqlite_schema.DATASET_TABLES) - len(sqlite_schema.SECRETS_SCHEMA)
+        ]:
             conn.execute(stmt)
         conn.execute("INSERT INTO meta VALUES ('schema_version', '4')")
         conn.execute("INSERT INTO runs VALUES ('r', '{}', 1.0, 0, NULL, '{}')")
@@ -477,7 +479,7 @@ def test_sqlite_upgrade_from_version_4_adds_datasets(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     conn.close()
-    assert version == (str(sqlite_schema.SCHEMA_VERSION),) == ("6",)
+    assert version == (str(sqlite_schema.SCHEMA_VERSION),) == ("7",)
 
 
 # -- the command line --------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from tether.server.state import (
     split_ranges,
 )
 from tether.store.base import ShardLog
+from tether.transport import Security
 from tether.worker.client import ShardClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,10 +238,14 @@ def test_bsp_params_are_bit_identical_with_the_guard_on_when_nothing_is_refused(
 @pytest.fixture
 def guarded_shard() -> Iterator[tuple[ShardState, ShardClient]]:
     state = make_state(Mode.ASP, workers=1, n=1000)
-    server, port = create_server("127.0.0.1:0", max_workers=pool_size(1))
+    server, port = create_server(
+        "127.0.0.1:0", max_workers=pool_size(1), security=Security.insecure()
+    )
     add_services(server, ShardServicer(ShardHost(state), wait_timeout_s=10.0))
     server.start()
-    client = ShardClient(f"127.0.0.1:{port}", RUN, chunk_bytes=1 << 12)
+    client = ShardClient(
+        f"127.0.0.1:{port}", RUN, security=Security.insecure(), chunk_bytes=1 << 12
+    )
     try:
         yield state, client
     finally:

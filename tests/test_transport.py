@@ -84,9 +84,7 @@ def serve() -> Iterator[Callable[[Security], Served]]:
 
 def push(client: ShardClient, seq: int = 0) -> ps_pb2.PushReply:
     grad = np.full(N, 0.01, dtype=np.float32)
-    return client.push(
-        grad, worker_id=0, clock=seq, seq=seq, read_version=0, epoch=1, timeout_s=10
-    )
+    return client.push(grad, worker_id=0, clock=seq, seq=seq, read_version=0, epoch=1, timeout_s=10)
 
 
 def refused_with(code: grpc.StatusCode, call: Callable[[], object]) -> str:
