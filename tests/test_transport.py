@@ -341,3 +341,15 @@ def test_only_the_transport_module_makes_grpc_servers_and_channels():
                 ):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
+
+
+def test_an_idle_client_rereads_the_tokens_before_its_next_call(run_store, monkeypatch):
+    import tether.transport as transport
+
+    uri, store, config = run_store
+    book = TokenBook(store.run_tokens(RUN), lambda: store.run_tokens(RUN), refresh_s=3600)
+    old = book.presented()
+    tokens = store.run_tokens(RUN)
+    store.swap_run_tokens(RUN, tokens, rotated(tokens, time.time(), grace_s=0, propagate_s=0))
+    monkeypatch.setattr(transport, "STALE_S", 0.0)  # as if it had been idle for a while
+    assert book.presented() == store.run_tokens(RUN)[-1].token != old

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tether.store.secrets import RunToken, accepted, current
+from tether.store.secrets import DEFAULT_PROPAGATE_S, RunToken, accepted, current
 
 if TYPE_CHECKING:
     from tether.config import RunConfig
@@ -49,6 +49,9 @@ log = logging.getLogger("tether.transport")
 OPEN_SERVICES = ("/grpc.health.v1.Health/",)  # answered without a token: liveness probes
 REFRESH_S = 2.0  # how often a member re-reads its run's tokens from the store
 MISS_REFRESH_S = 0.5  # at most this often, a shard re-reads them on meeting an unknown token
+# A client whose tokens are older than this re-reads them before a call: a rotation's new token
+# is used from DEFAULT_PROPAGATE_S on, and the old one stays accepted for the grace period.
+STALE_S = DEFAULT_PROPAGATE_S
 AUTH_KEY = "authorization"
 Options = Sequence[tuple[str, Any]]
 
@@ -165,7 +168,10 @@ class TokenBook:
         return cls([RunToken(token, 0.0, 0.0)])
 
     def presented(self) -> str:
-        """The token a client sends now (the newest in use)."""
+        """The token a client sends now (the newest in use). A client that has not re-read
+        the store for STALE_S (an idle driver before its final read) re-reads it first."""
+        if self._load is not None and time.monotonic() - self._loaded_at > STALE_S:
+            self._refresh()
         self._refresh_in_background()
         token = current(self._tokens, self._clock())
         if token is None:
