@@ -29,6 +29,11 @@ def print_bench(r: dict[str, Any]) -> None:
         f"  pull {r['pull_gbps']:7.2f} Gbit/s   raw {r['raw_pull_gbps']:7.2f}   "
         f"ratio {r['pull_ratio']:.2f}"
     )
+    for op in ("push", "pull") if "tls_push_gbps" in r else ():
+        print(
+            f"  {op} over mutual TLS {r[f'tls_{op}_gbps']:7.2f} Gbit/s   "
+            f"{r[f'tls_{op}_ratio']:.2f}x plaintext"
+        )
 
 
 def add_parser(sub: Any) -> None:
@@ -45,6 +50,12 @@ def add_parser(sub: Any) -> None:
         choices=("sgd", "momentum", "adam"),
         default="sgd",
         help="optimizer applied on push (sgd)",
+    )
+    pushpull.add_argument(
+        "--tls",
+        action="store_true",
+        help="also start shards with mutual TLS (throw-away certificates) and time the same "
+        "push/pull path through them in the same rounds: tls_*_ratio is TLS against plaintext",
     )
     pushpull.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -169,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
             shards=args.shards,
             repeats=args.repeats,
             optimizer=args.optimizer,
+            tls=args.tls,
         ),
         err=sys.stderr,
     )
