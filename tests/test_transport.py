@@ -353,3 +353,17 @@ def test_an_idle_client_rereads_the_tokens_before_its_next_call(run_store, monke
     store.swap_run_tokens(RUN, tokens, rotated(tokens, time.time(), grace_s=0, propagate_s=0))
     monkeypatch.setattr(transport, "STALE_S", 0.0)  # as if it had been idle for a while
     assert book.presented() == store.run_tokens(RUN)[-1].token != old
+
+
+def test_same_host_segments_are_private_to_the_user_and_unguessable():
+    from tether import shm
+
+    segment = shm.Segment.create(RUN, "worker-0", 16)
+    try:
+        path = shm.SHM_DIR / segment.ref.name
+        assert path.stat().st_mode & 0o777 == 0o600
+        random_part = segment.ref.name.rsplit("-", 1)[1]
+        assert len(random_part) == 32 and int(random_part, 16) >= 0  # 128 random bits
+    finally:
+        segment.unlink()
+    assert not path.exists()

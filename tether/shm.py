@@ -94,7 +94,7 @@ class Segment:
                 f"{SHM_DIR} has {free >> 20} MiB free; a segment of {size >> 20} MiB needs "
                 f"{(size + MARGIN_BYTES) >> 20} MiB with the margin"
             )
-        name = f"{run_prefix(run_id)}{_safe(owner)}-{os.getpid()}-{secrets.token_hex(4)}"
+        name = f"{run_prefix(run_id)}{_safe(owner)}-{os.getpid()}-{secrets.token_hex(16)}"
         path = SHM_DIR / name
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
