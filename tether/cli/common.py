@@ -94,3 +94,22 @@ def member_id(flag: int | None, flag_name: str, env: Mapping[str, str] = os.envi
 def emit_json(obj: dict[str, Any]) -> None:
     """`--json`: exactly one JSON object, the last line of stdout (DESIGN §9)."""
     print(json.dumps(obj, sort_keys=True), flush=True)
+
+
+def add_metrics_port(p: argparse.ArgumentParser) -> None:
+    """`--metrics-port`: serve Prometheus metrics (DESIGN §13); off unless given."""
+
+    def port(text: str) -> int:
+        value = int(text)
+        if not 0 <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"a port is 0..65535, not {value}")
+        return value
+
+    p.add_argument(
+        "--metrics-port",
+        type=port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST the --listen host; 0 "
+        "picks a free port; the URL is published in the store (off)",
+    )

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tether.cli.common import (
     MEMBER_ID_VARIABLES,
     UsageError,
+    add_metrics_port,
     add_store_run,
     member_id,
     required_store_uri,
@@ -41,6 +42,7 @@ def _add_member_options(p: Any, what: str) -> None:
         "port defaults to the one bound. Without it: the --listen host, or this host's name "
         "when that is a wildcard",
     )
+    add_metrics_port(p)
     p.add_argument(
         "--wait-for-run",
         type=float,
@@ -93,7 +95,7 @@ def _server(args: argparse.Namespace) -> int:
         ServerOptions(
             required_store_uri(args), args.run, member_id(args.shard_id, "--shard-id"),
             listen=args.listen, advertise=args.advertise, run_wait_s=args.wait_for_run,
-            spawn=spawn_token(),
+            spawn=spawn_token(), metrics_port=args.metrics_port,
         )
     )  # fmt: skip
 
@@ -107,6 +109,7 @@ def _worker(args: argparse.Namespace) -> int:
             required_store_uri(args), args.run, member_id(args.worker_id, "--worker-id"),
             routes=routes, listen=args.listen, advertise=args.advertise,
             run_wait_s=args.wait_for_run, conclude=_conclude, spawn=spawn_token(),
+            metrics_port=args.metrics_port,
         )
     )  # fmt: skip
 
