@@ -10,12 +10,25 @@ vector. In the same run, on the same servers and channels, it measures:
   does no parameter-server work (the RawBytes service), the baseline the ratios are taken against.
 
 Reported figures are medians over the timed rounds, in gigabits per second.
+
+With `metrics` (`--metrics`) the shards serve Prometheus metrics (`--metrics-port 0`, DESIGN
+§13), and the rounds also time a push and a pull while a scraper scrapes every shard's /metrics
+every `scrape_interval_s` (`push_scraped`, `pull_scraped`; the scraper only runs during those),
+interleaved with the unscraped ones, and a scrape alone. `metrics_push_ratio` and
+`metrics_pull_ratio` are scraped throughput over unscraped, from the mean round (a scrape lands
+in few rounds: a median would not see it); `scrape_ms_median` and `scrape_ms_p99` are what one
+scrape of one shard took. What the shards count for the metrics is counted in every round: it is
+not optional (DESIGN §13).
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
+import threading
+import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,12 +37,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from tether.bench.timing import interleaved_medians
+from tether.bench.timing import interleaved_times
 from tether.config import RunConfig
 from tether.driver.api import new_run
 from tether.driver.launcher import Launcher, LaunchOptions
 from tether.malloc import tune_allocator
+from tether.member.view import MemberView
 from tether.proto import ps_pb2, ps_pb2_grpc
+from tether.retry import poll_until
 from tether.store import default_store_uri
 from tether.wire import FLOAT
 from tether.worker.client import ShardClient
@@ -42,6 +57,8 @@ class BenchOptions:
     repeats: int = 20
     optimizer: str = "sgd"
     warmup: int = 2
+    metrics: bool = False  # serve and scrape the shards' metrics in half of the rounds
+    scrape_interval_s: float = 1.0  # how often those rounds' scraper scrapes every shard
 
     def __post_init__(self) -> None:
         if not 0 < self.size_mb <= 1024:
@@ -66,20 +83,84 @@ def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, An
         )  # fmt: skip
         run_dir = Path(tmp)
         launcher = Launcher(
-            LaunchOptions(config=config, run_dir=run_dir, store_uri=default_store_uri(run_dir)),
+            LaunchOptions(
+                config=config, run_dir=run_dir, store_uri=default_store_uri(run_dir),
+                metrics_port=0 if opts.metrics else None,
+            ),
             err=err,
-        )
+        )  # fmt: skip
         try:
             shards = launcher.start_shards()
-            return _measure(opts, config, [m.address for m in shards], n, err)
+            urls = _metrics_urls(launcher, config) if opts.metrics else []
+            return _measure(opts, config, [m.address for m in shards], n, err, urls)
         finally:
             launcher.stop_children()
             if launcher.store is not None:
                 launcher.store.close()
 
 
+def _metrics_urls(launcher: Launcher, config: RunConfig) -> list[str]:
+    """Every shard's /metrics, once their first heartbeats published it."""
+    store = launcher.store
+    assert store is not None
+
+    def urls() -> list[str]:
+        views = [MemberView.of(m) for m in store.members(config.run_id, "server")]
+        return [v.metrics_url for v in views if v.metrics_url]
+
+    poll_until(lambda: len(urls()) == config.shards, 30.0, "the shards' metrics URLs")
+    return urls()
+
+
+def _scrape(url: str) -> float:
+    """Seconds one scrape of `url` took, to the last byte."""
+    t = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        reply.read()
+    return time.perf_counter() - t
+
+
+class _Scraper:
+    """Scrapes every URL each `interval_s`, from its own thread, while a wrapped function runs."""
+
+    def __init__(self, urls: list[str], interval_s: float) -> None:
+        self.urls, self.interval_s = urls, interval_s
+        self.on, self.closing = threading.Event(), threading.Event()
+        self.during_rounds: list[float] = []  # seconds of the scrapes made during rounds
+        self.alone: list[float] = []  # and of those made alone
+        self.thread = threading.Thread(target=self._run, name="scraper", daemon=True)
+        if urls:
+            self.thread.start()
+
+    def _run(self) -> None:
+        while not self.closing.is_set():
+            if self.on.wait(0.05):
+                self.during_rounds.extend(_scrape(url) for url in self.urls)
+                self.closing.wait(self.interval_s)
+
+    def during(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            self.on.set()
+            try:
+                fn()
+            finally:
+                self.on.clear()
+
+        return run
+
+    def close(self) -> None:
+        self.closing.set()
+        if self.thread.is_alive():
+            self.thread.join(10)
+
+
 def _measure(
-    opts: BenchOptions, config: RunConfig, addresses: list[str], n: int, err: TextIO
+    opts: BenchOptions,
+    config: RunConfig,
+    addresses: list[str],
+    n: int,
+    err: TextIO,
+    metrics_urls: list[str],
 ) -> dict[str, Any]:
     clients = [ShardClient(a, config.run_id, chunk_bytes=config.chunk_bytes) for a in addresses]
     raw_stubs = [ps_pb2_grpc.RawBytesStub(c.channel) for c in clients]
@@ -130,20 +211,27 @@ def _measure(
         got = sum(len(m.data) for m in raw_stubs[i].Source(req))
         assert got == ranges[i][1] * 4
 
+    scraper = _Scraper(metrics_urls, opts.scrape_interval_s)
+    fns: dict[str, Callable[[], Any]] = {
+        "push": push,
+        "raw_push": lambda: each(raw_push_one),
+        "pull": pull,
+        "raw_pull": lambda: each(raw_pull_one),
+    }
+    if metrics_urls:
+        fns |= {
+            "push_scraped": scraper.during(push),
+            "pull_scraped": scraper.during(pull),
+            "scrape": lambda: scraper.alone.extend(_scrape(url) for url in metrics_urls),
+        }
     print(f"tether bench: {nbytes / 2**20:.1f} MiB over {len(clients)} shard(s)", file=err)
     try:
-        t = interleaved_medians(
-            {
-                "push": push,
-                "raw_push": lambda: each(raw_push_one),
-                "pull": pull,
-                "raw_pull": lambda: each(raw_pull_one),
-            },
-            opts.repeats,
-            opts.warmup,
-        )
+        times = interleaved_times(fns, opts.repeats, opts.warmup)
+        t = {name: statistics.median(ts) for name, ts in times.items()}
+        means = {name: statistics.fmean(ts) for name, ts in times.items()}
     finally:
         pool.shutdown()
+        scraper.close()
         for c in clients:
             c.close()
     result: dict[str, Any] = {
@@ -159,4 +247,15 @@ def _measure(
     }
     result["push_ratio"] = result["push_gbps"] / result["raw_push_gbps"]
     result["pull_ratio"] = result["pull_gbps"] / result["raw_pull_gbps"]
+    if metrics_urls:
+        ms = sorted(1000 * s for s in scraper.alone)
+        result |= {
+            "scrape_interval_s": opts.scrape_interval_s,
+            "metrics_push_ratio": means["push"] / means["push_scraped"],
+            "metrics_pull_ratio": means["pull"] / means["pull_scraped"],
+            "scrapes_during": len(scraper.during_rounds),
+            "scrapes": len(ms),
+            "scrape_ms_median": statistics.median(ms),
+            "scrape_ms_p99": ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))],
+        }
     return result

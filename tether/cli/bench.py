@@ -29,6 +29,12 @@ def print_bench(r: dict[str, Any]) -> None:
         f"  pull {r['pull_gbps']:7.2f} Gbit/s   raw {r['raw_pull_gbps']:7.2f}   "
         f"ratio {r['pull_ratio']:.2f}"
     )
+    if "scrape_ms_median" in r:
+        print(
+            f"  scraped/unscraped throughput: push {r['metrics_push_ratio']:.3f}, pull "
+            f"{r['metrics_pull_ratio']:.3f}; a scrape {r['scrape_ms_median']:.2f} ms median, "
+            f"{r['scrape_ms_p99']:.2f} ms p99"
+        )
 
 
 def add_parser(sub: Any) -> None:
@@ -45,6 +51,19 @@ def add_parser(sub: Any) -> None:
         choices=("sgd", "momentum", "adam"),
         default="sgd",
         help="optimizer applied on push (sgd)",
+    )
+    pushpull.add_argument(
+        "--metrics",
+        action="store_true",
+        help="shards serve Prometheus metrics; also time push and pull while they are scraped, "
+        "and the scrapes themselves",
+    )
+    pushpull.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --metrics: seconds between scrapes during the scraped rounds (1.0)",
     )
     pushpull.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -169,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
             shards=args.shards,
             repeats=args.repeats,
             optimizer=args.optimizer,
+            metrics=args.metrics,
+            scrape_interval_s=args.scrape_interval,
         ),
         err=sys.stderr,
     )
