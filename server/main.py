@@ -175,7 +175,6 @@ def _metrics_sample(
         appended_bytes=sum(r.appended_bytes for r in replicators),
         appends=sum(r.appends for r in replicators),
         compactions=sum(c.bases for c in compactors),
-        last_update_at=servicer.counters.last_update_at,
     )
 
 

@@ -64,7 +64,6 @@ class ShardSample:
     appended_bytes: int  # log entries' bytes the replicator appended to the store
     appends: int
     compactions: int  # bases written
-    last_update_at: float | None  # unix time of the last applied update
 
 
 # -- collectors ---------------------------------------------------------------------------------
@@ -200,11 +199,11 @@ def shard_families(s: ShardSample) -> Iterator[Metric]:
     yield _gauge("tether_shard_log_entries", "Log entries after the store's base.", r.log_entries)
     yield _gauge("tether_shard_serving", SERVING_HELP, int(s.serving))
     yield _gauge("tether_shard_epoch", "The shard's membership epoch (restarts + 1).", r.epoch)
-    if s.last_update_at is not None:
+    if serving.last_update_at is not None:
         yield _gauge(
             "tether_shard_last_update_timestamp_seconds",
             "Unix time of the last update applied.",
-            s.last_update_at,
+            serving.last_update_at,
         )
 
 
