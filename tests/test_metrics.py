@@ -294,11 +294,13 @@ def test_prometheus_scrapes_every_member_of_a_run(tether_cli, tmp_path: Path) ->
         watch.kill_at(10, "worker", 1)
         roles = {"launcher": 1, "server": 2, "worker": 2}
 
-        def restarted() -> bool:
+        def restarted_and_advertised() -> bool:
             w1 = watch.member("worker", 1)
-            return w1 is not None and w1.epoch >= 2 and w1.state == "running"
+            if w1 is None or w1.epoch < 2 or w1.state != "running":
+                return False
+            return all(MemberView.of(m).metrics_url for m in watch.members())
 
-        wait_until(restarted, 120, "worker 1 to be restarted")
+        wait_until(restarted_and_advertised, 120, "worker 1 restarted, every metrics_url published")
         views = [MemberView.of(m) for m in watch.members()]
         for role, n in roles.items():
             assert sum(v.role == role for v in views) == n
