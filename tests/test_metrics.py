@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import REPO, RunWatch, wait_until
 from tether.consistency import Mode
+from tether.driver.slurm_engine import SlurmSpawner
 from tether.driver.spawner import MemberSpec, member_command
 from tether.member.report import LauncherReport, WorkerReport
 from tether.member.view import MemberView
@@ -90,11 +91,14 @@ def test_exact_counts_fold_into_the_gap_buckets() -> None:
     assert b.counts[GAP_BUCKETS.index(0)] == 3 and b.counts[GAP_BUCKETS.index(6)] == 1
 
 
-def test_members_started_with_metrics_get_the_flag() -> None:
+def test_members_started_with_metrics_get_the_flag(tmp_path: Path) -> None:
     spec = MemberSpec("worker", 1, "sqlite:///x.db", "r", metrics_port=0)
     cmd = member_command(spec)
     assert cmd[cmd.index("--metrics-port") + 1] == "0"
     assert "--metrics-port" not in member_command(MemberSpec("server", 0, "sqlite:///x.db", "r"))
+    # On Slurm too (the step's command is the member's, listening on the node's address).
+    srun = SlurmSpawner(tmp_path, gpu_workers=False, nodes=["n1"]).srun_command(spec, "n1")
+    assert srun[srun.index("--metrics-port") + 1] == "0"
 
 
 def test_listen_host() -> None:
