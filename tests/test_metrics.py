@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+import typing
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -27,11 +28,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import REPO, RunWatch, wait_until
 from tether.consistency import Mode
+from tether.driver.liveness import CauseKind
 from tether.driver.slurm_engine import SlurmSpawner
 from tether.driver.spawner import MemberSpec, member_command
 from tether.member.report import LauncherReport, WorkerReport
 from tether.member.view import MemberView
-from tether.metrics.buckets import GAP_BUCKETS, Buckets, StepCounters, folded
+from tether.metrics.buckets import (
+    GAP_BUCKETS,
+    MEMBER_ROLES,
+    RESTART_CAUSES,
+    Buckets,
+    StepCounters,
+    folded,
+)
 from tether.metrics.collect import (
     LauncherCollector,
     ShardCollector,
@@ -41,6 +50,7 @@ from tether.metrics.collect import (
     registry_of,
     serve_metrics,
 )
+from tether.roles import Role
 from tether.server.main import _metrics_sample
 
 PROMTOOL = shutil.which("promtool")
@@ -99,6 +109,11 @@ def test_members_started_with_metrics_get_the_flag(tmp_path: Path) -> None:
     # On Slurm too (the step's command is the member's, listening on the node's address).
     srun = SlurmSpawner(tmp_path, gpu_workers=False, nodes=["n1"]).srun_command(spec, "n1")
     assert srun[srun.index("--metrics-port") + 1] == "0"
+
+
+def test_the_restart_causes_are_the_detector_s() -> None:
+    assert RESTART_CAUSES == typing.get_args(CauseKind)
+    assert set(MEMBER_ROLES) | {"launcher"} == set(typing.get_args(Role))
 
 
 def test_listen_host() -> None:
@@ -194,6 +209,7 @@ def test_worker_and_driver_scrapes(served) -> None:
     d = samples(served(launcher))
     assert d[("tether_run_restarts_total", (("cause", "exited"), ("role", "worker")))] == 2
     assert d[("tether_run_restarts_total", (("cause", "probe_failed"), ("role", "server")))] == 1
+    assert d[("tether_run_restarts_total", (("cause", "node_lost"), ("role", "server")))] == 0
     assert d[("tether_run_recovery_seconds_count", ())] == 2
     assert d[("tether_run_members", (("role", "worker"),))] == 2
 
@@ -361,3 +377,15 @@ def test_prometheus_scrapes_every_member_of_a_run(tether_cli, tmp_path: Path) ->
         if launch.proc.poll() is None:
             launch.proc.send_signal(signal.SIGINT)  # the driver stops its members and exits
         launch.finish(timeout_s=120)
+
+
+@pytest.mark.slow
+def test_bench_pushpull_measures_scraped_against_unscraped_in_one_run(tether_cli) -> None:
+    r = tether_cli(
+        "bench", "pushpull", "--metrics", "--size-mb", "1", "--repeats", "5",
+        "--scrape-interval", "0.05", "--json",
+    ).json()  # fmt: skip
+    # Figures only: a busy machine decides the timings (DESIGN §9 reports them, no test asserts).
+    assert r["metrics_push_ratio"] > 0 and r["metrics_pull_ratio"] > 0
+    assert r["scrapes"] == 5 and r["scrapes_during"] >= 1
+    assert 0 < r["scrape_ms_median"] <= r["scrape_ms_p99"]

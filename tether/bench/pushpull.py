@@ -248,7 +248,7 @@ def _measure(
     result["push_ratio"] = result["push_gbps"] / result["raw_push_gbps"]
     result["pull_ratio"] = result["pull_gbps"] / result["raw_pull_gbps"]
     if metrics_urls:
-        ms = sorted(1000 * s for s in scraper.alone)
+        ms = sorted(1000 * s for s in scraper.alone[opts.warmup * len(metrics_urls) :])
         result |= {
             "scrape_interval_s": opts.scrape_interval_s,
             "metrics_push_ratio": means["push"] / means["push_scraped"],

@@ -26,6 +26,10 @@ RECOVERY_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Why a shard's call waited: a pull for slower workers (the consistency rule, DESIGN §3), a push's
 # acknowledgement for its version to be durable (sync replication, DESIGN §5).
 WAIT_REASONS = ("workers", "durable")
+# Why the driver restarted a member (`tether.driver.liveness.CauseKind`, DESIGN §5), and the roles
+# it restarts: the bounded label values of `tether_run_restarts_total`.
+RESTART_CAUSES = ("exited", "probe_failed", "startup_deadline", "node_lost")
+MEMBER_ROLES = ("server", "worker")
 
 
 class Buckets:

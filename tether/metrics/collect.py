@@ -32,7 +32,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from tether.metrics.buckets import RECOVERY_BUCKETS_S, WAIT_REASONS, Buckets, StepCounters, folded
+from tether.metrics.buckets import (
+    MEMBER_ROLES,
+    RECOVERY_BUCKETS_S,
+    RESTART_CAUSES,
+    WAIT_REASONS,
+    Buckets,
+    StepCounters,
+    folded,
+)
 
 if TYPE_CHECKING:
     from tether.member.report import LauncherReport, WorkerReport
@@ -279,7 +287,8 @@ def launcher_families(report: LauncherReport, members: Mapping[str, int]) -> Ite
         "Member restarts, by role and cause (DESIGN §5).",
         labels=["role", "cause"],
     )
-    counted: dict[tuple[str, str], int] = {}
+    # Every (role, cause) from 0, so that increase() and alerts see the first restart.
+    counted = {(role, cause): 0 for role in MEMBER_ROLES for cause in RESTART_CAUSES}
     seconds: list[float] = []
     for r in report.recoveries or ():
         key = (str(r.get("role")), str(r.get("cause")))
