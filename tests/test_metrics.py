@@ -175,6 +175,15 @@ def test_a_shard_scrape_counts_what_it_served(live_shard, served) -> None:
         promtool_check(text)
 
 
+def test_a_taken_port_is_named() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            serve_metrics(registry_of([]), "127.0.0.1", port)
+
+
 def test_a_shard_still_loading_reports_that_it_does_not_serve(served) -> None:
     got = samples(served(ShardCollector("r", 1, lambda: None)))
     assert got[("tether_shard_serving", ())] == 0

@@ -347,7 +347,10 @@ def serve_metrics(
 ) -> MetricsServer:
     """Serve `registry` on http://host:port/metrics (port 0 picks a free one) from a daemon
     thread; the URL names `advertised_host` (what others dial) or `host`."""
-    httpd, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        httpd, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:  # as a taken --listen port is (server/main.py create_server)
+        raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from e
     bound = int(httpd.server_port)
     shown = advertised_host or host
     if ":" in shown:
