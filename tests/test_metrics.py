@@ -31,7 +31,7 @@ from tether.consistency import Mode
 from tether.driver.liveness import CauseKind
 from tether.driver.slurm_engine import SlurmSpawner
 from tether.driver.spawner import MemberSpec, member_command
-from tether.member.report import LauncherReport, WorkerReport
+from tether.member.report import BeatReport, LauncherReport, WorkerReport
 from tether.member.view import MemberView
 from tether.metrics.buckets import (
     GAP_BUCKETS,
@@ -114,6 +114,14 @@ def test_members_started_with_metrics_get_the_flag(tmp_path: Path) -> None:
 def test_the_restart_causes_are_the_detector_s() -> None:
     assert RESTART_CAUSES == typing.get_args(CauseKind)
     assert set(MEMBER_ROLES) | {"launcher"} == set(typing.get_args(Role))
+
+
+def test_the_url_is_a_stored_key_of_every_member_s_beat() -> None:
+    url = "http://10.0.0.7:9464/metrics"
+    info = BeatReport(0, 5, None, url).to_info()
+    assert info == {"heartbeats_skipped": 0, "peak_rss_bytes": 5, "metrics_url": url}
+    assert BeatReport.from_info(info).metrics_url == url
+    assert BeatReport.from_info({}).metrics_url is None  # an older record, or metrics off
 
 
 def test_listen_host() -> None:

@@ -95,6 +95,7 @@ def bench_pushpull(opts: BenchOptions, err: TextIO = sys.stderr) -> dict[str, An
             return _measure(opts, config, [m.address for m in shards], n, err, urls)
         finally:
             launcher.stop_children()
+            launcher.close_metrics()
             if launcher.store is not None:
                 launcher.store.close()
 
