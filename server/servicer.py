@@ -85,7 +85,6 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         if request.observer:
             with self.host.locked() as state:
                 decision: Serve | Wait | Reject = state.observe()
-                self._served(decision, 0.0)
         else:
             decision = self._wait_for_read(request, context, None)
         if isinstance(decision, Reject):

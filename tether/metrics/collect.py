@@ -124,7 +124,9 @@ def shard_families(s: ShardSample) -> Iterator[Metric]:
         r.updates_applied,
     )
     yield _counter(
-        "tether_shard_pulls_total", "Pulls served (observer reads included).", r.pulls_served
+        "tether_shard_pulls_total",
+        "Workers' pulls served (reads outside the clock protocol not counted).",
+        r.pulls_served,
     )
     yield _counter(
         "tether_shard_push_bytes_total",
@@ -132,7 +134,9 @@ def shard_families(s: ShardSample) -> Iterator[Metric]:
         serving.push_bytes,
     )
     yield _counter(
-        "tether_shard_pull_bytes_total", "Parameter bytes served to pulls.", serving.pull_bytes
+        "tether_shard_pull_bytes_total",
+        "Parameter bytes served to workers' pulls.",
+        serving.pull_bytes,
     )
     yield histogram(
         serving.push_s,
