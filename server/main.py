@@ -31,6 +31,14 @@ from tether.config import RunConfig
 from tether.malloc import tune_allocator
 from tether.member.heartbeat import Heartbeat
 from tether.member.join import DEFAULT_RUN_WAIT_S, advertised_address, wait_for_run
+from tether.metrics.collect import (
+    MetricsServer,
+    ShardCollector,
+    ShardSample,
+    listen_host,
+    registry_of,
+    serve_metrics,
+)
 from tether.proto import ps_pb2_grpc
 from tether.server.codec import recover
 from tether.server.host import ShardHost
@@ -115,6 +123,7 @@ class ServerOptions:
     spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
     tls: TlsFiles | None = None  # --tls-*: instead of the run config's files (DESIGN §13)
     allow_unauthenticated: bool = False  # serve a run from before tokens without one
+    metrics_port: int | None = None  # serve Prometheus metrics here (0: a free port; DESIGN §13)
 
 
 def load_or_init(store: Store, config: RunConfig, spec: ShardSpec, epoch: int) -> ShardState:
@@ -139,6 +148,30 @@ def _restored(recovered: dict[str, Any], version: int) -> str:
         f", restored version {version}: base {recovered['base_version']} and "
         f"{recovered['entries']} log entries (read {recovered.get('load_s', 0):.3f}s, replayed "
         f"{recovered['replay_s']:.3f}s)"
+    )
+
+
+def _metrics_sample(
+    serving: list[ShardServicer], adapters: list[Replicator | Compactor]
+) -> ShardSample | None:
+    """What the shard's metrics collector reads at a scrape (DESIGN §13): the report under the
+    lock, as the heartbeat takes it, and what the replicator and compactor counted."""
+    if not serving:
+        return None
+    servicer = serving[0]
+    with servicer.host.locked() as state:
+        report = state.report(servicer.counters)
+        dirty_since, status = state.log.dirty_since, state.status
+    replicators = [a for a in adapters if isinstance(a, Replicator)]
+    compactors = [a for a in adapters if isinstance(a, Compactor)]
+    return ShardSample(
+        report=report,
+        counters=servicer.counters,
+        serving=status == "serving",
+        replication_lag_s=0.0 if dirty_since is None else max(time.time() - dirty_since, 0.0),
+        appended_bytes=sum(r.appended_bytes for r in replicators),
+        appends=sum(r.appends for r in replicators),
+        compactions=sum(c.bases for c in compactors),
     )
 
 
@@ -168,10 +201,20 @@ def serve(opts: ServerOptions) -> int:
         opts.run_id, "server", opts.shard_id, address=address, pid=os.getpid(),
         host=socket.gethostname(),
     )  # fmt: skip
+    serving: list[ShardServicer] = []  # the servicer, once the state is loaded and served
+    adapters: list[Replicator | Compactor] = []
+    metrics: MetricsServer | None = None
+    if opts.metrics_port is not None:
+        collector = ShardCollector(
+            opts.run_id, opts.shard_id, lambda: _metrics_sample(serving, adapters)
+        )
+        metrics = serve_metrics(
+            registry_of([collector]), listen_host(opts.listen), opts.metrics_port,
+            listen_host(address),
+        )  # fmt: skip
     fenced: list[Fenced] = []
     failed: list[BaseException] = []
     finished = threading.Event()  # the store marks the run finished: stop, and exit 0
-    serving: list[ShardServicer] = []  # the servicer, once the state is loaded and served
 
     def on_run_finished() -> None:
         finished.set()
@@ -191,6 +234,7 @@ def serve(opts: ServerOptions) -> int:
         opts.store_uri, opts.run_id, "server", opts.shard_id, epoch,
         interval_s=opts.heartbeat_s, info=beat_info, on_fenced=on_fenced,
         on_run_finished=on_run_finished, spawn=opts.spawn,
+        metrics_url=metrics.url if metrics is not None else None,
     ).start()  # fmt: skip
     state = load_or_init(store, config, spec, epoch)
     restored = state.restored_version
@@ -219,6 +263,7 @@ def serve(opts: ServerOptions) -> int:
             initial=lambda: initial_params(config, spec.offset, spec.length),
         )  # fmt: skip
         compactor.start()
+        adapters += [replicator, compactor]
     print(
         f"tether server: shard {opts.shard_id} of run {opts.run_id} serving "
         f"[{spec.offset}, {spec.offset + spec.length}) on {address} at epoch {epoch}, "
@@ -242,6 +287,8 @@ def serve(opts: ServerOptions) -> int:
         # cancel their calls, which tells them nothing.
         time.sleep(ZOMBIE_LINGER_S)
     server.stop(grace=2.0).wait()
+    if metrics is not None:
+        metrics.close()
     if fenced:
         print(f"tether server: shard {opts.shard_id} fenced: {fenced[0]}", file=sys.stderr)
     elif failed:

@@ -108,6 +108,8 @@ class Replicator(_Adapter):
     """Appends the shard's log to the store (module docstring)."""
 
     name = "replicator"
+    appends = 0  # successful appends to the store, and the entries' bytes (read by metrics)
+    appended_bytes = 0
 
     def _loop(self) -> None:
         spec = self.host.state.spec
@@ -131,6 +133,8 @@ class Replicator(_Adapter):
                 self._unavailable("a log append", e)
                 continue
             self._backoff.succeeded()
+            self.appends += 1
+            self.appended_bytes += sum(entry.nbytes for entry in batch)
             with self.host.locked() as state:
                 state.replicated(batch[-1].position, self.now())
                 self.host.notify_all()  # pushes waiting for durability ask the core again

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from tether.member.report import Recovered, ShardNumbers
+from tether.metrics.buckets import LATENCY_BUCKETS_S, Buckets
 from tether.proto import ps_pb2
 
 
@@ -27,6 +28,19 @@ class ServingCounters:
     segment_pulls: int = 0  # pulls served into a same-host segment
     segment_pushes: int = 0  # gradients read from a same-host segment
     waiting: int = 0  # pulls waiting right now
+    # For the metrics a scrape reads (tether/metrics, DESIGN §13), kept whether served or not:
+    push_bytes: int = 0  # gradient bytes of the pushes accepted
+    pull_bytes: int = 0  # parameter bytes served to pulls
+    push_s: Buckets = field(default_factory=lambda: Buckets(LATENCY_BUCKETS_S))
+    pull_s: Buckets = field(default_factory=lambda: Buckets(LATENCY_BUCKETS_S))
+    waits: dict[str, int] = field(default_factory=dict)  # calls that waited, by what for
+    wait_s: dict[str, float] = field(default_factory=dict)  # and their seconds waiting
+    last_update_at: float | None = None  # unix time of the last update applied
+
+    def waited(self, reason: str, seconds: float) -> None:
+        """A call waited `seconds` for `reason` (`tether.metrics.buckets.WAIT_REASONS`)."""
+        self.waits[reason] = self.waits.get(reason, 0) + 1
+        self.wait_s[reason] = self.wait_s.get(reason, 0.0) + seconds
 
 
 @dataclass(frozen=True, slots=True)

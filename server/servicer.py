@@ -135,6 +135,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         start = time.monotonic()
         deadline = start + timeout
         w = request.worker_id
+        waited = False
         with self.host.locked() as state:
             while True:
                 decision = self._read_once(request, segment)
@@ -152,8 +153,19 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                 self.counters.waiting += 1
                 self.host.wait(min(remaining, _LIVENESS_CHECK_S))
                 self.counters.waiting -= 1
-            self.counters.pull_wait_s += time.monotonic() - start
+                waited = True
+            elapsed = time.monotonic() - start
+            self.counters.pull_wait_s += elapsed
+            if waited:
+                self.counters.waited("workers", elapsed)
+            self._served(decision, elapsed)
         return decision
+
+    def _served(self, decision: Serve | Wait | Reject, elapsed_s: float) -> None:
+        """Count a pull the shard decided on (with the lock held)."""
+        if isinstance(decision, Serve):
+            self.counters.pull_s.observe(elapsed_s)
+            self.counters.pull_bytes += 4 * self.host.state.spec.length
 
     def _read_once(
         self, request: ps_pb2.PullRequest, segment: ps_pb2.Segment | None
@@ -181,6 +193,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         self, request_iterator: Iterator[ps_pb2.PushChunk], context: grpc.ServicerContext
     ) -> ps_pb2.PushReply:
         # Read without the lock: the core repeats the check under it once the header is here.
+        started = time.monotonic()
         if rejected := self.host.state.not_serving():
             _abort(context, rejected)
         first = next(request_iterator, None)
@@ -197,7 +210,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             grad = assembler.result()
         except WireError as e:
             _abort(context, Reject(Code.INVALID_ARGUMENT, str(e)))
-        return self._accept(header, grad, context)
+        return self._accept(header, grad, context, started)
 
     def PushFrom(
         self, request: ps_pb2.PushHeader, context: grpc.ServicerContext
@@ -209,6 +222,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         segment after a failure, so no write can overlap a push that is applied (a late
         duplicate is discarded unread). A BSP gradient is held until the others arrive, and a
         replicated one becomes a log entry, so those are copied out."""
+        started = time.monotonic()
         if rejected := self.host.state.not_serving():
             _abort(context, rejected)
         header = self._checked_header(request, context)
@@ -221,7 +235,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
                     view = view.copy()
             return view
 
-        reply = self._accept(header, read, context)
+        reply = self._accept(header, read, context, started)
         nxt = request.next
         if request.HasField("next") and nxt.worker_id == header.worker_id:
             # The next clock's pull in the same call, served only if it needs no wait: a
@@ -229,6 +243,7 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
             with self.host.locked() as state:
                 if not state.spec.consistency.aggregates and nxt.HasField("segment"):
                     decision = self._read_once(nxt, nxt.segment)
+                    self._served(decision, 0.0)
                     if isinstance(decision, Serve):
                         reply.pulled.CopyFrom(self._pull_header(decision))
         return reply
@@ -254,14 +269,20 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         header: PushHeader,
         gradient: np.ndarray | Callable[[], np.ndarray | None],
         context: grpc.ServicerContext,
+        started: float,
     ) -> ps_pb2.PushReply:
         """Apply (or hold, or de-duplicate) a push whose header passed (`ShardState.push`)."""
         with self.host.locked() as state:
-            result: Ack | Reject = state.push(header, {DENSE: gradient}, self._now())
+            now = self._now()
+            result: Ack | Reject = state.push(header, {DENSE: gradient}, now)
             if isinstance(result, Ack) and not result.duplicate:
                 self.host.notify_all()  # clocks moved: waiting pulls re-check the read rule
+                self.counters.push_bytes += 4 * header.length
+                if result.applied:
+                    self.counters.last_update_at = now
             if isinstance(result, Ack):
                 result = self._wait_durable(header, result)
+                self.counters.push_s.observe(time.monotonic() - started)
         if isinstance(result, Reject):
             _abort(context, result)
         assert isinstance(result, Ack)
@@ -279,14 +300,18 @@ class ShardServicer(ps_pb2_grpc.ParameterServerServicer):
         start = time.monotonic()
         deadline = start + self._wait_timeout_s
         decision = state.durable_ack(ack)
+        waited = isinstance(decision, Wait)
         while isinstance(decision, Wait):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return state.push_timed_out(
+                decision = state.push_timed_out(
                     header.worker_id, header.clock, time.monotonic() - start
                 )
+                break
             self.host.wait(min(remaining, _LIVENESS_CHECK_S))
             decision = state.durable_ack(ack, waited=True)
+        if waited:
+            self.counters.waited("durable", time.monotonic() - start)
         return decision
 
     # -- Info -----------------------------------------------------------------------------

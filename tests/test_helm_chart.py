@@ -86,6 +86,14 @@ CASES: dict[str, Values] = {
         },
     ),
     "operator-uri": merged(REQUIRED, {"store": {"uri": OPERATOR_URI, "database": "tether"}}),
+    "metrics": merged(
+        REQUIRED,
+        {
+            "store": {"uri": URI},
+            "metrics": {"enabled": True, "port": 9500},
+            "podAnnotations": {"example.com/owner": "ml"},
+        },
+    ),
     "everything": merged(
         REQUIRED,
         {
@@ -405,6 +413,28 @@ def test_members_listen_on_every_interface_and_advertise_their_pod_ip(rendered, 
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_members_serve_metrics_with_scrape_annotations_only_when_enabled(rendered, case):
+    metrics = CASES[case].get("metrics", {})
+    for job in members(rendered[case]).values():
+        (c,) = pod_spec(job)["containers"]
+        annotations = job["spec"]["template"]["metadata"].get("annotations", {})
+        named = {p["name"]: p["containerPort"] for p in c["ports"]}
+        if not metrics.get("enabled"):
+            assert "--metrics-port" not in c["args"] and "metrics" not in named
+            assert not any(k.startswith("prometheus.io/") for k in annotations)
+            continue
+        port = metrics["port"]
+        assert flags(c["args"])["--metrics-port"] == str(port)
+        assert named["metrics"] == port
+        assert annotations == {
+            **CASES[case].get("podAnnotations", {}),
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(port),
+            "prometheus.io/path": "/metrics",
+        }
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_the_store_comes_from_a_secret_and_never_in_plain_text(rendered, case):
     store = CASES[case]["store"]
     docs = rendered[case]
@@ -548,6 +578,7 @@ BAD: dict[str, tuple[Values, str]] = {
         "image.repository is required",
     ),
     "no shards": (merged(CASES["defaults"], {"run": {"shards": 0}}), "run.shards"),
+    "a metrics port of 0": (merged(CASES["metrics"], {"metrics": {"port": 0}}), "metrics.port"),
     "no workers": (merged(CASES["defaults"], {"run": {"workers": 0}}), "run.workers"),
     "a bogus mode": (
         merged(CASES["defaults"], {"run": {"mode": "bogus"}}),

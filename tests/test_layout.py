@@ -39,7 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("tasks", ("tether.tasks", "tether.data")),
-    ("members", ("tether.member", "tether.server", "tether.worker")),
+    ("members", ("tether.member", "tether.metrics", "tether.server", "tether.worker")),
     ("driver", ("tether.driver",)),
     (
         "harnesses",

@@ -34,6 +34,14 @@ from tether.member.health import serve_health
 from tether.member.heartbeat import Heartbeat, peak_rss_bytes
 from tether.member.join import DEFAULT_RUN_WAIT_S, advertised_address, wait_for_run
 from tether.member.report import WorkerReport
+from tether.metrics.buckets import StepCounters
+from tether.metrics.collect import (
+    MetricsServer,
+    WorkerCollector,
+    listen_host,
+    registry_of,
+    serve_metrics,
+)
 from tether.proto import ps_pb2
 from tether.retry import RetryPolicy, with_retry
 from tether.store import (
@@ -106,6 +114,7 @@ class WorkerOptions:
     spawn: str = ""  # the driver's token for this start (TETHER_SPAWN), read by the CLI
     tls: TlsFiles | None = None  # --tls-*: instead of the run config's files (DESIGN §13)
     allow_unauthenticated: bool = False  # call a run from before tokens without one
+    metrics_port: int | None = None  # serve Prometheus metrics here (0: a free port; DESIGN §13)
 
 
 class Worker:
@@ -136,6 +145,9 @@ class Worker:
         self.ledger = AckLedger(config.shards)
         self.metric_rows: list[MetricRow] = []  # per-step metrics not yet in the store
         self.reconnects = 0
+        # Counted every step whether metrics are served or not (DESIGN §13).
+        self.steps = StepCounters()
+        self.loss: float | None = None  # the last mini-batch loss
         self.epoch = 0  # this worker's membership epoch, set when it registers
         self.clock = 0  # iterations completed, read back from the shards in connect()
         self.ranges: list[tuple[int, int]] = []
@@ -341,6 +353,9 @@ class Worker:
                         },
                     )
                 )
+                self.loss = float(loss)
+                self.steps.step(now - t_pull, pull_s, push_s, config.batch_size)
+                self.steps.task = metrics
                 if now - last_beat >= self.opts.heartbeat_s or self.clock == config.steps:
                     last_beat = now
                     self.report_progress(loss, samples / max(now - t0, 1e-9), wait_s)
@@ -351,7 +366,7 @@ class Worker:
             self.shards.close()
             self.local.close()
 
-    def start_heartbeat(self) -> Heartbeat:
+    def start_heartbeat(self, metrics_url: str | None = None) -> Heartbeat:
         """Heartbeat from a thread with its own store connection, so a worker waiting at a
         barrier, compiling or flushing metrics still shows it is alive (DESIGN §5)."""
 
@@ -366,6 +381,7 @@ class Worker:
             self.opts.store_uri, self.config.run_id, "worker", self.wid, self.epoch,
             interval_s=self.opts.heartbeat_s, after_beat=self.shards.close_replaced,
             on_fenced=on_fenced, on_run_finished=on_run_finished, spawn=self.opts.spawn,
+            metrics_url=metrics_url,
         ).start()  # fmt: skip
 
     def flush_metrics(self) -> None:
@@ -405,6 +421,11 @@ class Worker:
             peak_rss_bytes=peak_rss_bytes(),
         )
 
+    def metrics_sample(self) -> tuple[WorkerReport, StepCounters]:
+        """What the metrics collector reads at a scrape (from the scraping thread)."""
+        report = WorkerReport(clock=self.clock, loss=self.loss, reconnects=self.reconnects)
+        return report, self.steps
+
     def publish(self, report: WorkerReport) -> None:
         """Merge `report` into this worker's record (fenced by its epoch)."""
         self.store.heartbeat(self.config.run_id, "worker", self.wid, self.epoch, report.to_info())
@@ -438,6 +459,14 @@ def run_worker(opts: WorkerOptions) -> int:
     # probe asks when the heartbeats fall silent (a frozen process cannot answer it).
     health_server, health_port = serve_health(opts.listen, worker.security)
     health_address = advertised_address(opts.listen, health_port, opts.advertise)
+    metrics: MetricsServer | None = None
+    if opts.metrics_port is not None:
+        registry = registry_of(
+            [WorkerCollector(opts.run_id, opts.worker_id, worker.metrics_sample)]
+        )
+        metrics = serve_metrics(
+            registry, listen_host(opts.listen), opts.metrics_port, listen_host(health_address)
+        )
     worker.epoch = store.register(
         opts.run_id,
         "worker",
@@ -453,12 +482,14 @@ def run_worker(opts: WorkerOptions) -> int:
         file=sys.stderr,
         flush=True,
     )
-    beat = worker.start_heartbeat()
+    beat = worker.start_heartbeat(None if metrics is None else metrics.url)
     try:
         return _work(worker, store, opts, config)
     finally:
         beat.close()
         health_server.stop(grace=0)
+        if metrics is not None:
+            metrics.close()
 
 
 def _work(worker: Worker, store: Store, opts: WorkerOptions, config: RunConfig) -> int:

@@ -15,10 +15,10 @@ if TYPE_CHECKING:
     from tether.tasks.runtime import TaskRuntime
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], Any]], repeats: int, warmup: int
-) -> dict[str, float]:
-    """Median seconds of each function over rounds that run every function once, in turn."""
+) -> dict[str, list[float]]:
+    """Seconds of each function in every round; a round runs every function once, in turn."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(warmup + repeats):
         for name, fn in fns.items():
@@ -26,6 +26,14 @@ def interleaved_medians(
             fn()
             if round_ >= warmup:
                 times[name].append(time.perf_counter() - t)
+    return times
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], Any]], repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median seconds of each function over rounds that run every function once, in turn."""
+    times = interleaved_times(fns, repeats, warmup)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -34,6 +34,12 @@ def print_bench(r: dict[str, Any]) -> None:
             f"  {op} over mutual TLS {r[f'tls_{op}_gbps']:7.2f} Gbit/s   "
             f"{r[f'tls_{op}_ratio']:.2f}x plaintext"
         )
+    if "scrape_ms_median" in r:
+        print(
+            f"  scraped/unscraped throughput: push {r['metrics_push_ratio']:.3f}, pull "
+            f"{r['metrics_pull_ratio']:.3f}; a scrape {r['scrape_ms_median']:.2f} ms median, "
+            f"{r['scrape_ms_p99']:.2f} ms p99"
+        )
 
 
 def add_parser(sub: Any) -> None:
@@ -56,6 +62,19 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="also start shards with mutual TLS (throw-away certificates) and time the same "
         "push/pull path through them in the same rounds: tls_*_ratio is TLS against plaintext",
+    )
+    pushpull.add_argument(
+        "--metrics",
+        action="store_true",
+        help="shards serve Prometheus metrics; also time push and pull while they are scraped, "
+        "and the scrapes themselves",
+    )
+    pushpull.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="with --metrics: seconds between scrapes during the scraped rounds (1.0)",
     )
     pushpull.add_argument("--json", action="store_true", help="print results as JSON")
 
@@ -181,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             repeats=args.repeats,
             optimizer=args.optimizer,
             tls=args.tls,
+            metrics=args.metrics,
+            scrape_interval_s=args.scrape_interval,
         ),
         err=sys.stderr,
     )

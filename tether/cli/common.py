@@ -123,3 +123,22 @@ def tls_paths(args: argparse.Namespace) -> dict[str, str]:
         if getattr(args, f"tls_{name}", None)
     }
     return given
+
+
+def add_metrics_port(p: argparse.ArgumentParser) -> None:
+    """`--metrics-port`: serve Prometheus metrics (DESIGN §13); off unless given."""
+
+    def port(text: str) -> int:
+        value = int(text)
+        if not 0 <= value <= 65535:
+            raise argparse.ArgumentTypeError(f"a port is 0..65535, not {value}")
+        return value
+
+    p.add_argument(
+        "--metrics-port",
+        type=port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics, HOST the --listen host; 0 "
+        "picks a free port; the URL is published in the store (off)",
+    )

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tether.cli.common import UsageError, add_tls_flags, emit_json, tls_paths
+from tether.cli.common import UsageError, add_metrics_port, add_tls_flags, emit_json, tls_paths
 from tether.exitcodes import EXIT_FAILED, EXIT_OK
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ def add_parser(sub: Any) -> None:
         "else the cluster of this machine, else a new local one)",
     )
     add_run_flags(launch)
+    add_metrics_port(launch)
     launch.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -287,8 +288,9 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
+        hooks = api.RunHooks(metrics_port=args.metrics_port)
         summary = api.run(
-            config, spawner, run_dir=run_dir, store=store_uri, export=args.export
+            config, spawner, hooks, run_dir=run_dir, store=store_uri, export=args.export
         ).to_json()
     except RunFailed as e:
         print(f"tether launch: run {config.run_id} failed: {e}", file=sys.stderr)

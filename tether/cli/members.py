@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from tether.cli.common import (
     MEMBER_ID_VARIABLES,
     UsageError,
+    add_metrics_port,
     add_store_run,
     add_tls_flags,
     member_id,
@@ -44,6 +45,7 @@ def _add_member_options(p: Any, what: str) -> None:
         "port defaults to the one bound. Without it: the --listen host, or this host's name "
         "when that is a wildcard",
     )
+    add_metrics_port(p)
     p.add_argument(
         "--wait-for-run",
         type=float,
@@ -104,7 +106,7 @@ def _server(args: argparse.Namespace) -> int:
             required_store_uri(args), args.run, member_id(args.shard_id, "--shard-id"),
             listen=args.listen, advertise=args.advertise, run_wait_s=args.wait_for_run,
             spawn=spawn_token(), tls=tls_override(args),
-            allow_unauthenticated=args.allow_unauthenticated,
+            allow_unauthenticated=args.allow_unauthenticated, metrics_port=args.metrics_port,
         )
     )  # fmt: skip
 
@@ -119,6 +121,7 @@ def _worker(args: argparse.Namespace) -> int:
             routes=routes, listen=args.listen, advertise=args.advertise,
             run_wait_s=args.wait_for_run, conclude=_conclude, spawn=spawn_token(),
             tls=tls_override(args), allow_unauthenticated=args.allow_unauthenticated,
+            metrics_port=args.metrics_port,
         )
     )  # fmt: skip
 

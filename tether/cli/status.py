@@ -112,6 +112,7 @@ def _member(life: MemberLife) -> dict[str, Any]:
         "version": m.version,
         # Reported by the member itself (tether.member.heartbeat.peak_rss_bytes).
         "peak_rss_mb": _mb(m.peak_rss_bytes),
+        "metrics_url": m.metrics_url,  # its Prometheus endpoint, or None (DESIGN §13)
     }
 
 

@@ -116,6 +116,9 @@ class RunHooks:
     # Called with the driver before it starts: a chaos timeline signals and replaces members
     # through it, `tether bench train` samples its children's CPU time.
     on_start: Callable[[Launcher], None] | None = None
+    # Serve the driver's Prometheus metrics on this port (0: a free one) and every member's on a
+    # free one (DESIGN §13); None: no metrics.
+    metrics_port: int | None = None
 
 
 def run(
@@ -144,6 +147,7 @@ def run(
         routes=hooks.routes,
         eval_interval_s=hooks.eval_interval_s,
         before_workers=hooks.before_workers,
+        metrics_port=hooks.metrics_port,
     )
     launcher = Launcher(opts, err=err or sys.stderr, spawner=spawner)
     if hooks.on_start is not None:

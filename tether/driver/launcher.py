@@ -50,6 +50,7 @@ from tether.driver.summary import Outcome, RunSummary, last_losses, summarise
 from tether.member.heartbeat import Heartbeat
 from tether.member.report import LauncherReport
 from tether.member.view import Here, MemberView, RunView, member_views, observe
+from tether.metrics.collect import LauncherCollector, MetricsServer, registry_of, serve_metrics
 from tether.retry import PollTimeout, poll_until
 from tether.roles import Role, member_name
 from tether.shm import remove_leftovers
@@ -80,6 +81,9 @@ class LaunchOptions:
     # Called with the registered shards before any worker starts (a chaos run points its
     # proxies at them, so no worker ever dials a link that leads nowhere).
     before_workers: Callable[[list[Member]], None] | None = None
+    # Serve the driver's Prometheus metrics on this port (0: a free one), and start every member
+    # with `--metrics-port 0`, so each member of the run can be scraped (DESIGN §13).
+    metrics_port: int | None = None
 
 
 @dataclass(slots=True)
@@ -138,6 +142,7 @@ class Launcher:
         self.evaluator: Evaluator | None = None
         self.mailbox = Mailbox()
         self._spawns = 0  # starts so far: each gets a token (MemberSpec.spawn)
+        self.metrics: MetricsServer | None = None  # the driver's /metrics (--metrics-port)
 
     def say(self, text: str) -> None:
         print(text, file=self.err, flush=True)
@@ -207,8 +212,9 @@ class Launcher:
         self._spawns += 1
         spawn = f"{os.getpid()}.{self._spawns}"
         spec = MemberSpec(
-            role, member_id, self.opts.store_uri, self.config.run_id, routes, spawn=spawn
-        )
+            role, member_id, self.opts.store_uri, self.config.run_id, routes, spawn=spawn,
+            metrics_port=None if self.opts.metrics_port is None else 0,
+        )  # fmt: skip
         child = Child(role, member_id, self.spawner.start(spec), spawn)
         self.children.append(child)
         self.detector.spawned(child.key, time.monotonic())
@@ -258,6 +264,7 @@ class Launcher:
         store.create_run(cfg.run_id, cfg.to_dict())
         self.security = run_security(store, self.opts.store_uri, cfg, who="tether launch")
         self.prober = Prober(PROBE_ATTEMPT_S, self.security)
+        self._serve_metrics()
         self.epoch = store.register(
             cfg.run_id, "launcher", 0, address="", pid=os.getpid(), host=socket.gethostname()
         )
@@ -314,8 +321,10 @@ class Launcher:
             self._wait_members_exit(MEMBERS_EXIT_S)
         except BaseException:
             self.stop_children()
+            self.close_metrics()
             raise
         self.stop_children()
+        self.close_metrics()
         store.set_member_state(cfg.run_id, "launcher", 0, self.epoch, "exited")
         (self.opts.run_dir / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         store.close()
@@ -428,16 +437,36 @@ class Launcher:
         """
 
         def info() -> dict[str, Any]:
-            return LauncherReport(
-                phase="train",
-                restarts=self.supervisor.counts(),
-                recoveries=tuple(r.to_json() for r in self.supervisor.recoveries),
-            ).to_info()
+            return self.report().to_info()
 
         return Heartbeat(
             self.opts.store_uri, self.config.run_id, "launcher", 0, self.epoch,
             interval_s=1.0, info=info,
+            metrics_url=None if self.metrics is None else self.metrics.url,
         ).start()  # fmt: skip
+
+    def report(self) -> LauncherReport:
+        """What the driver publishes about the run (and its metrics collector reads)."""
+        return LauncherReport(
+            phase="train",
+            restarts=self.supervisor.counts(),
+            recoveries=tuple(r.to_json() for r in self.supervisor.recoveries),
+        )
+
+    def _metrics_sample(self) -> tuple[LauncherReport, dict[str, int]]:
+        running: dict[str, int] = {"server": 0, "worker": 0}
+        for child in list(self.children):
+            if child.handle.poll() is None and not child.superseded:
+                running[child.role] = running.get(child.role, 0) + 1
+        return self.report(), running
+
+    def _serve_metrics(self) -> None:
+        """The driver's own /metrics, on loopback like every member's default (DESIGN §13)."""
+        if self.opts.metrics_port is not None and self.metrics is None:
+            collector = LauncherCollector(self.config.run_id, self._metrics_sample)
+            self.metrics = serve_metrics(
+                registry_of([collector]), "127.0.0.1", self.opts.metrics_port
+            )
 
     def _detect(self, members: list[MemberView]) -> None:
         """Feed the liveness detector what the store shows, then carry out what it decides.
@@ -578,6 +607,11 @@ class Launcher:
             "watch_loop_max_gap_s": round(self.watch_max_gap_s, 3),
             "processes": procs,
         }
+
+    def close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     def stop_children(self, grace_s: float = 5.0) -> None:
         """SIGTERM every live child, then SIGKILL what is left after the grace period; reap all."""

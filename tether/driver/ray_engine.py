@@ -235,6 +235,7 @@ class RaySpawner:
         spec_here = MemberSpec(
             spec.role, spec.member_id, spec.store_uri, spec.run_id, spec.routes,
             spawn=spec.spawn, listen=listen, advertise=spec.advertise,
+            metrics_port=spec.metrics_port,
         )  # fmt: skip
         resources: dict[str, Any] = {"num_cpus": 1}
         if spec.role == "worker" and self.gpu_workers:

@@ -200,6 +200,7 @@ class SlurmSpawner:
         on_node = MemberSpec(
             spec.role, spec.member_id, spec.store_uri, spec.run_id, spec.routes,
             spawn=spec.spawn, listen=listen, advertise=spec.advertise,
+            metrics_port=spec.metrics_port,
         )  # fmt: skip
         cmd = [
             "srun", "--nodes=1", "--ntasks=1", "--overlap", "--kill-on-bad-exit=1",

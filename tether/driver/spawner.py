@@ -43,6 +43,7 @@ class MemberSpec:
     spawn: str = ""  # this start's token (TETHER_SPAWN), unique within the driver
     listen: str = DEFAULT_LISTEN  # `--listen`: where the member serves (its health probe)
     advertise: str | None = None  # `--advertise`, when the listen host cannot be dialled
+    metrics_port: int | None = None  # `--metrics-port` (DESIGN §13); None: no metrics
 
     def env(self) -> dict[str, str]:
         """The member's environment beyond the spawner's own."""
@@ -100,6 +101,8 @@ def member_command(spec: MemberSpec) -> list[str]:
         cmd += ["--listen", spec.listen]
     if spec.advertise:
         cmd += ["--advertise", spec.advertise]
+    if spec.metrics_port is not None:
+        cmd += ["--metrics-port", str(spec.metrics_port)]
     for shard, address in sorted(spec.routes.items()):
         cmd += ["--route", f"{shard}={address}"]
     return cmd

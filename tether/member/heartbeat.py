@@ -13,7 +13,8 @@ once and the beats stop: that is how every member, whoever started it, exits 0 w
 done (DESIGN §12).
 
 What the thread adds to every beat is a `BeatReport` (`tether.member.report`): the beats it
-skipped, the process's peak memory and the token of the driver's start that made it. The token
+skipped, the process's peak memory, the token of the driver's start that made it and the URL of
+its metrics endpoint, if it serves one. The token
 is read at the edge (the member's command line, from `TETHER_SPAWN`) and handed in (STYLE §7).
 """
 
@@ -51,6 +52,7 @@ class Heartbeat:
         on_fenced: Callable[[Fenced], None] | None = None,
         on_run_finished: Callable[[], None] | None = None,
         spawn: str = "",
+        metrics_url: str | None = None,
     ) -> None:
         self.store_uri, self.run_id, self.role = store_uri, run_id, role
         self.member_id, self.epoch, self.interval_s = member_id, epoch, interval_s
@@ -59,6 +61,7 @@ class Heartbeat:
         # The driver's token for the start that made this process (tether.driver.spawner), or
         # "" when no driver started it.
         self.spawn = spawn
+        self.metrics_url = metrics_url  # the member's /metrics, if it serves one (DESIGN §13)
         self.stop = threading.Event()
         self.beats = 0
         self.skipped = 0  # beats that could not be written (store busy or unreachable)
@@ -80,7 +83,9 @@ class Heartbeat:
                 try:
                     if store is None:  # opened here, so a busy store at start is retried too
                         store = open_store(self.store_uri, busy_timeout_s=BUSY_TIMEOUT_S)
-                    beat = BeatReport(self.skipped, peak_rss_bytes(), self.spawn or None)
+                    beat = BeatReport(
+                        self.skipped, peak_rss_bytes(), self.spawn or None, self.metrics_url
+                    )
                     info = {**self.info(), **beat.to_info()}
                     store.heartbeat(self.run_id, self.role, self.member_id, self.epoch, info)
                     self.beats += 1

@@ -122,6 +122,7 @@ class BeatReport(Stored):
     heartbeats_skipped: int | None = None  # beats this process could not write (store busy)
     peak_rss_bytes: int | None = None  # this process's peak resident memory
     spawn: str | None = None  # the driver's token for the start that made this process
+    metrics_url: str | None = None  # its Prometheus endpoint, when it serves one (DESIGN §13)
 
 
 @dataclass(frozen=True, slots=True)

@@ -116,6 +116,11 @@ class MemberView:
         return self.beat.spawn or ""
 
     @property
+    def metrics_url(self) -> str | None:
+        """Its Prometheus endpoint, when it serves one (`--metrics-port`, DESIGN §13)."""
+        return self.beat.metrics_url
+
+    @property
     def heartbeats_skipped(self) -> int:
         return self.beat.heartbeats_skipped or 0
 

@@ -163,6 +163,14 @@ each pod's JOB_COMPLETION_INDEX is its member id. Takes (dict "root" $ "role" "s
 {{- $section := .section }}
 {{- $members := $root.Values.members }}
 {{- $component := dict "app.kubernetes.io/component" $role }}
+{{- $metrics := $root.Values.metrics }}
+{{- $args := .args }}
+{{- $annotations := deepCopy (default (dict) $root.Values.podAnnotations) }}
+{{- if $metrics.enabled }}
+{{- /* Prometheus metrics on the listen host (DESIGN §13), found by the conventional annotations. */}}
+{{- $args = concat $args (list "--metrics-port" ($metrics.port | int64 | toString)) }}
+{{- $annotations = merge $annotations (dict "prometheus.io/scrape" "true" "prometheus.io/port" ($metrics.port | int64 | toString) "prometheus.io/path" "/metrics") }}
+{{- end }}
 {{- $affinity := $section.affinity | default $root.Values.affinity }}
 {{- if not $affinity }}
 {{- /* Soft spreading by host: a node that dies takes as few members of one role as it can. */}}
@@ -213,7 +221,7 @@ spec:
         {{- with $root.Values.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-      {{- with $root.Values.podAnnotations }}
+      {{- with $annotations }}
       annotations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
@@ -225,7 +233,7 @@ spec:
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
           command: {{ toJson $root.Values.tetherCommand }}
           args:
-            {{- range .args }}
+            {{- range $args }}
             - {{ . | quote }}
             {{- end }}
           env:
@@ -239,6 +247,11 @@ spec:
             - name: {{ ternary "grpc" "health" (eq $role "shard") }}
               containerPort: {{ $section.port | int64 }}
               protocol: TCP
+            {{- if $metrics.enabled }}
+            - name: metrics
+              containerPort: {{ $metrics.port | int64 }}
+              protocol: TCP
+            {{- end }}
           # gRPC health: a shard is ready once it serves its restored state, a worker once it
           # has started.
           readinessProbe:
