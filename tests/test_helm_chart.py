@@ -94,6 +94,10 @@ CASES: dict[str, Values] = {
             "podAnnotations": {"example.com/owner": "ml"},
         },
     ),
+    "tls": merged(REQUIRED, {"store": {"uri": URI}, "tls": {"existingSecret": "tether-tls"}}),
+    "tls-only": merged(
+        REQUIRED, {"store": {"uri": URI}, "tls": {"existingSecret": "certs", "mutual": False}}
+    ),
     "everything": merged(
         REQUIRED,
         {
@@ -409,7 +413,8 @@ def test_members_listen_on_every_interface_and_advertise_their_pod_ip(rendered, 
         assert f["--wait-for-run"] == str(wait)
         assert env_of(c)["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
         assert c["ports"][0]["containerPort"] == ports[role]
-        assert c["readinessProbe"]["grpc"]["port"] == ports[role]
+        probe = c["readinessProbe"]
+        assert (probe.get("grpc") or probe["tcpSocket"])["port"] == ports[role]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -432,6 +437,35 @@ def test_members_serve_metrics_with_scrape_annotations_only_when_enabled(rendere
             "prometheus.io/port": str(port),
             "prometheus.io/path": "/metrics",
         }
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_members_read_tls_files_from_a_secret_only_when_given(rendered, case):
+    tls = CASES[case].get("tls", {})
+    docs = rendered[case]
+    for job in members(docs).values():
+        (c,) = pod_spec(job)["containers"]
+        env = env_of(c)
+        if not tls.get("existingSecret"):
+            assert not any(k.startswith("TETHER_TLS_") for k in env)
+            assert "volumes" not in pod_spec(job) and "grpc" in c["readinessProbe"]
+            continue
+        (volume,) = pod_spec(job)["volumes"]
+        assert volume["secret"]["secretName"] == tls["existingSecret"]
+        (mount,) = c["volumeMounts"]
+        assert mount["name"] == volume["name"] and mount["readOnly"]
+        assert env.pop("TETHER_TLS_SERVER_NAME")["value"] == "tether"  # pods are dialled by IP
+        files = {k: env[k]["value"] for k in env if k.startswith("TETHER_TLS_")}
+        expected = {"TETHER_TLS_CERT": "tls.crt", "TETHER_TLS_KEY": "tls.key"}
+        if tls.get("mutual", True):
+            expected["TETHER_TLS_CA"] = "ca.crt"
+        assert files == {k: f"{mount['mountPath']}/{v}" for k, v in expected.items()}
+        assert "tcpSocket" in c["readinessProbe"]  # the kubelet's gRPC probe has no TLS
+    # The run's config records the same files: `tether run create` reads the same variables.
+    create = [c for job in jobs(docs) for c in containers(job) if "create" in c.get("args", [])]
+    assert create and all(
+        ("TETHER_TLS_CERT" in env_of(c)) == bool(tls.get("existingSecret")) for c in create
+    )
 
 
 @pytest.mark.parametrize("case", CASES)

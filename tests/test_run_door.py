@@ -85,7 +85,7 @@ def test_the_types_carry_the_product_s_defaults() -> None:
 def test_a_config_stored_before_loads_and_is_stored_again_unchanged() -> None:
     config = RunConfig.from_dict(json.loads(json.dumps(STORED)))
     assert config.to_dict() == STORED and list(config.to_dict()) == list(STORED)
-    added_later = {"reject_grad_norm", "tls_cert", "tls_key", "tls_ca"}
+    added_later = {"reject_grad_norm", "tls_cert", "tls_key", "tls_ca", "tls_server_name"}
     assert tuple(STORED) == tuple(k for k in SETTINGS if k not in added_later)
     assert config.consistency == Consistency(Mode.BSP, 0)
     assert config.replication_policy.interval_s == 0.1

@@ -367,3 +367,15 @@ def test_same_host_segments_are_private_to_the_user_and_unguessable():
     finally:
         segment.unlink()
     assert not path.exists()
+
+
+def test_clients_check_the_certificate_against_the_server_name_when_one_is_given(serve, tmp_path):
+    files = create_certs(tmp_path / "named", ["members.tether"])
+    tls = TlsFiles(str(files.cert), str(files.key), str(files.ca))
+    shard = serve(Security(TokenBook.fixed("t"), tls))
+    named = Security(TokenBook.fixed("t"), TlsFiles(tls.cert, tls.key, tls.ca, "members.tether"))
+    assert push(shard.client(named), 0).applied  # the name, not the dialled 127.0.0.1
+    wrong = Security(TokenBook.fixed("t"), TlsFiles(tls.cert, tls.key, tls.ca, "other.example"))
+    before = shard.fingerprint()
+    refused_with(grpc.StatusCode.UNAVAILABLE, lambda: push(shard.client(wrong), 1))
+    assert shard.fingerprint() == before

@@ -70,6 +70,8 @@ class TlsFiles:
     cert: str = ""
     key: str = ""
     ca: str = ""
+    # Clients check a server's certificate against this name instead of the dialled host.
+    server_name: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -376,6 +378,8 @@ class Security:
     def channel(self, address: str, *, options: Options = ()) -> grpc.Channel:
         """A channel to ``address`` that carries the token and speaks TLS as configured."""
         if self.tls.enabled:
+            named = [("grpc.ssl_target_name_override", self.tls.server_name)]
+            options = [*options, *(named if self.tls.server_name else [])]
             channel = grpc.secure_channel(address, _channel_credentials(self.tls), list(options))
         else:
             channel = grpc.insecure_channel(address, list(options))
@@ -391,7 +395,8 @@ def tls_of(config: RunConfig, override: TlsFiles | None = None) -> TlsFiles:
     """The TLS files a process of the run uses: its own flags' when given, else the run's."""
     if override is not None and override.enabled:
         return override.check()
-    return TlsFiles(config.tls_cert, config.tls_key, config.tls_ca).check()
+    files = TlsFiles(config.tls_cert, config.tls_key, config.tls_ca, config.tls_server_name)
+    return files.check()
 
 
 class _StoreTokens:

@@ -105,12 +105,14 @@ def add_tls_flags(p: argparse.ArgumentParser, what: str) -> None:
         ("key", "PEM private key of --tls-cert"),
         ("ca", "PEM CA bundle: TLS becomes mutual (clients must present a certificate signed "
          "by it) and clients verify servers against it"),
+        ("server-name", "the name clients check the shards' certificates against instead of "
+         "the address they dial (pods: one name every member's certificate carries)"),
     ):  # fmt: skip
         p.add_argument(
             f"--tls-{name}",
-            default=env.get(f"TETHER_TLS_{name.upper()}") or None,
-            metavar="FILE",
-            help=f"{help_text}; {what} (env TETHER_TLS_{name.upper()})",
+            default=env.get(f"TETHER_TLS_{name.upper().replace('-', '_')}") or None,
+            metavar="NAME" if name == "server-name" else "FILE",
+            help=f"{help_text}; {what} (env TETHER_TLS_{name.upper().replace('-', '_')})",
         )
 
 
@@ -122,6 +124,8 @@ def tls_paths(args: argparse.Namespace) -> dict[str, str]:
         for name in ("cert", "key", "ca")
         if getattr(args, f"tls_{name}", None)
     }
+    if getattr(args, "tls_server_name", None):
+        given["tls_server_name"] = args.tls_server_name
     return given
 
 

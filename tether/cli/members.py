@@ -134,7 +134,10 @@ def tls_override(args: argparse.Namespace) -> TlsFiles | None:
     paths = tls_paths(args)
     if not paths:
         return None
-    return TlsFiles(paths.get("tls_cert", ""), paths.get("tls_key", ""), paths.get("tls_ca", ""))
+    return TlsFiles(
+        paths.get("tls_cert", ""), paths.get("tls_key", ""), paths.get("tls_ca", ""),
+        paths.get("tls_server_name", ""),
+    )  # fmt: skip
 
 
 def spawn_token(env: Mapping[str, str] = os.environ) -> str:

@@ -91,6 +91,9 @@ class Transport:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # The name clients check the shards' certificates against instead of the address they dial
+    # (pods whose IPs no certificate can name); "": the dialled host.
+    tls_server_name: str = ""
 
     def __post_init__(self) -> None:
         if (self.tls_cert or self.tls_key or self.tls_ca) and not (self.tls_cert and self.tls_key):
@@ -183,6 +186,7 @@ class RunConfig:
             tls_cert=s["tls_cert"],
             tls_key=s["tls_key"],
             tls_ca=s["tls_ca"],
+            tls_server_name=s["tls_server_name"],
         )
         consistency = parse_consistency(s["mode"], s["staleness"])
         updates = s["steps"] if consistency.aggregates else s["steps"] * s["workers"]
@@ -364,6 +368,10 @@ class RunConfig:
         return self.transport.tls_ca
 
     @property
+    def tls_server_name(self) -> str:
+        return self.transport.tls_server_name
+
+    @property
     def reject_grad_norm(self) -> float | None:
         return self.gradient_guard.factor
 
@@ -407,10 +415,17 @@ _FLAT_DEFAULTS: dict[str, Any] = {
     "tls_cert": "",
     "tls_key": "",
     "tls_ca": "",
+    "tls_server_name": "",
 }
 SETTINGS: tuple[str, ...] = tuple(_FLAT_DEFAULTS)
 # Settings added after the stored form was fixed, by the value that means "not set".
-_ADDED: dict[str, Any] = {"reject_grad_norm": None, "tls_cert": "", "tls_key": "", "tls_ca": ""}
+_ADDED: dict[str, Any] = {
+    "reject_grad_norm": None,
+    "tls_cert": "",
+    "tls_key": "",
+    "tls_ca": "",
+    "tls_server_name": "",
+}
 
 
 def _check_shape(

@@ -87,6 +87,19 @@ What every container reads (DESIGN §12): the run, and the store from a Secret, 
 - name: TETHER_STORE_DB
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.tls.existingSecret }}
+{{- /* TLS files from the Secret mounted by tether.memberJob (DESIGN §13). */}}
+- name: TETHER_TLS_CERT
+  value: /etc/tether/tls/tls.crt
+- name: TETHER_TLS_KEY
+  value: /etc/tether/tls/tls.key
+- name: TETHER_TLS_SERVER_NAME
+  value: {{ .Values.tls.serverName | quote }}
+{{- if .Values.tls.mutual }}
+- name: TETHER_TLS_CA
+  value: /etc/tether/tls/ca.crt
+{{- end }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -227,6 +240,13 @@ spec:
       {{- end }}
     spec:
       {{- include "tether.podSettings" (dict "root" $root "nodeSelector" $section.nodeSelector "tolerations" $section.tolerations "affinity" $affinity) | trim | nindent 6 }}
+      {{- with $root.Values.tls.existingSecret }}
+      volumes:
+        - name: tls
+          secret:
+            secretName: {{ . | quote }}
+            defaultMode: 0400
+      {{- end }}
       containers:
         - name: {{ $role }}
           image: {{ include "tether.image" $root | quote }}
@@ -252,12 +272,24 @@ spec:
               containerPort: {{ $metrics.port | int64 }}
               protocol: TCP
             {{- end }}
+          {{- if $root.Values.tls.existingSecret }}
+          # The kubelet's gRPC probe cannot speak TLS: ready once the port accepts connections.
+          readinessProbe:
+            tcpSocket:
+              port: {{ $section.port | int64 }}
+            periodSeconds: 5
+          volumeMounts:
+            - name: tls
+              mountPath: /etc/tether/tls
+              readOnly: true
+          {{- else }}
           # gRPC health: a shard is ready once it serves its restored state, a worker once it
           # has started.
           readinessProbe:
             grpc:
               port: {{ $section.port | int64 }}
             periodSeconds: 5
+          {{- end }}
           {{- with .resources }}
           resources:
             {{- toYaml . | nindent 12 }}
