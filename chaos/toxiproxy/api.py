@@ -16,7 +16,9 @@ and the data path never race. :class:`ProxyServer` runs that loop in a backgroun
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
 import random
 import threading
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from http import HTTPStatus
 from typing import Any
 from urllib.parse import unquote
 
-from .proxy import ApiError, Proxy, format_address, split_address
+from .proxy import ApiError, NetError, Proxy, format_address, resolved, split_address
 
 VERSION = "tether-chaos 0.1.0"
 DEFAULT_LISTEN = "127.0.0.1:0"  # Toxiproxy binds every interface when listen is empty
@@ -46,28 +48,56 @@ def _decode(body: bytes) -> Any:
         raise ApiError(f"bad request body: {e}", 400) from None
 
 
-def _proxy_fields(body: Any, defaults: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """name/listen/upstream/enabled from a request body over ``defaults``; unknown keys ignored."""
+_FIELDS = {"name": str, "listen": str, "upstream": str, "enabled": bool}
+
+
+def _proxy_fields(body: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """name/listen/upstream/enabled from a request body over ``defaults``, decoded as Go's
+    encoding/json decodes into Toxiproxy's Proxy: keys match case-insensitively, null leaves a
+    default alone, unknown keys are ignored; addresses are not checked here (see Proxy.start)."""
+    if body is None:
+        body = {}  # Go decodes null into a struct as a no-op
     if not isinstance(body, dict):
-        raise ApiError(f"bad request body: expected a JSON object{where}", 400)
+        raise ApiError("bad request body: json: cannot unmarshal into Go value of type Proxy", 400)
     out = dict(defaults)
-    for key, kind in (("name", str), ("listen", str), ("upstream", str), ("enabled", bool)):
-        value = body.get(key)
-        if value is not None:
-            if not isinstance(value, kind):
-                raise ApiError(f"bad request body: {key} must be a {kind.__name__}{where}", 400)
-            out[key] = value
-    for key in ("name", "upstream"):
-        if not out[key]:
-            raise ApiError(f"missing required field: {key}{where}", 400)
-    out["listen"] = out["listen"] or DEFAULT_LISTEN
-    try:  # bad addresses are bad input (400), not a failed bind (500): nothing is changed
-        split_address(out["listen"], "listen address")
-        if split_address(out["upstream"], "upstream address")[1] == 0:
-            raise ValueError(f"invalid upstream address {out['upstream']!r}: port 0")
-    except ValueError as e:
-        raise ApiError(f"bad request body: {e}{where}", 400) from None
+    for raw_key, value in body.items():
+        key = raw_key.lower()
+        kind = _FIELDS.get(key)
+        if kind is None or value is None:
+            continue
+        if not isinstance(value, kind):
+            got = _json_kind(value)
+            raise ApiError(
+                f"bad request body: json: cannot unmarshal {got} into Go struct field "
+                f"Proxy.{key} of type {'string' if kind is str else 'bool'}",
+                400,
+            )
+        out[key] = value
     return out
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    return "array" if isinstance(value, list) else "object"
+
+
+def _required(fields: dict[str, Any], where: str = "") -> None:
+    for key in ("name", "upstream"):
+        if not fields[key]:
+            raise ApiError(f"missing required field: {key}{where}", 400)
+
+
+class PopulateError(ApiError):
+    """A populate that stopped at an entry; ``proxies`` are those done before it (kept)."""
+
+    def __init__(self, error: ApiError, proxies: list[Proxy]) -> None:
+        super().__init__(error.message, error.status)
+        self.proxies = proxies
 
 
 class Collection:
@@ -85,42 +115,39 @@ class Collection:
 
     async def create(self, body: Any) -> Proxy:
         fields = _proxy_fields(body, {"name": "", "listen": "", "upstream": "", "enabled": True})
+        _required(fields)
         if fields["name"] in self.proxies:
             raise ApiError("proxy already exists", 409)
-        proxy = Proxy(fields["name"], fields["listen"], fields["upstream"], self.rng)
+        listen = fields["listen"] or DEFAULT_LISTEN
+        proxy = Proxy(fields["name"], listen, fields["upstream"], self.rng)
         if fields["enabled"]:
             await proxy.start()
         self.proxies[proxy.name] = proxy
         return proxy
 
     async def update(self, name: str, body: Any) -> Proxy:
+        """Toxiproxy's ``Proxy.Update``: a listen address that resolves to the current one is no
+        change (``localhost:PORT`` for ``127.0.0.1:PORT``); a change restarts the listener and
+        drops live connections; the name in the body is ignored."""
         proxy = self.get(name)
         current = {"name": name, "listen": proxy.listen, "upstream": proxy.upstream}
         fields = _proxy_fields(body, {**current, "enabled": proxy.enabled})
-        if (
-            fields["listen"] == proxy.listen
-            and fields["upstream"] != proxy.upstream
-            and fields["enabled"] == proxy.enabled
-        ):
+        listen = fields["listen"] or DEFAULT_LISTEN
+        try:
+            same_listen = proxy.listen == await resolved(listen)
+        except NetError as e:
+            raise ApiError(str(e), 500) from None
+        differs = not same_listen or fields["upstream"] != proxy.upstream
+        if differs and same_listen and proxy.enabled and fields["enabled"]:
             # A new upstream only: live connections are dropped, as Toxiproxy does, but the port
             # stays open. (Toxiproxy closes and re-binds it, and in between another socket may
             # take the port; chaos runs re-point links at every shard replacement.)
             proxy.retarget(fields["upstream"])
-        elif (fields["listen"], fields["upstream"]) != (proxy.listen, proxy.upstream):
-            # As Toxiproxy: a new address restarts the listener and drops live connections.
-            was = proxy.listen, proxy.upstream, proxy.enabled
+        elif differs:
             proxy.stop()
-            proxy.listen, proxy.upstream = fields["listen"], fields["upstream"]
-            if fields["enabled"]:
-                try:
-                    await proxy.start()
-                except ApiError:
-                    proxy.listen, proxy.upstream = was[0], was[1]
-                    if was[2]:
-                        await proxy.start()
-                    raise
-        elif fields["enabled"] and not proxy.enabled:
-            await proxy.start()
+            proxy.listen, proxy.upstream = listen, fields["upstream"]
+        if fields["enabled"] and not proxy.enabled:
+            await proxy.start()  # if it fails the proxy stays disabled, as in Toxiproxy
         elif not fields["enabled"] and proxy.enabled:
             proxy.stop()
         return proxy
@@ -130,46 +157,44 @@ class Collection:
         del self.proxies[name]
 
     async def populate(self, body: Any) -> list[Proxy]:
-        """Create or replace each proxy; all validated first, and a failed bind undoes them all."""
+        """Toxiproxy's ``PopulateJson``: every entry is checked for a name and an upstream first
+        (nothing is changed if one lacks them); then, in order, an entry whose resolved listen
+        address and upstream equal an existing proxy's keeps that proxy as it is (toxics,
+        connections and enabled state too), and any other replaces or creates one. The first
+        entry that fails stops it: the ones before it stay (PopulateError carries them)."""
+        if body is None:
+            body = []  # Go decodes null into a slice as an empty one
         if not isinstance(body, list):
-            raise ApiError("bad request body: expected a JSON array of proxies", 400)
-        wanted: list[dict[str, Any]] = []
-        for i, item in enumerate(body):
-            default = {"name": "", "listen": "", "upstream": "", "enabled": True}
-            wanted.append(_proxy_fields(item, default, f" at proxy {i + 1}"))
-            if any(w["name"] == wanted[-1]["name"] for w in wanted[:-1]):
-                raise ApiError(f"duplicate proxy name {wanted[-1]['name']!r} at proxy {i + 1}", 400)
+            raise ApiError(
+                "bad request body: json: cannot unmarshal into Go value of type []Proxy", 400
+            )
+        default = {"name": "", "listen": "", "upstream": "", "enabled": True}
+        wanted = [_proxy_fields(item, default) for item in body]
+        for i, fields in enumerate(wanted):
+            _required(fields, f" at proxy {i + 1}")
         result: list[Proxy] = []
-        undo: list[tuple[str, Proxy | None, bool, Proxy]] = []
-        try:
-            for f in wanted:
-                old = self.proxies.get(f["name"])
-                if old is not None and (old.listen, old.upstream) == (f["listen"], f["upstream"]):
-                    result.append(old)  # unchanged: kept as it is, toxics and connections too
-                    continue
-                was_enabled = old is not None and old.enabled
-                if old is not None:
-                    old.stop()
-                new = Proxy(f["name"], f["listen"], f["upstream"], self.rng)
-                undo.append((f["name"], old, was_enabled, new))
-                if f["enabled"]:
-                    await new.start()
-                self.proxies[new.name] = new
-                result.append(new)
-        except ApiError:
-            for name, old, was_enabled, new in reversed(undo):
-                new.stop()
-                if old is None:
-                    self.proxies.pop(name, None)
-                    continue
-                self.proxies[name] = old
-                if was_enabled:
-                    try:
-                        await old.start()
-                    except ApiError:
-                        pass  # its port was taken meanwhile; it stays disabled
-            raise
+        for f in wanted:
+            try:
+                result.append(await self._add_or_replace(f))
+            except ApiError as e:
+                raise PopulateError(e, result) from None
         return result
+
+    async def _add_or_replace(self, f: dict[str, Any]) -> Proxy:
+        listen = f["listen"] or DEFAULT_LISTEN
+        old = self.proxies.get(f["name"])
+        if old is not None:
+            try:
+                if not await old.differs(listen, f["upstream"]):
+                    return old  # unchanged: kept as it is
+            except NetError as e:
+                raise ApiError(str(e), 500) from None
+            old.stop()  # if the new one fails to start, the old one stays, stopped (as Toxiproxy)
+        new = Proxy(f["name"], listen, f["upstream"], self.rng)
+        if f["enabled"]:
+            await new.start()
+        self.proxies[new.name] = new
+        return new
 
     async def reset(self) -> None:
         for proxy in list(self.proxies.values()):
@@ -182,6 +207,36 @@ class Collection:
         self.proxies.clear()
 
 
+def route_of(method: str, path: str) -> int:
+    """200 if Toxiproxy's router has a route for this request, else its 404 or 405."""
+    parts = unquote(path).split("/")[1:]
+    if not all(parts):
+        return 404
+    known = {
+        ("version",): {"GET"},
+        ("reset",): {"POST"},
+        ("populate",): {"POST"},
+        ("proxies",): {"GET", "POST"},
+        ("proxies", "*"): {"GET", "POST", "PATCH", "DELETE"},
+        ("proxies", "*", "toxics"): {"GET", "POST"},
+        ("proxies", "*", "toxics", "*"): {"GET", "POST", "PATCH", "DELETE"},
+    }
+    shape = tuple("*" if i in (1, 3) else p for i, p in enumerate(parts))
+    methods = known.get(shape)
+    if methods is None:
+        return 404
+    return 200 if method in methods else 405
+
+
+class VersionBody(str):
+    """/version's body, written as Toxiproxy writes it: ``{"version": "..."}`` and a newline."""
+
+
+def request_id() -> str:
+    """A 20-character id like the xid Toxiproxy's X-Toxiproxy-Request-Id carries (since 2.5.0)."""
+    return base64.b32hexencode(os.urandom(12)).decode().lower().rstrip("=")
+
+
 class Api:
     """Routes requests to the collection; one lock serialises changes, as Toxiproxy's mutexes."""
 
@@ -191,23 +246,24 @@ class Api:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def dispatch(self, method: str, path: str, body: bytes) -> Response:
-        parts = [unquote(p) for p in path.split("/")[1:]]
-        if not all(parts):
-            return 404, None
+        parts = unquote(path).split("/")[1:]  # as Go's mux: the decoded path is matched
         c = self.collection
         async with self._lock:
             match parts, method:
                 case ["version"], "GET":
-                    return 200, {"version": VERSION}
+                    return 200, VersionBody(VERSION)
                 case ["reset"], "POST":
                     await c.reset()
                     return 204, None
                 case ["populate"], "POST":
                     try:
                         proxies = await c.populate(_decode(body))
+                    except PopulateError as e:
+                        done = [p.to_json() for p in e.proxies] or None  # Go's nil slice: null
+                        return e.status, {"error": e.message, "status": e.status, "proxies": done}
                     except ApiError as e:
                         return e.status, {"error": e.message, "status": e.status, "proxies": None}
-                    return 201, {"proxies": [p.to_json() for p in proxies]}
+                    return 201, {"proxies": [p.to_json() for p in proxies] or None}
                 case ["proxies"], "GET":
                     return 200, {name: p.to_json() for name, p in c.proxies.items()}
                 case ["proxies"], "POST":
@@ -232,9 +288,6 @@ class Api:
                 case ["proxies", name, "toxics", toxic], "DELETE":
                     c.get(name).remove_toxic(toxic)
                     return 204, None
-                case ((["version"] | ["reset"] | ["populate"] | ["proxies", *_]), _):
-                    known = len(parts) <= 2 or (parts[2] == "toxics" and len(parts) <= 4)
-                    return (405 if known else 404), None
         return 404, None
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -277,21 +330,33 @@ class Api:
         if body is None:
             await _respond(writer, 413, b"request body too large\n", "text/plain", False)
             return False
+        path = target.split("?")[0]
+        route = route_of(method, path)
+        if route != 200:  # no route: Go's mux answers before any middleware runs
+            body_404 = b"404 page not found\n" if route == 404 else b""
+            await _respond(writer, route, body_404, "text/plain" if route == 404 else None, keep)
+            return keep
+        extra = {"X-Toxiproxy-Request-Id": request_id()}
         if headers.get("user-agent", "").startswith("Mozilla/"):
             # As Toxiproxy: browsers are refused, so a web page cannot drive the API (CSRF).
-            await _respond(writer, 403, b"User agent not allowed\n", "text/plain", keep)
+            await _respond(writer, 403, b"User agent not allowed\n", "text/plain", keep, extra)
             return keep
         try:
-            status, payload = await self.dispatch(method, target.split("?")[0], body)
+            status, payload = await self.dispatch(method, path, body)
         except ApiError as e:
             status, payload = e.status, {"error": e.message, "status": e.status}
         if payload is None:
             data, ctype = (b"404 page not found\n", "text/plain") if status == 404 else (b"", None)
+        elif isinstance(payload, VersionBody):
+            data, ctype = (
+                f'{{"version": {json.dumps(str(payload))}}}\n'.encode(),
+                "application/json",
+            )
         else:
             data, ctype = json.dumps(payload, separators=(",", ":")).encode(), "application/json"
-            if status >= 400 or method == "GET" and target == "/version":
-                data += b"\n"  # Go's http.Error and the version handler end with a newline
-        await _respond(writer, status, data, ctype, keep)
+            if status >= 400:
+                data += b"\n"  # Go's http.Error ends with a newline
+        await _respond(writer, status, data, ctype, keep, extra)
         return keep
 
     def close_connections(self) -> None:
@@ -318,9 +383,15 @@ async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> b
 
 
 async def _respond(
-    writer: asyncio.StreamWriter, status: int, data: bytes, ctype: str | None, keep: bool
+    writer: asyncio.StreamWriter,
+    status: int,
+    data: bytes,
+    ctype: str | None,
+    keep: bool,
+    extra: dict[str, str] | None = None,
 ) -> None:
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {formatdate(usegmt=True)}"]
+    lines += [f"{key}: {value}" for key, value in (extra or {}).items()]
     if ctype:
         lines.append(f"Content-Type: {ctype}")
     if status != 204:

@@ -16,6 +16,8 @@ connection, and reset_peer resets both ends with SO_LINGER 0.
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import logging
 import os
 import random
@@ -64,7 +66,10 @@ class ApiError(Exception):
 
 
 def split_address(address: str, what: str = "address") -> tuple[str, int]:
-    """``(host, port)`` from ``HOST:PORT`` or ``[IPv6]:PORT``; ValueError if it is neither."""
+    """``(host, port)`` from ``HOST:PORT`` or ``[IPv6]:PORT``; ValueError if it is neither.
+
+    The strict form, for the API server's own ``--listen``; proxies parse as Go does
+    (:func:`resolve`)."""
     host, sep, port = address.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -78,6 +83,125 @@ def split_address(address: str, what: str = "address") -> tuple[str, int]:
 def format_address(sockname: Any) -> str:
     host, port = sockname[0], sockname[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NetError(Exception):
+    """An address Go's net package would refuse, worded as Go words it (``address x: ...``)."""
+
+
+def go_split_host_port(hostport: str) -> tuple[str, str]:
+    """Go's ``net.SplitHostPort``: the same leniency (an empty host or port) and error texts."""
+
+    def fail(why: str) -> NetError:
+        return NetError(f"address {hostport}: {why}")
+
+    i = hostport.rfind(":")
+    if i < 0:
+        raise fail("missing port in address")
+    j = k = 0
+    if hostport.startswith("["):
+        end = hostport.find("]")
+        if end < 0:
+            raise fail("missing ']' in address")
+        if end + 1 == len(hostport):
+            raise fail("missing port in address")
+        if end + 1 != i:
+            raise fail(
+                "too many colons in address"
+                if hostport[end + 1] == ":"
+                else "missing port in address"
+            )
+        host, j, k = hostport[1:end], 1, end + 1
+    else:
+        host = hostport[:i]
+        if ":" in host:
+            raise fail("too many colons in address")
+    if "[" in hostport[j:]:
+        raise fail("unexpected '[' in address")
+    if "]" in hostport[k:]:
+        raise fail("unexpected ']' in address")
+    return host, hostport[i + 1 :]
+
+
+def _go_port(port: str) -> int:
+    """Go's LookupPort for tcp: a number 0-65535, a service name, or empty (0)."""
+    if port == "":
+        return 0
+    digits = port[1:] if port[0] in "+-" else port
+    if digits.isascii() and digits.isdigit():
+        if port[0] == "-" or int(digits) > 65535:
+            raise NetError(f"address {port}: invalid port")
+        return int(digits)
+    try:
+        return socket.getservbyname(port, "tcp")
+    except OSError:
+        raise NetError(f"lookup tcp/{port}: unknown port") from None
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def resolve(address: str) -> tuple[str, int]:
+    """``(ip, port)`` as Go's ``net.ResolveTCPAddr("tcp", address)``: a host name becomes its
+    first IPv4 address (an IPv6 one only when it has none); an empty host stays empty."""
+    host, port_text = go_split_host_port(address)
+    port = _go_port(port_text)
+    if host == "":
+        return "", port
+    try:
+        ipaddress.ip_address(host.partition("%")[0])
+        return host, port
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise NetError(f"lookup {host}: no such host") from None
+    ips = [str(info[4][0]) for info in infos]
+    v4 = [ip for ip in ips if ":" not in ip]
+    if not ips:
+        raise NetError(f"lookup {host}: no such host")
+    return (v4 or ips)[0], port
+
+
+async def resolved(address: str) -> str:
+    """The address as Go's ``ResolveTCPAddr(...).String()`` prints it (``localhost:80`` ->
+    ``127.0.0.1:80``, ``:80`` stays ``:80``)."""
+    return join_host_port(*await resolve(address))
+
+
+def _wildcard_socket(port: int) -> socket.socket:
+    """A listening socket on every interface: IPv6 dual-stack when the host has IPv6."""
+    if socket.has_ipv6:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        except OSError:
+            sock = None
+        try:
+            if sock is None:
+                raise OSError(errno.EAFNOSUPPORT, "no IPv6")
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("::", port))
+            sock.listen(socket.SOMAXCONN)
+            sock.setblocking(False)
+            return sock
+        except OSError as e:
+            if sock is not None:
+                sock.close()
+            if e.errno not in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                raise
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("0.0.0.0", port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Side(asyncio.BufferedProtocol):
@@ -247,9 +371,13 @@ class Connection:
 
     async def _dial(self) -> None:
         try:
-            host, port = split_address(self.proxy.upstream, "upstream")
-            await asyncio.get_running_loop().create_connection(lambda: self.upstream, host, port)
-        except (OSError, ValueError) as e:
+            # As Go's net.Dial: the upstream is parsed and resolved per client, not when set.
+            host, port_text = go_split_host_port(self.proxy.upstream)
+            port = _go_port(port_text)
+            await asyncio.get_running_loop().create_connection(
+                lambda: self.upstream, host or "localhost", port
+            )
+        except (OSError, NetError, UnicodeError) as e:
             log.info(
                 "proxy %s: upstream %s unreachable: %s", self.proxy.name, self.proxy.upstream, e
             )
@@ -339,23 +467,37 @@ class Proxy:
         return [spec.to_json() for spec in ordered]
 
     async def start(self) -> None:
+        """Listen as Go's ``net.Listen("tcp", listen)``; report the bound address as ``listen``.
+
+        A host name is resolved (its first IPv4 address), an empty host binds every interface
+        (IPv6 dual-stack where there is one, as Go, so it reads ``[::]:PORT``); failures are
+        500s worded as Go's (``listen tcp 127.0.0.1:80: bind: address already in use``).
+        """
         if self.enabled:
             return
-        host, port = split_address(self.listen, "listen address")
+        try:
+            host, port = await resolve(self.listen)
+        except NetError as e:
+            raise ApiError(f"listen tcp: {e}", 500) from None
         loop = asyncio.get_running_loop()
         try:
-            # One socket, like Go's net.Listen: bind the first address the host resolves to.
-            # AI_PASSIVE: an empty host means every interface, as in Go.
-            infos = await loop.getaddrinfo(
-                host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )
-            server = await loop.create_server(self._accept, str(infos[0][4][0]), port)
+            if host == "":
+                server = await loop.create_server(self._accept, sock=_wildcard_socket(port))
+            else:
+                server = await loop.create_server(self._accept, host, port)
         except OSError as e:
             reason = os.strerror(e.errno).lower() if e.errno else str(e)
-            raise ApiError(f"listen tcp {self.listen}: bind: {reason}", 500) from None
+            raise ApiError(
+                f"listen tcp {join_host_port(host, port)}: bind: {reason}", 500
+            ) from None
         self._server = server
         self.listen = format_address(server.sockets[0].getsockname())
         self.enabled = True
+
+    async def differs(self, listen: str, upstream: str) -> bool:
+        """Toxiproxy's ``Proxy.Differs``: ``listen`` is resolved before it is compared with this
+        proxy's (as reported) listen address; NetError when it cannot be resolved."""
+        return self.listen != await resolved(listen) or self.upstream != upstream
 
     def stop(self) -> None:
         """Stop listening and drop every live connection."""
