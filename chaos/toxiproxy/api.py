@@ -7,10 +7,15 @@ Routes, status codes and bodies follow Toxiproxy's ``api.go`` so that its client
     GET|POST /proxies/{proxy}/toxics · GET|POST|PATCH|DELETE /proxies/{proxy}/toxics/{toxic}
     POST /reset · GET /version
 
-Errors are ``{"error": "...", "status": N}``. The HTTP server is a small HTTP/1.1 one on asyncio
-(keep-alive, Content-Length or chunked bodies); it shares the loop with every proxy, so API calls
-and the data path never race. :class:`ProxyServer` runs that loop in a background thread;
-:func:`serve` is ``tether chaos proxy``.
+Errors are ``{"error": "...", "status": N}``; every routed response carries an
+``X-Toxiproxy-Request-Id`` header (Toxiproxy >= 2.5.0). Bodies are decoded as Go's encoding/json
+decodes them into Toxiproxy's structs (keys case-insensitive, null a no-op); listen addresses are
+parsed and resolved as Go's net package does (proxy.py).
+
+The HTTP server is a small HTTP/1.1 one on asyncio (keep-alive, Content-Length or chunked
+bodies); it shares the loop with every proxy, so API calls and the data path never race.
+:class:`ProxyServer` runs that loop in a background thread; :func:`serve` is
+``tether chaos proxy``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .proxy import ApiError, NetError, Proxy, format_address, resolved, split_ad
 VERSION = "tether-chaos 0.1.0"
 DEFAULT_LISTEN = "127.0.0.1:0"  # Toxiproxy binds every interface when listen is empty
 MAX_BODY = 1 << 20
+TEXT = "text/plain; charset=utf-8"  # Go's http.Error and NotFound
 IDLE_TIMEOUT_S = 60.0  # as Toxiproxy's http.Server IdleTimeout
 
 Response = tuple[int, Any]  # status, JSON-able body (None: no body)
@@ -334,19 +340,19 @@ class Api:
         route = route_of(method, path)
         if route != 200:  # no route: Go's mux answers before any middleware runs
             body_404 = b"404 page not found\n" if route == 404 else b""
-            await _respond(writer, route, body_404, "text/plain" if route == 404 else None, keep)
+            await _respond(writer, route, body_404, TEXT if route == 404 else None, keep)
             return keep
         extra = {"X-Toxiproxy-Request-Id": request_id()}
         if headers.get("user-agent", "").startswith("Mozilla/"):
             # As Toxiproxy: browsers are refused, so a web page cannot drive the API (CSRF).
-            await _respond(writer, 403, b"User agent not allowed\n", "text/plain", keep, extra)
+            await _respond(writer, 403, b"User agent not allowed\n", TEXT, keep, extra)
             return keep
         try:
             status, payload = await self.dispatch(method, path, body)
         except ApiError as e:
             status, payload = e.status, {"error": e.message, "status": e.status}
         if payload is None:
-            data, ctype = (b"404 page not found\n", "text/plain") if status == 404 else (b"", None)
+            data, ctype = (b"404 page not found\n", TEXT) if status == 404 else (b"", None)
         elif isinstance(payload, VersionBody):
             data, ctype = (
                 f'{{"version": {json.dumps(str(payload))}}}\n'.encode(),
@@ -392,6 +398,8 @@ async def _respond(
 ) -> None:
     lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", f"Date: {formatdate(usegmt=True)}"]
     lines += [f"{key}: {value}" for key, value in (extra or {}).items()]
+    if status >= 400 and data:
+        lines.append("X-Content-Type-Options: nosniff")  # as Go's http.Error
     if ctype:
         lines.append(f"Content-Type: {ctype}")
     if status != 204:
