@@ -134,7 +134,7 @@ def _go_port(port: str) -> int:
         return int(digits)
     try:
         return socket.getservbyname(port, "tcp")
-    except OSError:
+    except (OSError, ValueError):
         raise NetError(f"lookup tcp/{port}: unknown port") from None
 
 
@@ -156,7 +156,7 @@ async def resolve(address: str) -> tuple[str, int]:
         pass
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
+    except (OSError, ValueError):  # UnicodeError is a ValueError
         raise NetError(f"lookup {host}: no such host") from None
     ips = [str(info[4][0]) for info in infos]
     v4 = [ip for ip in ips if ":" not in ip]
@@ -377,7 +377,7 @@ class Connection:
             await asyncio.get_running_loop().create_connection(
                 lambda: self.upstream, host or "localhost", port
             )
-        except (OSError, NetError, UnicodeError) as e:
+        except (OSError, NetError, ValueError) as e:
             log.info(
                 "proxy %s: upstream %s unreachable: %s", self.proxy.name, self.proxy.upstream, e
             )
