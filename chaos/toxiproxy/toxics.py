@@ -210,27 +210,23 @@ class Slicer(Toxic):
     size_variation: int = 0
     delay: int = 0
 
-    def validate(self) -> None:
-        super().validate()
-        # Toxiproxy accepts these and then recurses forever (average_size 0) or slices out of
-        # range and panics (size_variation well above average_size): refused here instead.
-        if self.average_size < 1:
-            raise ValueError("slicer: average_size must be >= 1")
-        if self.size_variation > (self.average_size + self.size_variation + 1) // 2:
-            raise ValueError("slicer: size_variation must be at most about average_size")
-
     def chunk(self, rng: random.Random, start: int, end: int) -> list[int]:
         """Toxiproxy's ``SlicerToxic.chunk``: flat [start, end, start, end, ...] of the pieces."""
         out: list[int] = []
         todo = [(start, end)]
         while todo:  # depth first, left before right, without Python's recursion limit
             start, end = todo.pop()
-            if (end - start) - self.average_size <= self.size_variation:
+            # ``end - start <= 1`` and the clamp below only matter where Toxiproxy would recurse
+            # forever (average_size + size_variation < 1) or slice out of range and panic
+            # (size_variation well above average_size); elsewhere the pieces are Toxiproxy's.
+            if (end - start) - self.average_size <= self.size_variation or end - start <= 1:
                 out += (start, end)
                 continue
             mid = start + (end - start) // 2
             if self.size_variation > 0:
                 mid += rng.randrange(self.size_variation * 2) - self.size_variation
+                if not start <= mid <= end:
+                    mid = min(max(mid, start + 1), end - 1)
             todo += ((mid, end), (start, mid))
         return out
 
