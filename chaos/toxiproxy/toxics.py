@@ -9,10 +9,17 @@ Contract for ``pipe`` (DESIGN §7: faults may stall or cut a stream, never corru
 
 - ``recv()`` returns the next chunk, ``None`` at end of stream, and raises :class:`Interrupted`
   when the toxic is being updated or removed; return then (or let it propagate).
+  ``recv_until(deadline)`` is the same but gives ``None`` once the deadline passes too.
 - ``sleep()`` returns ``False`` when interrupted: emit the data in hand *before* returning, so
-  removing a toxic never loses data in flight.
+  removing a toxic never loses data in flight; ``hold_with(data)`` holds ``data`` until then.
 - Returning after ``recv()`` gave ``None`` passes the end of stream on; ``close()`` ends the
   connection instead. Returning otherwise makes the toxic a pass-through for the rest.
+- ``cleanup()`` runs when the toxic is removed from a live link (Toxiproxy's ``CleanupToxic``):
+  only ``timeout`` has one, and it closes the connection, dropping what it held, as Toxiproxy's
+  own tests pin (``TestTimeoutToxicClosesConnectionOnRemove``).
+
+Where Toxiproxy would crash or spin on an attribute (a slicer with ``average_size`` 0), the toxic
+does the nearest sane thing; negative attributes are refused (400), which Toxiproxy accepts.
 """
 
 from __future__ import annotations
