@@ -757,3 +757,30 @@ def test_AddToxicJson_matches_keys_as_gos_decoder(api, listener):
         assert status == 400 and out["error"].startswith("bad request body"), bad
     status, out = api.call("POST", "/proxies/test/toxics", {"type": "noop", "toxicity": "1"})
     assert status == 400
+    status, out = api.call("POST", "/proxies/test/toxics", {"type": "noop", "attributes": []})
+    assert status == 400 and out["error"].startswith("bad request body")
+    # A null body decodes to the defaults: no type (create), no change (update).
+    assert api.call("POST", "/proxies/test/toxics", None)[0] == 400
+    status, _, out = call(api.server, "POST", "/proxies/test/toxics", raw=b"null")
+    assert (status, out["error"]) == (400, "invalid toxic type")
+    status, _, out = call(api.server, "PATCH", "/proxies/test/toxics/n", raw=b"null")
+    assert (status, out["attributes"]) == (200, {"latency": 20, "jitter": 3})
+
+
+# -- toxics/slow_close.go has no Go test; what its code does on an update --
+
+
+def test_slow_close_update_restarts_the_delay_as_toxiproxy(api, listener, dial):
+    # Toxiproxy re-runs an updated toxic on its (closed) input, so an updated slow_close waits
+    # its new delay from the update rather than closing at once or keeping the old delay.
+    conn = dial(api.proxy(listener.address))
+    server_conn = listener.next()
+    api.add("slow", "slow_close", "downstream", {"delay": 60_000})
+    server_conn.sendall(b"bye")
+    server_conn.close()
+    assert recv_exactly(conn, 3) == b"bye"
+    assert silent_for(conn, 0.2)  # the close is held back
+    t0 = time.monotonic()
+    api.update("slow", {"attributes": {"delay": 300}})
+    assert closed(conn)
+    assert 0.3 <= time.monotonic() - t0 < 30, "closed before the new delay, or kept the old one"

@@ -200,6 +200,12 @@ class Stage:
                     if self.removing:
                         self.link.unlink(self)
                     return
+                if self.eof_seen and self.interrupted and not self.removing:
+                    # Updated after the end of stream: Toxiproxy re-runs the toxic on its closed
+                    # input, which gives the end again (slow_close waits its new delay).
+                    self.inbox.appendleft((None, self.timestamp))
+                    self.eof_seen = False
+                    continue
                 if self.eof_seen:
                     await self.link.forward(self, None, self.timestamp)
                     break

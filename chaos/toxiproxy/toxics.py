@@ -320,6 +320,8 @@ def parse_spec(body: Any, taken: Container[str] = ()) -> ToxicSpec:
     null leaves the default). Raises, in Toxiproxy's order, InvalidStream, InvalidType,
     ToxicExists (name in ``taken``) or ValueError (bad body or attributes).
     """
+    if body is None:
+        body = {}  # Go decodes null into the defaults
     if not isinstance(body, dict):
         raise ValueError("toxic must be a JSON object")
     fields = _fold(body, ("name", "type", "stream", "toxicity", "attributes"))
@@ -342,6 +344,8 @@ def parse_spec(body: Any, taken: Container[str] = ()) -> ToxicSpec:
 def updated_spec(spec: ToxicSpec, body: Any) -> ToxicSpec:
     """``spec`` with the attributes and toxicity of an update body laid over it (the name, type
     and stream of an update body are ignored, as Toxiproxy ignores them)."""
+    if body is None:
+        body = {}  # Go decodes null as "no change"
     if not isinstance(body, dict):
         raise ValueError("toxic must be a JSON object")
     fields = _fold(body, ("toxicity", "attributes"))
