@@ -17,6 +17,7 @@ counts (which TCP does not preserve), on the toxic's ``pipe`` with a stub as wel
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -577,8 +578,6 @@ class ListStub:
 
 
 def slice_on_a_stub(slicer: Slicer, data: bytes) -> list[bytes]:
-    import asyncio
-
     stub = ListStub([data])
     asyncio.run(slicer.pipe(stub))  # type: ignore[arg-type]
     return stub.out
