@@ -104,6 +104,25 @@ class Stage:
         self.eof_seen = data is None
         return data
 
+    async def recv_until(self, deadline: float | None) -> bytes | None:
+        """The next chunk, or None at end of stream or once ``deadline`` (monotonic) passes."""
+        if deadline is None:
+            return await self.recv()
+        while not self.inbox or self.interrupted:
+            wait = deadline - time.monotonic()
+            if self.interrupted:
+                raise Interrupted
+            if wait <= 0:
+                return None
+            self._recv_waiter = fut = self._loop.create_future()
+            handle = self._loop.call_later(wait, wake, fut)
+            try:
+                await fut
+            finally:
+                handle.cancel()
+                self._recv_waiter = None
+        return await self.recv()
+
     async def emit(self, data: bytes) -> None:
         await self.link.forward(self, data, self.timestamp)
 
@@ -128,6 +147,14 @@ class Stage:
             finally:
                 self._sleep_waiter = None
         raise Interrupted
+
+    async def hold_with(self, data: bytes) -> None:
+        """Hold ``data`` (and what queues behind it) until interrupted, then emit it first."""
+        try:
+            await self.hold()
+        except Interrupted:
+            await self.emit(data)  # no data on the floor
+            raise
 
     async def close(self) -> None:
         self.closed = self.link.full_close = True
@@ -165,8 +192,20 @@ class Stage:
                         await NOOP.pipe(self)  # a toxic that is done passes the rest through
                 except Interrupted:
                     pass
+                if self.removing and not (self.closed or self.eof_seen):
+                    # Toxiproxy calls a removed toxic's Cleanup whether or not toxicity let it
+                    # run; the timeout toxic's closes the connection.
+                    await self.spec.toxic.cleanup(self)
                 if self.closed:
+                    if self.removing:
+                        self.link.unlink(self)
                     return
+                if self.eof_seen and self.interrupted and not self.removing:
+                    # Updated after the end of stream: Toxiproxy re-runs the toxic on its closed
+                    # input, which gives the end again (slow_close waits its new delay).
+                    self.inbox.appendleft((None, self.timestamp))
+                    self.eof_seen = False
+                    continue
                 if self.eof_seen:
                     await self.link.forward(self, None, self.timestamp)
                     break
