@@ -8,7 +8,8 @@ the writer's buffer is full. With toxics, chunks go through a chain of ``stage.S
 one per toxic, each with a bounded inbox (the sender is back-pressured, never buffered unbounded).
 
 Toxics are added, updated and removed on live links as Toxiproxy does. A removed stage forwards
-what it holds, in order, before it leaves the chain, so removing a toxic loses no data (DESIGN §7).
+what it holds, in order, before it leaves the chain, so removing a toxic loses no data (DESIGN §7)
+-- but a removed timeout toxic, which has dropped its data, closes the connection, as Toxiproxy's.
 End of stream is passed on as a half-close; a toxic that closes (limit_data, timeout) closes the
 connection, and reset_peer resets both ends with SO_LINGER 0.
 """
