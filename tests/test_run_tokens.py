@@ -61,7 +61,7 @@ def test_a_token_rotated_while_training_loses_no_push_and_the_old_one_ends(tethe
     ).json()
     assert rotate["tokens"] == 2 and "token" not in rotate  # printed only when asked
     new = store.run_tokens(run_id)[-1]
-    shards = [m for m in store.members(run_id, "server")]
+    shards = store.members(run_id, "server")
     # After the grace period, while the run still trains, the old token is refused everywhere.
     wait_until(lambda: time.time() > rotate["old_expires_at"] + 0.5, 60, "the grace period")
     assert watch.min_clock() < 600, "the run ended before the old token expired: slow it down"

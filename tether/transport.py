@@ -212,8 +212,6 @@ class TokenBook:
 
     def _refresh(self) -> None:
         assert self._load is not None
-        with self._lock:
-            self._refreshing = True
         try:
             tokens = self._load()
             if tokens:

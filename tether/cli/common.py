@@ -120,9 +120,9 @@ def tls_paths(args: argparse.Namespace) -> dict[str, str]:
     """The `--tls-*` flags as absolute paths (members may run in another directory), keyed as
     the run config stores them; {} when none is given."""
     given = {
-        f"tls_{name}": os.path.abspath(getattr(args, f"tls_{name}"))
+        f"tls_{name}": os.path.abspath(path)
         for name in ("cert", "key", "ca")
-        if getattr(args, f"tls_{name}", None)
+        if (path := getattr(args, f"tls_{name}", None))
     }
     if getattr(args, "tls_server_name", None):
         given["tls_server_name"] = args.tls_server_name
